@@ -1,0 +1,261 @@
+"""The validated config of a pilot run: one pydantic object, `extra="forbid"`, with bounds.
+
+Defaults live in `configs/pilot.yaml` (prompts and rubrics included); a user's `--config FILE` is
+deep-merged over them, CLI flags over that. `load_pilot_config` reports errors with file, line and
+field (line numbers come from the YAML node marks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stage1_core.errors import InputError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PILOT_CONFIG = CONFIGS_DIR / "pilot.yaml"
+EMBEDDED_MODEL = "embedded:gemma-3-270m"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    id: str = Field(default=EMBEDDED_MODEL, min_length=1, description="embedded:gemma-3-270m, a local HF folder, a .gguf file, a model id already in the local HF cache, or fake:<seed>")
+    revision: str | None = None
+    bos_policy: Literal["auto", "always", "never"] = "auto"
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    device: str = "auto"
+    allow_pickle: bool = False
+    batch_size: int = Field(default=8, gt=0, le=512)
+
+
+class InstructionGenerationConfig(StrictModel):
+    header: str = Field(min_length=1)
+    few_shot_k: int = Field(default=8, gt=0, le=64)
+    prompts_per_round: int = Field(default=16, gt=0)
+    max_instruction_rounds: int = Field(default=12, gt=0)
+    max_new_tokens: int = Field(default=160, gt=0)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    stop_sequences: list[str] = Field(default_factory=lambda: ["\n\n"])
+
+
+class InstructionFilterConfig(StrictModel):
+    min_words: int = Field(default=3, gt=0)
+    max_words: int = Field(default=150, gt=0)
+    max_chars: int = Field(default=2000, gt=0)
+    blacklist: list[str] = Field(default_factory=list)
+    rouge_threshold: float = Field(default=0.7, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "InstructionFilterConfig":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        return self
+
+
+class WorkedExample(StrictModel):
+    instruction: str = Field(min_length=1)
+    response: str = Field(min_length=1)
+
+
+class ResponseGenerationConfig(StrictModel):
+    n_examples: int = Field(default=2, ge=0)
+    worked_examples: list[WorkedExample]
+    max_new_tokens: int = Field(default=96, gt=0)
+    max_new_tokens_cap: int = Field(default=384, gt=0)
+    min_new_tokens_floor: int = Field(default=32, gt=0)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    stop_sequences: list[str] = Field(default_factory=lambda: ["\n\n", "\nInstruction:", "\nResponse:"])
+
+    @model_validator(mode="after")
+    def _examples(self) -> "ResponseGenerationConfig":
+        if self.n_examples > len(self.worked_examples):
+            raise ValueError(f"n_examples ({self.n_examples}) exceeds the {len(self.worked_examples)} worked_examples given")
+        if self.max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) exceeds max_new_tokens_cap ({self.max_new_tokens_cap})")
+        return self
+
+
+class Rubric(StrictModel):
+    template: str = Field(min_length=1)
+    good_option: str = Field(min_length=1)
+    bad_option: str = Field(min_length=1)
+
+
+class CriticConfig(StrictModel):
+    instruction_rubric: Rubric
+    pair_rubric: Rubric
+    labels: tuple[str, str] = ("A", "B")
+    threshold: float = 0.0
+    confidence_threshold: float = Field(default=1.0, ge=0.0)
+    calibrate: bool = True
+    label_swap: bool = True
+    content_free_input: str = "N/A"
+    batch_size: int = Field(default=8, gt=0)
+
+    @model_validator(mode="after")
+    def _templates(self) -> "CriticConfig":
+        need = {"instruction_rubric": ("{instruction}", "{option_a}", "{option_b}"),
+                "pair_rubric": ("{instruction}", "{response}", "{option_a}", "{option_b}")}
+        for name, keys in need.items():
+            template = getattr(self, name).template
+            missing = [k for k in keys if k not in template]
+            if missing:
+                raise ValueError(f"{name}.template lacks placeholder(s) {', '.join(missing)}")
+            if not template.rstrip().endswith("Answer:"):
+                raise ValueError(f"{name}.template must end with 'Answer:' (the critic reads the next token)")
+        if self.labels[0] == self.labels[1]:
+            raise ValueError("critic.labels must be two different letters")
+        return self
+
+
+class QCThresholds(StrictModel):
+    """Operators are binding: *_max are strict (<), *_min inclusive (>=); leakage_max is <=."""
+
+    runaway_rate_max: float = Field(default=0.05, gt=0.0, le=1.0)
+    token_limit_rate_max: float = Field(default=0.10, gt=0.0, le=1.0)
+    leakage_max: int = Field(default=0, ge=0)
+    median_response_tokens_max: float = Field(default=40, gt=0)
+    instruction_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
+    pair_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
+    critic_min_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_n: int = Field(default=20, gt=0)
+
+
+class PilotConfig(StrictModel):
+    count: int = Field(default=100, gt=0, le=1_000_000)
+    seed: int = Field(default=42, ge=0)
+    seeds_path: str | None = None
+    max_iterations: int = Field(default=2, ge=0, le=20)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    instruction_generation: InstructionGenerationConfig
+    instruction_filter: InstructionFilterConfig = Field(default_factory=InstructionFilterConfig)
+    response_generation: ResponseGenerationConfig
+    critic: CriticConfig
+    qc: QCThresholds = Field(default_factory=QCThresholds)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `over` onto `base` (dicts merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest node of `loc` found in a composed YAML tree."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == str(key):
+                    line = k.start_mark.line + 1
+                    nxt = v
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    """Parse a YAML file that must hold a mapping; InputError with the line otherwise."""
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}", file=str(path), expected="a YAML file", fix="check the --config path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError("config file is not UTF-8", file=str(path), expected="UTF-8 YAML", fix="re-save the file as UTF-8") from e
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise InputError(f"invalid YAML: {getattr(e, 'problem', e)}", file=str(path), line=(mark.line + 1) if mark else None,
+                         expected="valid YAML", fix="fix the syntax at that line") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError("config must be a YAML mapping of keys to values", file=str(path), line=1,
+                         expected="key: value pairs at the top level", fix="see configs/pilot.yaml for the layout")
+    return data, node
+
+
+def validate_pilot_config(data: dict[str, Any], source: str, node: yaml.Node | None = None) -> PilotConfig:
+    """Validate merged config data; the first error becomes an InputError naming the field."""
+    try:
+        return PilotConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            msg, expected = f"unknown config key '{field}'", "only the keys documented in docs/config.md (see configs/pilot.yaml)"
+            fix = "remove or rename the key"
+        else:
+            msg, expected = f"invalid value for '{field}': {err['msg']}", _expected_from(err)
+            fix = "correct the value"
+        more = len(e.errors()) - 1
+        if more:
+            msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+        return_line = _yaml_line(node, loc) if node is not None else None
+        raise InputError(msg, file=source, line=return_line, field=field, expected=expected, fix=fix) from None
+
+
+def _expected_from(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if "gt" in ctx:
+        return f"a number > {ctx['gt']}"
+    if "ge" in ctx:
+        return f"a number >= {ctx['ge']}"
+    if "le" in ctx:
+        return f"a number <= {ctx['le']}"
+    if "expected" in ctx:
+        return f"one of {ctx['expected']}"
+    return err["msg"]
+
+
+def load_pilot_config(user_config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PilotConfig:
+    """Defaults (configs/pilot.yaml) <- user YAML <- CLI overrides, validated.
+
+    Raises:
+        InputError: unreadable/invalid YAML, unknown keys, out-of-bound values.
+    """
+    base, _ = read_yaml_mapping(DEFAULT_PILOT_CONFIG)
+    data, node, source = base, None, str(DEFAULT_PILOT_CONFIG)
+    if user_config is not None:
+        user, node = read_yaml_mapping(Path(user_config))
+        data, source = deep_merge(base, user), str(user_config)
+        validate_pilot_config(data, source, node)  # errors point at the user's file
+    if overrides:
+        try:
+            return validate_pilot_config(deep_merge(data, overrides), "command line")
+        except InputError as e:
+            e.file, e.line = "command line", None
+            flag = "--" + (e.field or "").split(".")[-1].replace("_", "-")
+            e.fix = f"correct {flag}"
+            raise
+    return validate_pilot_config(data, source, node)
+
+
+def config_slice(cfg: PilotConfig, *sections: str) -> dict[str, Any]:
+    """The JSON-able part of the config a phase depends on (for cache keys)."""
+    dumped = cfg.model_dump(mode="json")
+    return {s: dumped[s] for s in sections}
