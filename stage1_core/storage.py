@@ -81,3 +81,8 @@ def file_manifest(path: str | Path, rows: int | None = None) -> dict[str, Any]:
         with open(p, "rb") as f:
             rows = sum(1 for line in f if line.strip())
     return {"path": str(p), "rows": rows, "sha256": sha256_file(p)}
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

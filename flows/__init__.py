@@ -1,0 +1,8 @@
+"""Prefect flows of Stage 1. Importing this package sets offline and no-telemetry defaults before
+prefect or transformers load (a user's explicit settings win)."""
+
+import os
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+    os.environ.setdefault(_k, _v)

@@ -1,0 +1,146 @@
+"""A deterministic, fast fake model backend for orchestration tests: `--model fake:<seed>`.
+
+Options follow the seed, comma-separated: `fake:7,runaway=0.2,limit=0.1,bad=0.2`.
+- List prompts (ending in "N.") continue the numbered list with made-up instructions: some
+  duplicates, some too short, some blacklisted, then a blank line.
+- Response prompts (ending in "Response:") answer in a few words, then a blank line; with
+  probability `runaway` (scaled by temperature: full at T >= 0.7, zero at T <= 0.4) they start a
+  new "\\nInstruction:" block instead, and with probability `limit` they ramble to the token limit.
+  Response length shrinks with max_new_tokens, so changing it changes the output.
+- Critic prompts: "A" is preferred unless the judged text contains a marker of badness
+  ("lorem", "???", or fewer than 3 words), plus a constant letter bias toward A.
+Tokens are whitespace-separated words. Same inputs, same outputs, always.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from typing import Any
+
+from stage1_core import faults
+from stage1_core.backend import ProgressFn
+from stage1_core.generation import classify_stop, find_stop
+from stage1_core.schemas import Completion, GenerationParams
+
+VERBS = ["Explain", "Describe", "Summarize", "List", "Compare", "Write", "Suggest", "Classify", "Translate", "Outline"]
+TOPICS = ["photosynthesis", "the water cycle", "a healthy breakfast", "compound interest", "the French Revolution",
+          "machine learning", "a job interview", "volcanoes", "recycling plastic", "time management",
+          "the rules of chess", "a rainy day", "solar panels", "the immune system", "public speaking"]
+QUALIFIERS = ["in two sentences.", "for a ten-year-old.", "with three examples.", "in simple words.",
+              "as a short poem.", "using a table of pros and cons.", "step by step."]
+BAD_MARKERS = ("lorem", "???")
+
+
+def parse_fake_id(model_id: str) -> tuple[int, dict[str, float]]:
+    """`fake:7,runaway=0.2` -> (7, {"runaway": 0.2}). Raises ValueError on a malformed id."""
+    if not model_id.startswith("fake:"):
+        raise ValueError(f"not a fake model id: {model_id!r}")
+    head, *opts = model_id[len("fake:"):].split(",")
+    seed = int(head)
+    options: dict[str, float] = {"runaway": 0.0, "limit": 0.0, "bad": 0.1}
+    for opt in opts:
+        k, _, v = opt.partition("=")
+        if k not in options:
+            raise ValueError(f"unknown fake option {k!r}; known: {', '.join(options)}")
+        options[k] = float(v)
+    return seed, options
+
+
+def _rng(*parts: Any) -> random.Random:
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+class FakeBackend:
+    """Implements stage1_core.backend.Backend without a model."""
+
+    def __init__(self, model_id: str) -> None:
+        self.seed, self.options = parse_fake_id(model_id)
+        self.model_id = model_id
+        self.fingerprint: dict[str, Any] = {
+            "id": model_id, "kind": "fake", "family": "fake", "bos_policy": "never", "dtype": "none",
+            "device": "cpu", "revision": None, "load_seconds": 0.0,
+            "weights_sha256": hashlib.sha256(f"{model_id}:v1".encode()).hexdigest(),
+        }
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    # -- generation -------------------------------------------------------------------------
+    def _continue_list(self, prompt: str, start: int, params: GenerationParams, rng: random.Random) -> str:
+        out = ""
+        n_items = rng.randint(3, 7)
+        for i in range(n_items):
+            roll = rng.random()
+            if roll < self.options["bad"] / 2:
+                item = "Hi."
+            elif roll < self.options["bad"]:
+                item = f"Draw a map of {rng.choice(TOPICS)}."
+            else:
+                item = f"{rng.choice(VERBS)} {rng.choice(TOPICS)} {rng.choice(QUALIFIERS)}"
+            out += (" " if i == 0 else f"\n{start + i}. ") + item
+        return out + "\n\nThese tasks cover many topics."
+
+    def _respond(self, prompt: str, params: GenerationParams, rng: random.Random) -> str:
+        instruction = prompt.rsplit("Instruction:", 1)[-1].split("\n", 1)[0].strip()
+        n_words = max(3, min(12, params.max_new_tokens // 8))
+        words = [w.strip(".,") for w in instruction.split()[1:]] or ["something"]
+        body = " ".join(rng.choice(words) for _ in range(n_words)).capitalize() + "."
+        scale = min(1.0, max(0.0, (params.temperature - 0.4) / 0.3))
+        roll = rng.random()
+        if roll < self.options["runaway"] * scale:
+            return f" {body}\nInstruction: Write another task.\nResponse: Sure."
+        if roll < self.options["runaway"] * scale + self.options["limit"]:
+            return " " + " ".join(f"word{j}" for j in range(params.max_new_tokens + 5))
+        return f" {body}\n\nInstruction: Name a colour.\nResponse: Blue."
+
+    def generate(self, prompts: list[str], params: GenerationParams, seed: int, progress: ProgressFn | None = None) -> list[Completion]:
+        out: list[Completion] = []
+        for idx, prompt in enumerate(prompts):
+            rng = _rng(self.seed, seed, idx, prompt, params.temperature, params.top_p)
+            m = re.search(r"\n(\d+)\.$", prompt)
+            if m:
+                text = self._continue_list(prompt, int(m.group(1)), params, rng)
+            elif prompt.endswith("Response:"):
+                text = self._respond(prompt, params, rng)
+            else:
+                text = " " + " ".join(f"w{rng.randint(0, 99)}" for _ in range(params.max_new_tokens))
+            found = find_stop(text, params.stop_sequences)
+            if found is not None:
+                end = found[0] + len(found[1])
+                text = text[:end]
+            words = text.split(" ")
+            if len(text.split()) > params.max_new_tokens:
+                text = " ".join(words[: params.max_new_tokens + 1])
+            reason = classify_stop(text, params.stop_sequences, hit_eos=False)
+            out.append(Completion(text=text, stop_reason=reason, n_tokens=min(params.max_new_tokens, len(text.split()))))
+            if (idx + 1) % 8 == 0 or idx + 1 == len(prompts):
+                if progress is not None:
+                    progress(8 if (idx + 1) % 8 == 0 else (idx + 1) % 8)
+                faults.maybe_fault("generate")
+        return out
+
+    # -- critic -----------------------------------------------------------------------------
+    def next_token_logprobs(self, prompts: list[str], candidates: list[str]) -> list[dict[str, float]]:
+        out = []
+        for prompt in prompts:
+            judged = prompt.rsplit("Answer:", 1)[0]
+            judged = judged.rsplit("Response:", 1)[-1] if "Response:" in judged else judged.rsplit("Text:", 1)[-1]
+            bad = any(m in judged.lower() for m in BAD_MARKERS) or len(judged.split()) < 3
+            # Which letter means "good" in this prompt: the option listed first mentions "Yes".
+            first = candidates[0].strip()
+            first_is_good = bool(re.search(rf"\n{re.escape(first)}\) Yes", prompt))
+            good_first = first_is_good != bad
+            lp_first, lp_second = (-0.4, -2.4) if good_first else (-2.4, -0.4)
+            if judged.strip() == "N/A":  # the content-free calibration input is neutral
+                lp_first = lp_second = -1.4
+            lp_first += 0.3  # letter bias toward the first label, as small base models show
+            scores = {}
+            for c in candidates:
+                base = lp_first if c.strip() == candidates[0].strip() else lp_second
+                scores[c] = base - (1.5 if c.startswith(" ") else 0.0) - 0.5
+            out.append(scores)
+            faults.maybe_fault("critic")
+        return out

@@ -1,0 +1,78 @@
+"""Human-readable views of a QC result: the metrics table (Prefect table artifact, CLI), and the
+markdown preview of kept and rejected samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stage1_core import storage
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def qc_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric: metric, value, 95% CI, rule, pass."""
+    rows = []
+    for name, m in summary["metrics"].items():
+        ci = m.get("ci95")
+        rule = "reported" if m.get("op") == "report" else f"{m.get('op')} {_fmt(m.get('threshold'))}"
+        passed = m.get("passed")
+        rows.append({"metric": name, "value": _fmt(m.get("value")),
+                     "ci95": f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—",
+                     "n": m.get("n", "—"), "rule": rule,
+                     "pass": "—" if passed is None else ("yes" if passed else "NO")})
+    return rows
+
+
+def qc_text(summary: dict[str, Any]) -> str:
+    """The QC table and gate decision as plain text (printed by the CLI)."""
+    rows = qc_table(summary)
+    cols = ["metric", "value", "ci95", "n", "rule", "pass"]
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(width[c]) for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
+    gate = summary["gate"]
+    lines.append(f"gate: {gate['decision']}")
+    lines += [f"  - {r}" for r in gate["reasons"]]
+    return "\n".join(lines)
+
+
+def _md_escape(text: str, limit: int = 300) -> str:
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def preview_markdown(manifest: dict[str, Any], n_kept: int = 10, n_rejected: int = 5) -> str:
+    """Markdown: gate decision, 10 kept pairs, 5 rejected items with their reasons."""
+    summary = manifest["summary"]
+    kept = storage.read_jsonl(manifest["outputs"]["pilot_data"]["path"])[:n_kept]
+    rejected = storage.read_jsonl(manifest["outputs"]["rejected"]["path"])
+    # Show a spread of reasons, not five of the most common one.
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for r in rejected:
+        by_reason.setdefault(f"{r['phase']}:{r['reason']}", []).append(r)
+    sample: list[dict[str, Any]] = []
+    while len(sample) < n_rejected and any(by_reason.values()):
+        for reason in sorted(by_reason):
+            if by_reason[reason] and len(sample) < n_rejected:
+                sample.append(by_reason[reason].pop(0))
+    gate = summary["gate"]
+    lines = [f"# Stage 1 pilot — iteration {summary.get('iteration')}", "",
+             f"**Gate: {gate['decision']}**", ""] + [f"- {r}" for r in gate["reasons"]] + [
+        "", f"## Kept pairs ({summary['counts']['pairs_kept']} kept; first {len(kept)})", "",
+        "| # | instruction | response | pair margin |", "|---|---|---|---|"]
+    for i, r in enumerate(kept, 1):
+        margin = (r.get("pair_critique") or {}).get("margin")
+        lines.append(f"| {i} | {_md_escape(r['instruction'])} | {_md_escape(r['response'])} | {_fmt(margin)} |")
+    lines += ["", f"## Rejected ({summary['counts']['rejected']} in all; {len(sample)} shown)", "",
+              "| phase | reason | item |", "|---|---|---|"]
+    for r in sample:
+        item = r.get("instruction", "") + (f" → {r['response']}" if r.get("response") else "")
+        lines.append(f"| {r['phase']} | {r['reason']} | {_md_escape(item)} |")
+    return "\n".join(lines) + "\n"

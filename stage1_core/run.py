@@ -1,0 +1,287 @@
+"""A pilot run's plan and folder: validation before anything runs, the run identity and the
+output-folder rules, per-phase calls, iteration settings, and the final files.
+
+`prepare_pilot(...)` validates config, seeds, model and output folder and returns a JSON-able plan
+without writing anything (InputError on bad input, so the CLI exits 2 with nothing written).
+`claim_output(plan)` then creates/claims the folder; `finalize(...)` writes the top-level files.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from stage1_core import pipeline, provenance, qc, storage
+from stage1_core.config import PilotConfig, ResponseGenerationConfig, load_pilot_config
+from stage1_core.errors import InputError
+from stage1_core.seeds import load_seeds, require_usable
+
+RUN_MARKER = ".stage1_run.json"
+FINAL_FILES = ("pilot_data.jsonl", "rejected.jsonl", "qc_summary.json")
+EXIT_CODES = {"scale": 0, "iterate": 3, "halt": 4}
+REPO_DIR = Path(__file__).resolve().parent.parent
+# CPU throughput measured on 2 cores with the embedded model (bench/pilot_cpu.py): used by --dry-run.
+CPU_SAMPLED_TOK_S = 45.0
+CPU_CRITIC_PROMPTS_S = 10.0
+
+
+def build_overrides(*, count: int | None = None, seed: int | None = None, seeds: str | None = None,
+                    model: str | None = None, max_iterations: int | None = None,
+                    bos_policy: str | None = None) -> dict[str, Any]:
+    """CLI/deployment parameters as a config overlay (None = not given)."""
+    over: dict[str, Any] = {}
+    if count is not None:
+        over["count"] = count
+    if seed is not None:
+        over["seed"] = seed
+    if seeds is not None:
+        over["seeds_path"] = seeds
+    if max_iterations is not None:
+        over["max_iterations"] = max_iterations
+    model_over = {}
+    if model is not None:
+        model_over["id"] = model
+    if bos_policy is not None:
+        model_over["bos_policy"] = bos_policy
+    if model_over:
+        over["model"] = model_over
+    return over
+
+
+def check_output_dir(output: str | Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """Apply the folder rules; nothing is created or deleted here.
+
+    Returns:
+        {"path": absolute path, "state": "new" | "resume" | "overwrite"}.
+    Raises:
+        InputError: the path is a file, a symlink out of the tree, a foreign non-empty folder, or a
+            folder of another run identity (without overwrite).
+    """
+    path = Path(output)
+    if path.is_symlink():
+        target = path.resolve()
+        tree = Path.cwd().resolve()
+        if tree != target and tree not in target.parents:
+            raise InputError(f"output path is a symlink that points out of the tree (to {target})", file=str(path),
+                             field="--output", expected="a folder inside the working tree",
+                             fix="pass the real folder path, or choose another --output")
+    if path.exists() and not path.is_dir():
+        raise InputError("output path exists and is not a folder", file=str(path), field="--output",
+                         expected="a folder (new or made by an earlier stage1 run)", fix="choose another --output")
+    abspath = str(path.resolve())
+    if not path.exists():
+        return {"path": abspath, "state": "new"}
+    marker = path / RUN_MARKER
+    if marker.is_file():
+        try:
+            previous = storage.read_json(marker)
+        except (OSError, ValueError):
+            previous = {}
+        if previous.get("identity") == identity:
+            return {"path": abspath, "state": "resume"}
+        if overwrite:
+            return {"path": abspath, "state": "overwrite"}
+        changed = sorted(k for k in identity if previous.get("identity", {}).get(k) != identity[k])
+        raise InputError(f"output folder belongs to another run (different {', '.join(changed) or 'identity'})",
+                         file=str(marker), field="--output", expected="the same config, seeds and model as that run",
+                         fix="pass --overwrite to replace it, or choose another --output")
+    if any(path.iterdir()):
+        if overwrite:
+            return {"path": abspath, "state": "overwrite"}
+        raise InputError("output folder is not empty and was not made by stage1", file=str(path), field="--output",
+                         expected=f"an empty folder or one holding {RUN_MARKER}",
+                         fix="choose another --output, or pass --overwrite to write into it anyway")
+    return {"path": abspath, "state": "new"}
+
+
+def prepare_pilot(*, output: str, config: str | None = None, overwrite: bool = False,
+                  **overrides: Any) -> dict[str, Any]:
+    """Validate everything and return the run plan. Writes nothing, loads no model.
+
+    Args:
+        output: the output folder.
+        config: a YAML config overlay (optional).
+        overwrite: allow replacing a folder of another run identity.
+        **overrides: count, seed, seeds, model, max_iterations, bos_policy (None = not given).
+    Raises:
+        InputError: any bad input.
+    """
+    from stage1_core.model import model_fingerprint, resolve_model
+
+    cfg = load_pilot_config(config, build_overrides(**overrides))
+    seedset = load_seeds(cfg.seeds_path)
+    require_usable(seedset, cfg.instruction_generation.few_shot_k)
+    resolve_model(cfg.model)
+    fingerprint = model_fingerprint(cfg.model)
+    dumped = cfg.model_dump(mode="json")
+    config_hash = storage.sha256_text(storage.canonical_json(dumped))
+    identity = {"config_sha256": config_hash, "seeds_sha256": seedset.sha256,
+                "model_weights_sha256": fingerprint["weights_sha256"]}
+    folder = check_output_dir(output, identity, overwrite)
+    return {"config": dumped, "config_hash": config_hash, "output": folder["path"], "folder_state": folder["state"],
+            "seeds": seedset.summary(), "model": fingerprint, "identity": identity,
+            "config_source": str(config) if config else None}
+
+
+def claim_output(plan: dict[str, Any], run_id: str) -> None:
+    """Create the output folder and record the run identity. An overwrite re-claims the folder:
+    phase files stay (their cache keys are content hashes, so only what changed reruns); the final
+    files are replaced by this run's. Nothing of the user's is ever deleted."""
+    out = Path(plan["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suggested_config.yaml").unlink(missing_ok=True)
+    storage.write_json_atomic(out / RUN_MARKER, {"identity": plan["identity"], "run_id": run_id,
+                                                 "created": provenance.utc_now()})
+    storage.write_yaml_atomic(out / "config.yaml", plan["config"])
+
+
+def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iteration: int | None = None,
+              round: int | None = None, inputs: dict[str, Any] | None = None,
+              response_generation: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able call of one phase: only the config slice it depends on goes into params."""
+    cfg, out = plan["config"], Path(plan["output"])
+    rg = response_generation or cfg["response_generation"]
+    params: dict[str, Any]
+    if phase == "generate_instructions":
+        params = {"instruction_generation": cfg["instruction_generation"], "seeds_path": cfg["seeds_path"],
+                  "seed": cfg["seed"], "round": round}
+        out_dir = out / "instructions"
+    elif phase == "filter_instructions":
+        params = {"instruction_filter": cfg["instruction_filter"], "critic": cfg["critic"],
+                  "seeds_path": cfg["seeds_path"], "round": round}
+        out_dir = out / "instructions"
+    elif phase == "generate_responses":
+        params = {"response_generation": rg, "count": cfg["count"], "seed": cfg["seed"], "iteration": iteration}
+        out_dir = out / "iterations" / f"{iteration:02d}"
+    elif phase == "filter_pairs":
+        params = {"critic": cfg["critic"]}
+        out_dir = out / "iterations" / f"{iteration:02d}"
+    elif phase == "qc":
+        params = {"qc": cfg["qc"], "count": cfg["count"], "seed": cfg["seed"], "iteration": iteration,
+                  "max_iterations": cfg["max_iterations"], "model_id": plan["model"]["id"],
+                  "model_sha": plan["model"]["weights_sha256"],
+                  "generation": {"instruction": _gen_params(cfg["instruction_generation"]), "response": _gen_params(rg)}}
+        out_dir = out / "iterations" / f"{iteration:02d}"
+    else:
+        raise ValueError(f"unknown phase {phase!r}")
+    params.update(extra or {})
+    return {"phase": phase, "out_dir": str(out_dir), "params": params, "inputs": inputs or {},
+            "model": cfg["model"], "model_sha": plan["model"]["weights_sha256"], "meta": meta}
+
+
+def _gen_params(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: section[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "stop_sequences")}
+
+
+def next_response_settings(current: dict[str, Any], qc_manifest: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Apply the adjustment table to the response settings after an `iterate` decision."""
+    rg = ResponseGenerationConfig.model_validate(current)
+    new, changes = qc.adjust_generation(rg, qc_manifest["decision"]["failed"],
+                                        qc_manifest["summary"].get("observed_delimiters", []))
+    return new.model_dump(mode="json"), changes
+
+
+def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: list[dict[str, Any]],
+             phase_manifests: list[dict[str, Any]], flow_seconds: float | None = None,
+             approval: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Copy the last iteration's files to the top level, write session_manifest.json (and
+    suggested_config.yaml when the decision is iterate). Returns the run result."""
+    out = Path(plan["output"])
+    last = iterations[-1]
+    last_dir = Path(last["qc"]["outputs"]["qc_summary"]["path"]).parent
+    for name in FINAL_FILES:
+        storage.write_text_atomic(out / name, (last_dir / name).read_text(encoding="utf-8"))
+    decision = last["qc"]["decision"]["decision"]
+    if decision == "iterate":
+        suggested = dict(plan["config"], response_generation=last.get("next_settings") or plan["config"]["response_generation"])
+        storage.write_yaml_atomic(out / "suggested_config.yaml", suggested)
+    storage.write_yaml_atomic(out / "config.yaml", plan["config"])
+    tokens = {"instructions": 0, "responses": 0}
+    timings: dict[str, float] = {}
+    cached: list[str] = []
+    for m in phase_manifests:
+        name = m["phase"] + (f"-round-{m['round']:02d}" if m.get("round") else "") + (f"-iter-{m['iteration']:02d}" if m.get("iteration") else "")
+        timings[name] = m.get("seconds", 0.0)
+        if m.get("run_id") != run_id:
+            cached.append(name)
+        if m["phase"] == "generate_instructions":
+            tokens["instructions"] += m.get("tokens", 0)
+        elif m["phase"] == "generate_responses":
+            tokens["responses"] += m.get("tokens", 0)
+    artifacts = [storage.file_manifest(out / n) for n in (*FINAL_FILES, "config.yaml")]
+    compute = sum(timings.values())
+    on_gpu = "cuda" in str(plan["model"].get("device", ""))
+    manifest = {
+        "run_id": run_id, "started": started, "finished": provenance.utc_now(),
+        "decision": last["qc"]["decision"], "exit_code": EXIT_CODES[decision],
+        "seeds": plan["seeds"], "model": plan["model"], "identity": plan["identity"],
+        "config_hash": plan["config_hash"], "environment": provenance.environment_info(),
+        "git": provenance.git_info(REPO_DIR),
+        "timings": {"phases": timings, "phase_compute_seconds": round(compute, 3), "flow_seconds": flow_seconds,
+                    "cached_phases": cached},
+        "tokens": {**tokens, "total": tokens["instructions"] + tokens["responses"]},
+        "gpu_seconds": round(compute, 3) if on_gpu else 0.0,
+        "estimated_cost_usd": None,
+        "iterations": [{"iteration": i + 1, "dir": str(Path(it["qc"]["outputs"]["qc_summary"]["path"]).parent),
+                        "decision": it["qc"]["decision"], "response_generation": it["settings"],
+                        "changes_for_next": it.get("changes", [])} for i, it in enumerate(iterations)],
+        "artifacts": artifacts,
+        "approval": approval,
+    }
+    storage.write_json_atomic(out / "session_manifest.json", manifest)
+    return {"decision": decision, "reasons": last["qc"]["decision"]["reasons"], "exit_code": EXIT_CODES[decision],
+            "output": str(out), "kept": last["qc"]["outputs"]["pilot_data"]["rows"], "run_id": run_id}
+
+
+def dry_run_text(plan: dict[str, Any]) -> str:
+    """The plan printed by --dry-run: phases, prompts per phase, estimated tokens and CPU time."""
+    cfg = PilotConfig.model_validate(plan["config"])
+    ig, rg, cr = cfg.instruction_generation, cfg.response_generation, cfg.critic
+    per_item = 2 if cr.label_swap else 1
+    # ~4 parsed items per list prompt, ~half survive filtering (measured on the embedded model).
+    est_generated = math.ceil(cfg.count / 0.5)
+    rounds = min(ig.max_instruction_rounds, max(1, math.ceil(est_generated / (ig.prompts_per_round * 4))))
+    p1 = rounds * ig.prompts_per_round
+    t1 = p1 * ig.max_new_tokens
+    p2 = est_generated * per_item
+    t3 = cfg.count * rg.max_new_tokens
+    p4 = cfg.count * per_item
+    iters = cfg.max_iterations + 1
+    sec = t1 / CPU_SAMPLED_TOK_S + p2 / CPU_CRITIC_PROMPTS_S + iters * (t3 / CPU_SAMPLED_TOK_S + p4 / CPU_CRITIC_PROMPTS_S)
+    lines = [
+        "stage1 pilot — dry run (nothing loaded, nothing written)",
+        f"  output:   {plan['output']} ({plan['folder_state']})",
+        f"  model:    {plan['model']['id']} (weights sha256 {plan['model']['weights_sha256'][:16]}…, bos {plan['model'].get('bos_policy')})",
+        f"  seeds:    {plan['seeds']['path']} ({plan['seeds']['format']}, {plan['seeds']['count']} seeds, {plan['seeds']['usable']} usable)",
+        f"  count:    {cfg.count} candidate pairs, seed {cfg.seed}, up to {cfg.max_iterations} reruns",
+        "  phases:",
+        f"    1 generate_instructions  up to {ig.max_instruction_rounds} rounds × {ig.prompts_per_round} prompts "
+        f"(est. {rounds} rounds, {p1} prompts, ≤ {t1} tokens)",
+        f"    2 filter_instructions    heuristics, ROUGE-L ≥ {cfg.instruction_filter.rouge_threshold}, critic "
+        f"(est. {p2} critic prompts)",
+        f"    3 generate_responses     {cfg.count} prompts, {rg.n_examples} worked examples, ≤ {t3} tokens",
+        f"    4 filter_pairs           {p4} critic prompts",
+        "    5 qc                     metrics + gate",
+        f"  estimate: ≤ {t1 + iters * t3} tokens, about {sec / 60:.1f} min on a 2-core CPU in the worst case",
+    ]
+    return "\n".join(lines)
+
+
+def read_summary(output: str | Path) -> dict[str, Any]:
+    return storage.read_json(Path(output) / "qc_summary.json")
+
+
+def interrupted_text(output: str | Path) -> str:
+    """What an interrupted run kept: completed phase files are whole (atomic writes) and reused."""
+    out = Path(output)
+    kept = sorted(str(p.relative_to(out)) for p in out.rglob("*.jsonl") if ".tmp-" not in p.name) if out.exists() else []
+    for tmp in out.rglob("*.tmp-*") if out.exists() else []:
+        tmp.unlink(missing_ok=True)
+    lines = ["interrupted: no final file was half-written."]
+    if kept:
+        lines.append(f"kept {len(kept)} completed phase files in {out} (reused when you rerun the same command):")
+        lines += [f"  {k}" for k in kept[:20]]
+    else:
+        lines.append("nothing was completed yet.")
+    return "\n".join(lines)

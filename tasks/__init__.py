@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: take references, call stage1_core, return small manifests."""

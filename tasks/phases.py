@@ -1,0 +1,131 @@
+"""One Prefect task per pilot phase, plus the run's prepare/finalize steps.
+
+Each phase task takes a JSON-able `call` (see stage1_core.pipeline), runs the phase through
+`pipeline.run_phase`, shows a tqdm bar (stderr) and a Prefect progress artifact, and returns the
+phase manifest. Retries are for transient errors only (I/O hiccups, CUDA OOM), never bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from tqdm import tqdm
+
+from stage1_core import pipeline, reports, run
+from tasks.caching import PHASE_CACHE
+
+TRANSIENT = (TimeoutError, ConnectionError, BrokenPipeError)
+
+
+def transient_only(task_obj: Any, task_run: Any, state: Any) -> bool:
+    """Retry only transient failures (I/O timeouts, connection errors, CUDA out-of-memory)."""
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except Exception as exc:  # noqa: BLE001 - classify by name to avoid importing torch here
+        return type(exc).__name__ == "OutOfMemoryError"
+    return False
+
+
+def _label(call: dict[str, Any]) -> str:
+    p = call["params"]
+    if p.get("round") is not None:
+        return f"{call['phase']} (round {p['round']})"
+    if p.get("iteration") is not None:
+        return f"{call['phase']} (iteration {p['iteration']})"
+    return call["phase"]
+
+
+def _run(call: dict[str, Any]) -> dict[str, Any]:
+    key = pipeline.cache_key(call)
+    artifact = create_progress_artifact(0.0, description=f"{_label(call)}: starting")
+    bar = tqdm(desc=_label(call), unit="prompt", file=sys.stderr, dynamic_ncols=True, leave=True)
+    last = [-1.0]
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        pct = 100.0 * done / total if total else 100.0
+        if pct - last[0] >= 5.0 or done >= total:
+            last[0] = pct
+            update_progress_artifact(artifact, pct, description=f"{_label(call)}: {done}/{total}")
+
+    try:
+        manifest = pipeline.run_phase(call, key, progress)
+    finally:
+        bar.close()
+    update_progress_artifact(artifact, 100.0, description=f"{_label(call)}: done")
+    p = call["params"]
+    manifest.update({k: p[k] for k in ("round", "iteration") if p.get(k) is not None})
+    return manifest
+
+
+def _name(phase: str):
+    def namer() -> str:
+        from prefect.runtime import task_run
+        params = task_run.parameters.get("call", {}).get("params", {})
+        suffix = f"-round-{params['round']:02d}" if params.get("round") else f"-iter-{params.get('iteration', 0):02d}"
+        return phase + suffix
+    return namer
+
+
+_PHASE_OPTS: dict[str, Any] = dict(cache_policy=PHASE_CACHE, persist_result=True, retries=2, retry_delay_seconds=5,
+                                   retry_condition_fn=transient_only)
+
+
+@task(name="generate_instructions", task_run_name=_name("generate_instructions"), **_PHASE_OPTS)
+def generate_instructions(call: dict[str, Any]) -> dict[str, Any]:
+    """Phase 1: one round of few-shot list continuation."""
+    return _run(call)
+
+
+@task(name="filter_instructions", task_run_name=_name("filter_instructions"), **_PHASE_OPTS)
+def filter_instructions(call: dict[str, Any]) -> dict[str, Any]:
+    """Phase 2: heuristics, ROUGE-L dedup, instruction critic."""
+    return _run(call)
+
+
+@task(name="generate_responses", task_run_name=_name("generate_responses"), **_PHASE_OPTS)
+def generate_responses(call: dict[str, Any]) -> dict[str, Any]:
+    """Phase 3: worked-example completion prompts."""
+    return _run(call)
+
+
+@task(name="filter_pairs", task_run_name=_name("filter_pairs"), **_PHASE_OPTS)
+def filter_pairs(call: dict[str, Any]) -> dict[str, Any]:
+    """Phase 4: pair critic (+ critic dev-set accuracy)."""
+    return _run(call)
+
+
+@task(name="qc", task_run_name=_name("qc"), **_PHASE_OPTS)
+def qc_gate(call: dict[str, Any]) -> dict[str, Any]:
+    """Phase 5: metrics, gate, the iteration's files; publishes the QC table and the preview."""
+    manifest = _run(call)
+    publish_qc(manifest)
+    return manifest
+
+
+def publish_qc(manifest: dict[str, Any]) -> None:
+    """Prefect artifacts of a QC result: the metrics table and a markdown preview."""
+    summary = manifest["summary"]
+    create_table_artifact(reports.qc_table(summary), key="stage1-qc",
+                          description=f"QC — gate: {summary['gate']['decision']}")
+    create_markdown_artifact(reports.preview_markdown(manifest), key="stage1-preview",
+                             description="Kept and rejected samples")
+
+
+@task(name="prepare_run", persist_result=False)
+def prepare_run(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate config, seeds, model and output folder; returns the plan (raises on bad input)."""
+    return run.prepare_pilot(**params)
+
+
+@task(name="finalize_run", persist_result=False)
+def finalize_run(plan: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """Write the top-level files and the session manifest."""
+    return run.finalize(plan, **kwargs)
