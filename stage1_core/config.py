@@ -8,10 +8,10 @@ field (line numbers come from the YAML node marks).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stage1_core.errors import InputError
 
@@ -86,14 +86,32 @@ class ResponseGenerationConfig(StrictModel):
 
 
 class Rubric(StrictModel):
+    """A critic rubric: a template ending in "Answer:" and the two option texts."""
+
     template: str = Field(min_length=1)
     good_option: str = Field(min_length=1)
     bad_option: str = Field(min_length=1)
 
+    _placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{option_a}", "{option_b}")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        missing = [k for k in cls._placeholders if k not in template]
+        if missing:
+            raise ValueError(f"template lacks placeholder(s) {', '.join(missing)}")
+        if not template.rstrip().endswith("Answer:"):
+            raise ValueError("template must end with 'Answer:' (the critic reads the next token)")
+        return template
+
+
+class PairRubric(Rubric):
+    _placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{response}", "{option_a}", "{option_b}")
+
 
 class CriticConfig(StrictModel):
     instruction_rubric: Rubric
-    pair_rubric: Rubric
+    pair_rubric: PairRubric
     labels: tuple[str, str] = ("A", "B")
     threshold: float = 0.0
     confidence_threshold: float = Field(default=1.0, ge=0.0)
@@ -102,20 +120,12 @@ class CriticConfig(StrictModel):
     content_free_input: str = "N/A"
     batch_size: int = Field(default=8, gt=0)
 
-    @model_validator(mode="after")
-    def _templates(self) -> "CriticConfig":
-        need = {"instruction_rubric": ("{instruction}", "{option_a}", "{option_b}"),
-                "pair_rubric": ("{instruction}", "{response}", "{option_a}", "{option_b}")}
-        for name, keys in need.items():
-            template = getattr(self, name).template
-            missing = [k for k in keys if k not in template]
-            if missing:
-                raise ValueError(f"{name}.template lacks placeholder(s) {', '.join(missing)}")
-            if not template.rstrip().endswith("Answer:"):
-                raise ValueError(f"{name}.template must end with 'Answer:' (the critic reads the next token)")
-        if self.labels[0] == self.labels[1]:
-            raise ValueError("critic.labels must be two different letters")
-        return self
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: tuple[str, str]) -> tuple[str, str]:
+        if labels[0] == labels[1] or not all(label.strip() for label in labels):
+            raise ValueError("labels must be two different non-empty letters, e.g. [A, B]")
+        return labels
 
 
 class QCThresholds(StrictModel):
@@ -210,7 +220,8 @@ def validate_pilot_config(data: dict[str, Any], source: str, node: yaml.Node | N
             msg, expected = f"unknown config key '{field}'", "only the keys documented in docs/config.md (see configs/pilot.yaml)"
             fix = "remove or rename the key"
         else:
-            msg, expected = f"invalid value for '{field}': {err['msg']}", _expected_from(err)
+            detail = err["msg"].removeprefix("Value error, ")
+            msg, expected = f"invalid value for '{field}': {detail}", _expected_from(err)
             fix = "correct the value"
         more = len(e.errors()) - 1
         if more:

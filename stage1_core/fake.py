@@ -56,7 +56,8 @@ def _rng(*parts: Any) -> random.Random:
 class FakeBackend:
     """Implements stage1_core.backend.Backend without a model."""
 
-    def __init__(self, model_id: str) -> None:
+    def __init__(self, model_id: str | int) -> None:
+        model_id = f"fake:{model_id}" if isinstance(model_id, int) else model_id
         self.seed, self.options = parse_fake_id(model_id)
         self.model_id = model_id
         self.fingerprint: dict[str, Any] = {

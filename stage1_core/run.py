@@ -155,7 +155,7 @@ def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iterati
         params = {"response_generation": rg, "count": cfg["count"], "seed": cfg["seed"], "iteration": iteration}
         out_dir = out / "iterations" / f"{iteration:02d}"
     elif phase == "filter_pairs":
-        params = {"critic": cfg["critic"]}
+        params = {"critic": cfg["critic"], "iteration": iteration}
         out_dir = out / "iterations" / f"{iteration:02d}"
     elif phase == "qc":
         params = {"qc": cfg["qc"], "count": cfg["count"], "seed": cfg["seed"], "iteration": iteration,

@@ -43,10 +43,13 @@ def _label(call: dict[str, Any]) -> str:
 def _run(call: dict[str, Any]) -> dict[str, Any]:
     key = pipeline.cache_key(call)
     artifact = create_progress_artifact(0.0, description=f"{_label(call)}: starting")
-    bar = tqdm(desc=_label(call), unit="prompt", file=sys.stderr, dynamic_ncols=True, leave=True)
+    bars: list[tqdm] = []
     last = [-1.0]
 
     def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc=_label(call), unit="prompt", file=sys.stderr, dynamic_ncols=True))
+        bar = bars[0]
         bar.total = total
         bar.n = done
         bar.refresh()
@@ -58,7 +61,8 @@ def _run(call: dict[str, Any]) -> dict[str, Any]:
     try:
         manifest = pipeline.run_phase(call, key, progress)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     update_progress_artifact(artifact, 100.0, description=f"{_label(call)}: done")
     p = call["params"]
     manifest.update({k: p[k] for k in ("round", "iteration") if p.get(k) is not None})

@@ -1,5 +1,5 @@
 """Shared test setup: offline, telemetry off, Prefect results in a temp folder (set before prefect
-is imported), flow heartbeats off, and a session-wide real embedded model when a test asks for it."""
+is imported), flow heartbeats off (tests/flows/conftest.py), and a session-wide real embedded model when a test asks for it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_TMP, "prefect-results")
 os.environ.setdefault("PREFECT_HOME", os.path.join(_TMP, "prefect-home"))
-os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = ""
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest  # noqa: E402

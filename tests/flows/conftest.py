@@ -16,9 +16,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_harness():
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # Heartbeats stay on in what ships; here they only add ~1 s per in-process flow run.
+    with prefect_test_harness(server_startup_timeout=120), \
+            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
 
