@@ -10,13 +10,16 @@ Options follow the seed, comma-separated: `fake:7,runaway=0.2,limit=0.1,bad=0.2`
 - Critic prompts: "A" is preferred unless the judged text contains a marker of badness
   ("lorem", "???", or fewer than 3 words), plus a constant letter bias toward A.
 Tokens are whitespace-separated words. Same inputs, same outputs, always.
+`STAGE1_FAKE_DELAY=<seconds>` sleeps per generated prompt (interrupt tests).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
+import time
 from typing import Any
 
 from stage1_core import faults
@@ -99,7 +102,10 @@ class FakeBackend:
 
     def generate(self, prompts: list[str], params: GenerationParams, seed: int, progress: ProgressFn | None = None) -> list[Completion]:
         out: list[Completion] = []
+        delay = float(os.environ.get("STAGE1_FAKE_DELAY", "0"))  # seconds per prompt, for interrupt tests
         for idx, prompt in enumerate(prompts):
+            if delay:
+                time.sleep(delay)
             rng = _rng(self.seed, seed, idx, prompt, params.temperature, params.top_p)
             m = re.search(r"\n(\d+)\.$", prompt)
             if m:

@@ -399,7 +399,8 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
         folder = Path(snapshot_download(mid, revision=cfg.revision, local_files_only=True))
     except Exception as e:  # LocalEntryNotFoundError, RevisionNotFoundError, HFValidationError, ...
         rev = f" at revision {cfg.revision}" if cfg.revision else ""
-        raise InputError(f"model '{mid}'{rev} is not in the local Hugging Face cache, and Stage 1 never downloads "
+        raise InputError(f"no local path '{mid}' exists, and model '{mid}'{rev} is not in the local Hugging Face "
+                         f"cache; Stage 1 never downloads "
                          f"({type(e).__name__})", field="model.id", expected="a hub id already downloaded to "
                          "the local HF cache, a local folder, or a .gguf file",
                          fix=f"run `hf download {mid}` on a machine with access (set HF_HOME to share the cache), "
@@ -625,11 +626,14 @@ class HFBackend:
             ids = ([self.bos_id] if self.bos_id is not None else []) + f_ids
             off = len(ids) - len(f_ids)
             check_control_tokens([ids], self.control_ids, "sentinel")
+            keep = len(f_ids) - k + 1  # logits of the positions that predict the expected tokens (+1 spare)
             with self._lock, torch.inference_mode():
-                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device),
+                                    logits_to_keep=keep).logits[0].float()
+            base = len(ids) - logits.shape[0]  # absolute position of logits row 0
             steps, ok = [], k < len(f_ids)
             for j in range(max(k, 1 - off), len(f_ids)):
-                row = logits[off + j - 1]
+                row = logits[off + j - 1 - base]
                 rank = int((row > row[f_ids[j]]).sum()) + 1
                 top = [self.tokenizer.decode([t]) for t in torch.topk(row, max(s.top_k, 3)).indices.tolist()]
                 steps.append({"token": self.tokenizer.decode([f_ids[j]]), "rank": rank, "top": top})

@@ -9,6 +9,7 @@ without writing anything (InputError on bad input, so the CLI exits 2 with nothi
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +132,19 @@ def claim_output(plan: dict[str, Any], run_id: str) -> None:
     out = Path(plan["output"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "suggested_config.yaml").unlink(missing_ok=True)
+    if plan["folder_state"] == "resume":
+        remove_stale_temp_files(out)
     storage.write_json_atomic(out / RUN_MARKER, {"identity": plan["identity"], "run_id": run_id,
                                                  "created": provenance.utc_now()})
     storage.write_yaml_atomic(out / "config.yaml", plan["config"])
+
+
+def remove_stale_temp_files(out: Path) -> list[Path]:
+    """Delete temp files a killed writer left (`NAME.tmp-<pid>`, see storage); returns them."""
+    stale = [p for p in out.rglob("*.tmp-*") if re.fullmatch(r".+\.tmp-\d+", p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iteration: int | None = None,
@@ -275,9 +286,9 @@ def read_summary(output: str | Path) -> dict[str, Any]:
 def interrupted_text(output: str | Path) -> str:
     """What an interrupted run kept: completed phase files are whole (atomic writes) and reused."""
     out = Path(output)
-    kept = sorted(str(p.relative_to(out)) for p in out.rglob("*.jsonl") if ".tmp-" not in p.name) if out.exists() else []
-    for tmp in out.rglob("*.tmp-*") if out.exists() else []:
-        tmp.unlink(missing_ok=True)
+    if out.exists():
+        remove_stale_temp_files(out)
+    kept = sorted(str(p.relative_to(out)) for p in out.rglob("*.jsonl")) if out.exists() else []
     lines = ["interrupted: no final file was half-written."]
     if kept:
         lines.append(f"kept {len(kept)} completed phase files in {out} (reused when you rerun the same command):")

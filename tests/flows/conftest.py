@@ -37,7 +37,8 @@ def run_cli(api_url, tmp_path):
     """Run `python -m flows.pilot ARGS` in a subprocess from `tmp_path`; returns CompletedProcess."""
 
     def _run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300):
-        e = dict(os.environ, PREFECT_API_URL=api_url, PYTHONPATH=str(REPO), **(env or {}))
+        e = dict(os.environ, PREFECT_API_URL=api_url, PYTHONPATH=str(REPO))
+        e.update(env or {})
         return subprocess.run([sys.executable, "-m", "flows.pilot", *args], cwd=cwd or tmp_path, env=e,
                               capture_output=True, text=True, timeout=timeout)
 
