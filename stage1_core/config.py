@@ -28,7 +28,7 @@ class ModelConfig(StrictModel):
     id: str = Field(default=EMBEDDED_MODEL, min_length=1, description="embedded:gemma-3-270m, a local HF folder, a .gguf file, a model id already in the local HF cache, or fake:<seed>")
     revision: str | None = None
     bos_policy: Literal["auto", "always", "never"] = "auto"
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     device: str = "auto"
     allow_pickle: bool = False
     batch_size: int = Field(default=8, gt=0, le=512)

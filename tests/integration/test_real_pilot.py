@@ -1,0 +1,70 @@
+"""A 3-example pilot through the real flow on the real embedded gemma-3-270m base model, with its
+Prefect artifacts read back through the client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.flows.conftest import read_jsonl
+
+pytestmark = pytest.mark.real_model
+
+SMALL = """\
+instruction_generation:
+  prompts_per_round: 4
+  max_new_tokens: 96
+  max_instruction_rounds: 3
+"""
+
+
+def _artifacts(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
+
+
+def test_three_example_pilot_on_the_embedded_model(tmp_path, real_backend):
+    from flows.pilot import pilot
+
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(SMALL)
+    out = tmp_path / "pilot"
+    state = pilot(count=3, output=str(out), seed=42, config=str(cfg), max_iterations=0, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["exit_code"] in (0, 3, 4)
+
+    summary = json.loads((out / "qc_summary.json").read_text())
+    manifest = json.loads((out / "session_manifest.json").read_text())
+    assert manifest["model"]["kind"] == "embedded" and len(manifest["model"]["weights_sha256"]) == 64
+    assert manifest["tokens"]["total"] > 0
+    responses = read_jsonl(out / "iterations" / "01" / "responses.jsonl")
+    assert len(responses) == 3, "three instructions should survive filtering within three rounds"
+    for r in responses:
+        assert r["stop_reason"] in {"eos", "blank_line", "next_block", "token_limit"}
+        assert "Instruction:" not in r["response"] and r["response"] == r["response"].strip()
+        assert r["instruction_critique"]["ab_mass"] > 0
+    assert summary["counts"]["pairs_generated"] == 3
+    # n = 3 < min_n: the gate can never say scale on so few.
+    assert summary["gate"]["decision"] in {"iterate", "halt"}
+    assert summary["metrics"]["critic_dev_accuracy"]["value"] is not None
+
+    arts = _artifacts(state.state_details.flow_run_id)
+    by_type = {}
+    for a in arts:
+        by_type.setdefault(a.type, []).append(a)
+    assert {"table", "markdown", "progress"} <= set(by_type), set(by_type)
+    table = json.loads(by_type["table"][0].data) if isinstance(by_type["table"][0].data, str) else by_type["table"][0].data
+    assert {row["metric"] for row in table} >= {"runaway_rate", "pair_acceptance"}
+    md = by_type["markdown"][0].data
+    assert "Gate:" in md and "Kept pairs" in md and "Rejected" in md
+    assert all(a.data == 100.0 for a in by_type["progress"])
