@@ -57,9 +57,9 @@ def pilot(count: int = 100, output: str = "artifacts/pilot", seed: int = 42, see
         iterations.append({"qc": q, "settings": settings})
         if q["decision"]["decision"] != "iterate":
             break
-        settings, iterations[-1]["changes"] = run.next_response_settings(settings, q)
+        settings, iterations[-1]["changes"], changed = run.next_response_settings(settings, q)
         iterations[-1]["next_settings"] = settings
-        if it > cfg["max_iterations"]:
+        if it > cfg["max_iterations"] or not changed:
             break
     return t.finalize_run(plan, run_id=run_id, started=started, iterations=iterations, phase_manifests=manifests,
                           flow_seconds=round(time.perf_counter() - t0, 3))

@@ -146,12 +146,17 @@ class PilotConfig(StrictModel):
     seed: int = Field(default=42, ge=0)
     seeds_path: str | None = None
     max_iterations: int = Field(default=2, ge=0, le=20)
+    gpu_hour_usd: float | None = Field(default=None, ge=0.0, description="price of one GPU-hour, for the cost estimate")
     model: ModelConfig = Field(default_factory=ModelConfig)
     instruction_generation: InstructionGenerationConfig
     instruction_filter: InstructionFilterConfig = Field(default_factory=InstructionFilterConfig)
     response_generation: ResponseGenerationConfig
     critic: CriticConfig
     qc: QCThresholds = Field(default_factory=QCThresholds)
+
+
+CLI_FLAGS = {"count": "--count", "seed": "--seed", "seeds_path": "--seeds", "max_iterations": "--max-iterations",
+             "model.id": "--model", "model.bos_policy": "--bos-policy"}
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -240,7 +245,7 @@ def _expected_from(err: dict[str, Any]) -> str:
         return f"a number <= {ctx['le']}"
     if "expected" in ctx:
         return f"one of {ctx['expected']}"
-    return err["msg"]
+    return err["msg"].removeprefix("Value error, ")
 
 
 def load_pilot_config(user_config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PilotConfig:
@@ -260,7 +265,7 @@ def load_pilot_config(user_config: str | Path | None = None, overrides: dict[str
             return validate_pilot_config(deep_merge(data, overrides), "command line")
         except InputError as e:
             e.file, e.line = "command line", None
-            flag = "--" + (e.field or "").split(".")[-1].replace("_", "-")
+            flag = CLI_FLAGS.get(e.field or "", "--" + (e.field or "").split(".")[-1].replace("_", "-"))
             e.fix = f"correct {flag}"
             raise
     return validate_pilot_config(data, source, node)

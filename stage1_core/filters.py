@@ -220,40 +220,44 @@ def _row(text: str, reason: str, rouge_l: float | None = None, most_similar: str
     return {"text": text, "reason": reason, "rouge_l": rouge_l, "most_similar": most_similar}
 
 
-def filter_instructions(candidates: list[str], cfg: InstructionFilterConfig,
-                        seed_texts: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+def filter_instructions(candidates: list[str], cfg: InstructionFilterConfig, seed_texts: list[str],
+                        previous: list[str] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
     """Heuristics, then ROUGE-L dedup against the seeds and the instructions kept so far.
 
     Candidates are processed in input order, so the first of two near-copies is the one kept. An
-    exact repeat (same `normalize` form) of an earlier kept candidate is dropped as
-    `near_duplicate` with rouge_l 1.0 even when it has no ROUGE tokens.
+    exact repeat (same `normalize` form) of an earlier kept candidate, or of an instruction kept in
+    an earlier round (`previous`), is dropped as `near_duplicate` with rouge_l 1.0 even when it has
+    no ROUGE tokens; only copies of a seed are `copies_seed`.
 
     Args:
         candidates: parsed instructions, in generation order.
         cfg: the instruction filter config.
         seed_texts: the seed instructions (copy check and initial dedup pool).
+        previous: instructions kept in earlier rounds (dedup pool, after the seeds).
     Returns:
         (kept texts, unchanged and in input order; rejected rows
-        {"text", "reason", "rouge_l", "most_similar"}, in input order). Heuristic rows carry
-        rouge_l/most_similar None; `near_duplicate` rows carry the max score and the pool text.
+        {"index", "text", "reason", "rouge_l", "most_similar"}, in input order, where index is the
+        candidate's position). Heuristic rows carry rouge_l/most_similar None; `near_duplicate`
+        rows carry the max score and the pool text.
     """
     normalized_seeds = {normalize(s) for s in seed_texts}
-    dedup = RougeDeduper(seed_texts, cfg.rouge_threshold)
+    previous = list(previous or [])
+    dedup = RougeDeduper([*seed_texts, *previous], cfg.rouge_threshold)
     kept: list[str] = []
-    kept_keys: dict[str, str] = {}
+    kept_keys: dict[str, str] = {normalize(p): p for p in previous}
     rejected: list[dict[str, Any]] = []
-    for text in candidates:
+    for i, text in enumerate(candidates):
         reason = _reject_reason(text, cfg, normalized_seeds)
         if reason is not None:
-            rejected.append(_row(text, reason))
+            rejected.append({"index": i, **_row(text, reason)})
             continue
         key = normalize(text)
         if key in kept_keys:
-            rejected.append(_row(text, NEAR_DUPLICATE, 1.0, kept_keys[key]))
+            rejected.append({"index": i, **_row(text, NEAR_DUPLICATE, 1.0, kept_keys[key])})
             continue
         ok, score, similar = dedup.offer(text)
         if not ok:
-            rejected.append(_row(text, NEAR_DUPLICATE, score, similar))
+            rejected.append({"index": i, **_row(text, NEAR_DUPLICATE, score, similar)})
             continue
         kept.append(text)
         kept_keys[key] = text

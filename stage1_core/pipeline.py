@@ -33,21 +33,23 @@ from stage1_core.seeds import load_seeds
 CORE_DIR = Path(__file__).resolve().parent
 Progress = Callable[[int, int], None]
 
+_COMMON = ("pipeline", "config", "storage", "schemas")
 PHASE_MODULES: dict[str, tuple[str, ...]] = {
-    "generate_instructions": ("pipeline", "prompts", "generation", "seeds", "schemas", "model", "fake"),
-    "filter_instructions": ("pipeline", "filters", "critic", "prompts", "schemas", "model", "fake"),
-    "generate_responses": ("pipeline", "prompts", "generation", "schemas", "model", "fake"),
-    "filter_pairs": ("pipeline", "critic", "prompts", "schemas", "model", "fake"),
-    "qc": ("pipeline", "qc", "storage"),
+    "generate_instructions": (*_COMMON, "prompts", "generation", "seeds", "model", "fake"),
+    "filter_instructions": (*_COMMON, "filters", "critic", "prompts", "seeds", "model", "fake"),
+    "generate_responses": (*_COMMON, "prompts", "generation", "model", "fake"),
+    "filter_pairs": (*_COMMON, "critic", "prompts", "model", "fake", "data/critic_dev.jsonl"),
+    "qc": (*_COMMON, "qc", "filters"),
 }
 CRITIC_DEV_SET = CORE_DIR / "data" / "critic_dev.jsonl"
 
 
 def code_hash(phase: str) -> str:
-    """sha256 over the source of the core modules a phase uses (cache invalidation on edits)."""
+    """sha256 over the source of the core modules (and data files) a phase uses, so editing them
+    invalidates exactly the phases that depend on them."""
     h = hashlib.sha256()
     for mod in PHASE_MODULES[phase]:
-        path = CORE_DIR / f"{mod}.py"
+        path = CORE_DIR / (mod if "." in mod else f"{mod}.py")
         h.update(mod.encode())
         h.update(path.read_bytes() if path.exists() else b"<missing>")
     return h.hexdigest()
@@ -64,14 +66,15 @@ def _input_shas(inputs: dict[str, Any]) -> dict[str, Any]:
 def cache_key(call: dict[str, Any]) -> str:
     """Cache key of a phase call: its config slice + sha256 of its input artifacts + hash of the
     core modules it uses + the model fingerprint + the resolved output folder. Run id, git sha
-    and other `meta` are deliberately left out, so a new run of the same config hits."""
+    and other `meta` are deliberately left out, so a new run of the same config hits. The model part
+    is the weights sha256 plus the model settings (BOS policy, dtype, device, batch size)."""
     phase = call["phase"]
     material = {
         "phase": phase,
         "params": call["params"],
         "inputs": _input_shas(call["inputs"]),
         "code": code_hash(phase),
-        "model": call["model_sha"] if phase != "qc" else None,
+        "model": {"weights_sha256": call["model_sha"], "settings": call["model"]} if phase != "qc" else None,
         "out_dir": str(Path(call["out_dir"]).resolve()),
     }
     return f"stage1-{phase}-" + hashlib.sha256(storage.canonical_json(material).encode()).hexdigest()[:40]
@@ -177,20 +180,12 @@ def filter_instructions(call: dict[str, Any], key: str | None = None, progress: 
     previous = storage.read_jsonl(call["inputs"]["kept_before"]["path"]) if call["inputs"].get("kept_before") else []
     generated = storage.read_jsonl(call["inputs"]["generated"]["path"])
     texts = [g["instruction"] for g in generated]
-    passed, rejected_rows = filters.filter_instructions(texts, fcfg, seed_texts + [k["instruction"] for k in previous])
-    rejected = []
-    by_text = {}
-    for g in generated:
-        by_text.setdefault(g["instruction"], g)
-    reasons = {}
-    for r in rejected_rows:
-        reasons.setdefault(r["text"], r)
-    candidates = [by_text[t] for t in passed]
-    for g in generated:
-        if g["instruction"] in reasons and g["instruction"] not in passed:
-            r = reasons[g["instruction"]]
-            rejected.append({"phase": "instruction_filter", "id": g["id"], "instruction": g["instruction"],
-                             "reason": r["reason"], "rouge_l": r.get("rouge_l"), "most_similar": r.get("most_similar")})
+    _, rejected_rows = filters.filter_instructions(texts, fcfg, seed_texts, [k["instruction"] for k in previous])
+    dropped = {r["index"]: r for r in rejected_rows}
+    candidates = [g for i, g in enumerate(generated) if i not in dropped]
+    rejected = [{"phase": "instruction_filter", "id": generated[i]["id"], "instruction": generated[i]["instruction"],
+                 "reason": r["reason"], "rouge_l": r.get("rouge_l"), "most_similar": r.get("most_similar")}
+                for i, r in sorted(dropped.items())]
     done = [0]
 
     def step(n: int) -> None:

@@ -25,7 +25,7 @@ def qc_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
         passed = m.get("passed")
         rows.append({"metric": name, "value": _fmt(m.get("value")),
                      "ci95": f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—",
-                     "n": m.get("n", "—"), "rule": rule,
+                     "n": "—" if m.get("n") is None else m["n"], "rule": rule,
                      "pass": "—" if passed is None else ("yes" if passed else "NO")})
     return rows
 

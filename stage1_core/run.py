@@ -130,9 +130,10 @@ def claim_output(plan: dict[str, Any], run_id: str) -> None:
     phase files stay (their cache keys are content hashes, so only what changed reruns); the final
     files are replaced by this run's. Nothing of the user's is ever deleted."""
     out = Path(plan["output"])
+    ours = (out / RUN_MARKER).is_file()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "suggested_config.yaml").unlink(missing_ok=True)
-    if plan["folder_state"] == "resume":
+    if ours:  # only files of an earlier stage1 run of this folder are cleaned up
+        (out / "suggested_config.yaml").unlink(missing_ok=True)
         remove_stale_temp_files(out)
     storage.write_json_atomic(out / RUN_MARKER, {"identity": plan["identity"], "run_id": run_id,
                                                  "created": provenance.utc_now()})
@@ -156,11 +157,11 @@ def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iterati
     params: dict[str, Any]
     if phase == "generate_instructions":
         params = {"instruction_generation": cfg["instruction_generation"], "seeds_path": cfg["seeds_path"],
-                  "seed": cfg["seed"], "round": round}
+                  "seeds_sha256": plan["seeds"]["sha256"], "seed": cfg["seed"], "round": round}
         out_dir = out / "instructions"
     elif phase == "filter_instructions":
         params = {"instruction_filter": cfg["instruction_filter"], "critic": cfg["critic"],
-                  "seeds_path": cfg["seeds_path"], "round": round}
+                  "seeds_path": cfg["seeds_path"], "seeds_sha256": plan["seeds"]["sha256"], "round": round}
         out_dir = out / "instructions"
     elif phase == "generate_responses":
         params = {"response_generation": rg, "count": cfg["count"], "seed": cfg["seed"], "iteration": iteration}
@@ -185,12 +186,19 @@ def _gen_params(section: dict[str, Any]) -> dict[str, Any]:
     return {k: section[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "stop_sequences")}
 
 
-def next_response_settings(current: dict[str, Any], qc_manifest: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Apply the adjustment table to the response settings after an `iterate` decision."""
+def next_response_settings(current: dict[str, Any], qc_manifest: dict[str, Any]) -> tuple[dict[str, Any], list[str], bool]:
+    """Apply the adjustment table to the response settings after an `iterate` decision.
+
+    Returns:
+        (new settings, human-readable changes, whether anything changed). Nothing changes when the
+        only miss is "sample too small" or every setting is at its bound: a rerun would repeat the
+        same iteration, so the flow stops and the run ends in halt.
+    """
     rg = ResponseGenerationConfig.model_validate(current)
     new, changes = qc.adjust_generation(rg, qc_manifest["decision"]["failed"],
                                         qc_manifest["summary"].get("observed_delimiters", []))
-    return new.model_dump(mode="json"), changes
+    dumped = new.model_dump(mode="json")
+    return dumped, changes, dumped != current
 
 
 def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: list[dict[str, Any]],
@@ -203,7 +211,15 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
     last_dir = Path(last["qc"]["outputs"]["qc_summary"]["path"]).parent
     for name in FINAL_FILES:
         storage.write_text_atomic(out / name, (last_dir / name).read_text(encoding="utf-8"))
-    decision = last["qc"]["decision"]["decision"]
+    gate = dict(last["qc"]["decision"])
+    if gate["decision"] == "iterate" and plan["config"]["max_iterations"] > 0:
+        # Reruns were allowed but the adjustment table had nothing left to change.
+        gate = {**gate, "decision": "halt",
+                "reasons": [*gate["reasons"], "no further adjustment possible: " + "; ".join(last.get("changes", []))]}
+        summary = storage.read_json(out / "qc_summary.json")
+        summary["gate"] = gate
+        storage.write_json_atomic(out / "qc_summary.json", summary)
+    decision = gate["decision"]
     if decision == "iterate":
         suggested = dict(plan["config"], response_generation=last.get("next_settings") or plan["config"]["response_generation"])
         storage.write_yaml_atomic(out / "suggested_config.yaml", suggested)
@@ -211,29 +227,37 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
     tokens = {"instructions": 0, "responses": 0}
     timings: dict[str, float] = {}
     cached: list[str] = []
+    compute = 0.0
     for m in phase_manifests:
         name = m["phase"] + (f"-round-{m['round']:02d}" if m.get("round") else "") + (f"-iter-{m['iteration']:02d}" if m.get("iteration") else "")
         timings[name] = m.get("seconds", 0.0)
         if m.get("run_id") != run_id:
             cached.append(name)
+        else:
+            compute += m.get("seconds", 0.0)
         if m["phase"] == "generate_instructions":
             tokens["instructions"] += m.get("tokens", 0)
         elif m["phase"] == "generate_responses":
             tokens["responses"] += m.get("tokens", 0)
     artifacts = [storage.file_manifest(out / n) for n in (*FINAL_FILES, "config.yaml")]
-    compute = sum(timings.values())
-    on_gpu = "cuda" in str(plan["model"].get("device", ""))
+    from stage1_core.model import loaded_fingerprint
+
+    model_info = {**plan["model"], **(loaded_fingerprint(plan["config"]["model"]) or {})}
+    on_gpu = str(model_info.get("device", "")).startswith("cuda")
+    gpu_seconds = round(compute, 3) if on_gpu else 0.0
+    price = plan["config"].get("gpu_hour_usd")
     manifest = {
         "run_id": run_id, "started": started, "finished": provenance.utc_now(),
-        "decision": last["qc"]["decision"], "exit_code": EXIT_CODES[decision],
-        "seeds": plan["seeds"], "model": plan["model"], "identity": plan["identity"],
+        "decision": gate, "exit_code": EXIT_CODES[decision],
+        "seeds": plan["seeds"], "model": model_info, "identity": plan["identity"],
         "config_hash": plan["config_hash"], "environment": provenance.environment_info(),
         "git": provenance.git_info(REPO_DIR),
         "timings": {"phases": timings, "phase_compute_seconds": round(compute, 3), "flow_seconds": flow_seconds,
-                    "cached_phases": cached},
+                    "cached_phases": cached, "note": "phase_compute_seconds counts phases computed in this run"},
         "tokens": {**tokens, "total": tokens["instructions"] + tokens["responses"]},
-        "gpu_seconds": round(compute, 3) if on_gpu else 0.0,
-        "estimated_cost_usd": None,
+        "gpu_seconds": gpu_seconds,
+        "gpu_hour_usd": price,
+        "estimated_cost_usd": round(gpu_seconds / 3600 * price, 4) if price is not None else None,
         "iterations": [{"iteration": i + 1, "dir": str(Path(it["qc"]["outputs"]["qc_summary"]["path"]).parent),
                         "decision": it["qc"]["decision"], "response_generation": it["settings"],
                         "changes_for_next": it.get("changes", [])} for i, it in enumerate(iterations)],
@@ -241,7 +265,7 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
         "approval": approval,
     }
     storage.write_json_atomic(out / "session_manifest.json", manifest)
-    return {"decision": decision, "reasons": last["qc"]["decision"]["reasons"], "exit_code": EXIT_CODES[decision],
+    return {"decision": decision, "reasons": gate["reasons"], "exit_code": EXIT_CODES[decision],
             "output": str(out), "kept": last["qc"]["outputs"]["pilot_data"]["rows"], "run_id": run_id}
 
 
@@ -263,7 +287,8 @@ def dry_run_text(plan: dict[str, Any]) -> str:
     lines = [
         "stage1 pilot — dry run (nothing loaded, nothing written)",
         f"  output:   {plan['output']} ({plan['folder_state']})",
-        f"  model:    {plan['model']['id']} (weights sha256 {plan['model']['weights_sha256'][:16]}…, bos {plan['model'].get('bos_policy')})",
+        f"  model:    {plan['model']['id']} (weights sha256 {plan['model']['weights_sha256'][:16]}…, "
+        f"bos {plan['model'].get('bos_policy', 'n/a')}, dtype {plan['model'].get('dtype', 'n/a')})",
         f"  seeds:    {plan['seeds']['path']} ({plan['seeds']['format']}, {plan['seeds']['count']} seeds, {plan['seeds']['usable']} usable)",
         f"  count:    {cfg.count} candidate pairs, seed {cfg.seed}, up to {cfg.max_iterations} reruns",
         "  phases:",

@@ -314,7 +314,7 @@ def _make_seed(fields: dict[str, Any], fmt: SeedFormat, file: str, line_no: int)
         if fmt == "self_instruct" and name in ("input", "output"):
             name = f"instances[0].{name}"
         expected = {"id": "a non-empty string", "instruction": "a string of 1 to 2,000 characters, not only whitespace"}
-        raise InputError(f"invalid {name}: {err['msg']}", file=file, line=line_no, field=name,
+        raise InputError(f"invalid {name}: {err['msg'].removeprefix('Value error, ')}", file=file, line=line_no, field=name,
                          expected=expected.get(name or "", "a string"), fix="correct the value") from None
 
 

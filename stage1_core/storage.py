@@ -75,9 +75,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def file_manifest(path: str | Path, rows: int | None = None) -> dict[str, Any]:
-    """{path, rows, sha256} of a written file; rows counted from lines when not given."""
+    """{path, rows, sha256} of a written file; rows counted from JSONL lines when not given (None for
+    other files)."""
     p = Path(path)
-    if rows is None:
+    if rows is None and p.suffix == ".jsonl":
         with open(p, "rb") as f:
             rows = sum(1 for line in f if line.strip())
     return {"path": str(p), "rows": rows, "sha256": sha256_file(p)}

@@ -183,6 +183,22 @@ def test_filter_instructions_order_and_reasons(cfg: InstructionFilterConfig) -> 
     assert rejected[2]["most_similar"] == candidates[0] and rejected[2]["rouge_l"] >= 0.7
     assert rejected[4]["rouge_l"] == 1.0 and rejected[4]["most_similar"] == candidates[0]
     assert rejected[5]["most_similar"] == SEEDS[1]
-    assert all(set(r) == {"text", "reason", "rouge_l", "most_similar"} for r in rejected)
+    assert all(set(r) == {"index", "text", "reason", "rouge_l", "most_similar"} for r in rejected)
+    assert all(candidates[r["index"]] == r["text"] for r in rejected)
     # deterministic: same input, same output
     assert filter_instructions(candidates, cfg, SEEDS) == (kept, rejected)
+
+
+def test_previous_rounds_are_dedup_pool_not_seeds():
+    cfg = InstructionFilterConfig()
+    earlier = "Explain how a rainbow forms in the sky after rain."
+    kept, rejected = filter_instructions([earlier, "Name three rivers in South America today."], cfg, SEEDS, [earlier])
+    assert kept == ["Name three rivers in South America today."]
+    assert rejected[0]["reason"] == "near_duplicate" and rejected[0]["index"] == 0
+
+
+def test_repeats_within_a_batch_each_get_a_row():
+    cfg = InstructionFilterConfig()
+    text = "Describe the water cycle for a ten-year-old child."
+    kept, rejected = filter_instructions([text, text, text], cfg, SEEDS)
+    assert kept == [text] and [r["index"] for r in rejected] == [1, 2]

@@ -248,3 +248,19 @@ def test_real_next_token_logprobs(real_backend: M.HFBackend) -> None:
         assert sum(math.exp(v) for v in row.values()) <= 1.0 + 1e-3
     with pytest.raises(ValueError, match="exactly one"):
         real_backend.next_token_logprobs(prompts, ["A", " Apple pie"])
+
+
+def test_nucleus_top_p_matches_transformers() -> None:
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    for temperature in (0.3, 0.5, 0.7):  # nucleus inside the top k: identical
+        scores = torch.randn(4, 262144) * 4 / temperature
+        ours = M._NucleusTopP(0.9)(None, scores.clone())
+        ref = TopPLogitsWarper(0.9)(None, scores.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+        assert torch.equal(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+    wide = torch.zeros(2, 5000)  # uniform: the nucleus is wider than k, the exact fallback runs
+    kept = (~torch.isinf(M._NucleusTopP(0.5, k=64)(None, wide))).sum(-1).tolist()
+    assert all(abs(k - 2500) <= 1 for k in kept)  # exact up to float summation at the boundary

@@ -67,6 +67,14 @@ def test_pilot_writes_every_file_with_schema(tmp_path):
     assert prov["generation"]["response"]["max_new_tokens"] == 96
     rejected = read_jsonl(out / "rejected.jsonl")
     assert {r["phase"] for r in rejected} <= {"instruction_filter", "pair_filter"}
+    # Every generated instruction is accounted for exactly once: kept pool or rejected.
+    generated = [g["id"] for f in sorted((out / "instructions").glob("round-*.generated.jsonl")) for g in read_jsonl(f)]
+    last_kept = sorted((out / "instructions").glob("round-*.kept.jsonl"))[-1]
+    pool = [k["id"] for k in read_jsonl(last_kept)]
+    dropped = [r["id"] for r in rejected if r["phase"] == "instruction_filter" and r["reason"] != "surplus_over_count"]
+    assert sorted(generated) == sorted(pool + dropped) and len(set(generated)) == len(generated)
+    pairs = [r["id"] for r in rejected if r["phase"] == "pair_filter"] + [d["id"] for d in data]
+    assert sorted(pairs) == sorted(pool[:12])
     assert all(r["reason"] for r in rejected)
     # config.yaml is the resolved config: rerunning with it is the same run identity (all cached).
     cfg = yaml.safe_load((out / "config.yaml").read_text())
@@ -94,6 +102,7 @@ def test_iterate_lowers_temperature_until_runaway_passes(tmp_path):
     assert "runaway_rate" in its[0]["decision"]["failed"]
     assert its[1]["response_generation"]["temperature"] == pytest.approx(0.6)
     assert (out / "iterations" / "02" / "qc_summary.json").exists()
+    assert "temperature" in " ".join(its[0]["changes_for_next"])
     top = json.loads((out / "qc_summary.json").read_text())
     last = json.loads((Path(its[-1]["dir"]) / "qc_summary.json").read_text())
     assert top == last and result["decision"] == last["gate"]["decision"]
@@ -158,3 +167,25 @@ class TestCacheMatrix:
         run_pilot(out)
         assert phases_of(cached(out)) == ALL - {"generate_responses"}
         assert responses.read_text() == original
+
+
+def test_sample_too_small_stops_without_pointless_reruns(tmp_path):
+    out = tmp_path / "small"
+    result = run_pilot(out, count=6, max_iterations=2)  # 6 < min_n: the gate can never say scale
+    assert result["decision"] == "halt" and result["exit_code"] == 4
+    assert not (out / "iterations" / "02").exists()
+    summary = json.loads((out / "qc_summary.json").read_text())
+    assert summary["gate"]["decision"] == "halt"
+    assert any("sample too small" in r for r in summary["gate"]["reasons"])
+    assert any("no further adjustment possible" in r for r in summary["gate"]["reasons"])
+
+
+def test_seed_file_edit_in_place_invalidates(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    lines = (pipeline.CORE_DIR / "data" / "self_instruct_seed_tasks.jsonl").read_text().splitlines()
+    seeds.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "e"
+    run_pilot(out, seeds=str(seeds))
+    seeds.write_text("\n".join(lines[1:]) + "\n")  # same path, new content
+    run_pilot(out, seeds=str(seeds), overwrite=True)
+    assert cached(out) == set()
