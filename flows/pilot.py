@@ -23,11 +23,12 @@ from tasks import phases as t
 @flow(name="stage1", flow_run_name="pilot-{count}-seed{seed}", log_prints=True)
 def pilot(count: int = 100, output: str = "artifacts/pilot", seed: int = 42, seeds: str | None = None,
           config: str | None = None, model: str | None = None, max_iterations: int | None = None,
-          bos_policy: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+          bos_policy: str | None = None, allow_pickle: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Stage 1 pilot: generate and filter instructions, generate and filter responses, QC + gate."""
     t0, started, run_id = time.perf_counter(), provenance.utc_now(), provenance.run_id()
     plan = t.prepare_run({"output": output, "config": config, "overwrite": overwrite, "count": count, "seed": seed,
-                          "seeds": seeds, "model": model, "max_iterations": max_iterations, "bos_policy": bos_policy})
+                          "seeds": seeds, "model": model, "max_iterations": max_iterations, "bos_policy": bos_policy,
+                          "allow_pickle": allow_pickle})
     run.claim_output(plan, run_id)
     meta = {"run_id": run_id, "git_sha": provenance.git_info(run.REPO_DIR)["sha"], "config_hash": plan["config_hash"]}
     cfg, manifests = plan["config"], []
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prepend BOS? auto uses the per-family table; required for unknown families")
     ap.add_argument("--max-iterations", type=int, default=None,
                     help="reruns the gate may ask for (default 2); 0 surfaces 'iterate' as exit 3")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="allow pickle weights (.bin/.pt) for --model; refused by default (they can run code)")
     ap.add_argument("--dry-run", action="store_true",
                     help="validate everything, print the plan (phases, prompts, estimated tokens and time), exit 0 "
                          "without loading the model")
@@ -98,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = {"count": args.count, "seed": args.seed, "seeds": args.seeds, "model": args.model,
-              "max_iterations": args.max_iterations, "bos_policy": args.bos_policy}
+              "max_iterations": args.max_iterations, "bos_policy": args.bos_policy,
+              "allow_pickle": args.allow_pickle or None}
     try:
         plan = run.prepare_pilot(output=args.output, config=args.config, overwrite=args.overwrite, **params)
     except InputError as e:
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = pilot(count=cfg["count"], output=args.output, seed=cfg["seed"], seeds=args.seeds, config=args.config,
                        model=args.model, max_iterations=cfg["max_iterations"], bos_policy=args.bos_policy,
-                       overwrite=args.overwrite)
+                       allow_pickle=args.allow_pickle or None, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(run.interrupted_text(plan["output"]), file=sys.stderr)
         return 130

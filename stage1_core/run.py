@@ -29,7 +29,7 @@ CPU_CRITIC_PROMPTS_S = 10.0
 
 def build_overrides(*, count: int | None = None, seed: int | None = None, seeds: str | None = None,
                     model: str | None = None, max_iterations: int | None = None,
-                    bos_policy: str | None = None) -> dict[str, Any]:
+                    bos_policy: str | None = None, allow_pickle: bool | None = None) -> dict[str, Any]:
     """CLI/deployment parameters as a config overlay (None = not given)."""
     over: dict[str, Any] = {}
     if count is not None:
@@ -45,6 +45,8 @@ def build_overrides(*, count: int | None = None, seed: int | None = None, seeds:
         model_over["id"] = model
     if bos_policy is not None:
         model_over["bos_policy"] = bos_policy
+    if allow_pickle is not None:
+        model_over["allow_pickle"] = allow_pickle
     if model_over:
         over["model"] = model_over
     return over
@@ -104,7 +106,7 @@ def prepare_pilot(*, output: str, config: str | None = None, overwrite: bool = F
         output: the output folder.
         config: a YAML config overlay (optional).
         overwrite: allow replacing a folder of another run identity.
-        **overrides: count, seed, seeds, model, max_iterations, bos_policy (None = not given).
+        **overrides: count, seed, seeds, model, max_iterations, bos_policy, allow_pickle (None = not given).
     Raises:
         InputError: any bad input.
     """

@@ -84,3 +84,17 @@ def test_fake_backend_critic_separates_good_from_bad_and_swap_changes_no_decisio
 
 def test_empty_items():
     assert ABCritic(FakeBackend("fake:1"), cfg()).score("pair", []) == []
+
+
+@pytest.mark.real_model
+def test_one_real_critic_pass(real_backend):
+    """The A/B critic on the embedded model: finite log-probs, mass on A/B in (0, 1], and
+    label-swap averaging makes the decision independent of which letter means 'good'."""
+    items = [("What is the capital of France?", "The capital of France is Paris."),
+             ("What is the capital of France?", "I like to eat pizza on Fridays.")]
+    ab = ABCritic(real_backend, cfg(labels=("A", "B"))).score("pair", items)
+    ba = ABCritic(real_backend, cfg(labels=("B", "A"))).score("pair", items)
+    for c in ab + ba:
+        assert math.isfinite(c.logp_a) and math.isfinite(c.logp_b) and 0 < c.ab_mass <= 1
+        assert c.margin == pytest.approx(c.logp_a - c.logp_b - c.calibration_offset, abs=1e-5)
+    assert [c.is_good for c in ab] == [c.is_good for c in ba]

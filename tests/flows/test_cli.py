@@ -24,7 +24,7 @@ def seeds_file(path: Path, n: int = 12) -> Path:
 def test_help_documents_every_option():
     text = build_parser().format_help()
     for opt in ("--count", "--output", "--seed", "--seeds", "--config", "--model", "--max-iterations", "--dry-run",
-                "--overwrite", "--bos-policy"):
+                "--overwrite", "--bos-policy", "--allow-pickle"):
         assert opt in text
     assert "Exit codes" in text
 

@@ -12,11 +12,15 @@ from tests.flows.conftest import read_jsonl
 
 pytestmark = pytest.mark.real_model
 
+# Small enough for CI on 2 cores: short few-shot lists, short completions.
 SMALL = """\
 instruction_generation:
+  few_shot_k: 5
   prompts_per_round: 4
-  max_new_tokens: 96
+  max_new_tokens: 80
   max_instruction_rounds: 3
+response_generation:
+  max_new_tokens: 48
 """
 
 
