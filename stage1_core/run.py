@@ -217,7 +217,7 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
     if gate["decision"] == "iterate" and plan["config"]["max_iterations"] > 0:
         # Reruns were allowed but the adjustment table had nothing left to change.
         gate = {**gate, "decision": "halt",
-                "reasons": [*gate["reasons"], "no further adjustment possible: " + "; ".join(last.get("changes", []))]}
+                "reasons": [*gate["reasons"], _no_adjustment_reason(last.get("changes", []))]}
         summary = storage.read_json(out / "qc_summary.json")
         summary["gate"] = gate
         storage.write_json_atomic(out / "qc_summary.json", summary)
@@ -271,6 +271,11 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
             "output": str(out), "kept": last["qc"]["outputs"]["pilot_data"]["rows"], "run_id": run_id}
 
 
+def _no_adjustment_reason(changes: list[str]) -> str:
+    text = "; ".join(changes)
+    return text if text.startswith("no further adjustment possible") else f"no further adjustment possible: {text}"
+
+
 def dry_run_text(plan: dict[str, Any]) -> str:
     """The plan printed by --dry-run: phases, prompts per phase, estimated tokens and CPU time."""
     cfg = PilotConfig.model_validate(plan["config"])
@@ -313,7 +318,7 @@ def read_summary(output: str | Path) -> dict[str, Any]:
 def interrupted_text(output: str | Path) -> str:
     """What an interrupted run kept: completed phase files are whole (atomic writes) and reused."""
     out = Path(output)
-    if out.exists():
+    if (out / RUN_MARKER).is_file():
         remove_stale_temp_files(out)
     kept = sorted(str(p.relative_to(out)) for p in out.rglob("*.jsonl")) if out.exists() else []
     lines = ["interrupted: no final file was half-written."]
