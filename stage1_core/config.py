@@ -31,7 +31,7 @@ class ModelConfig(StrictModel):
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     device: str = "auto"
     allow_pickle: bool = False
-    batch_size: int = Field(default=8, gt=0, le=512)
+    batch_size: int = Field(default=16, gt=0, le=512)
 
 
 class InstructionGenerationConfig(StrictModel):
@@ -118,7 +118,7 @@ class CriticConfig(StrictModel):
     calibrate: bool = True
     label_swap: bool = True
     content_free_input: str = "N/A"
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int = Field(default=16, gt=0)
 
     @field_validator("labels")
     @classmethod
