@@ -128,6 +128,18 @@ def _noop(done: int, total: int) -> None:
     return None
 
 
+def _counter(progress: Progress, total: int) -> Callable[[int], None]:
+    """Adapt a (done, total) progress callback to the backends' per-batch increments."""
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    return step
+
+
 # -- phase 1 -------------------------------------------------------------------------------------
 def generate_instructions(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
     """One round of few-shot list continuation: `prompts_per_round` prompts of k sampled seeds."""
@@ -144,12 +156,7 @@ def generate_instructions(call: dict[str, Any], key: str | None = None, progress
                             "prompt": prompts.build_instruction_prompt(ig.header, [s.list_text() or "" for s in chosen])})
     params = GenerationParams(max_new_tokens=ig.max_new_tokens, temperature=ig.temperature, top_p=ig.top_p,
                               top_k=ig.top_k, stop_sequences=ig.stop_sequences)
-    done = [0]
-
-    def step(n: int) -> None:
-        done[0] += n
-        progress(done[0], len(prompt_rows))
-
+    step = _counter(progress, len(prompt_rows))
     comps = _backend(call).generate([r["prompt"] for r in prompt_rows], params, _derive_seed(p["seed"], "gen", rnd), step)
     completions, generated = [], []
     for i, (row, comp) in enumerate(zip(prompt_rows, comps)):
@@ -186,12 +193,7 @@ def filter_instructions(call: dict[str, Any], key: str | None = None, progress: 
     rejected = [{"phase": "instruction_filter", "id": generated[i]["id"], "instruction": generated[i]["instruction"],
                  "reason": r["reason"], "rouge_l": r.get("rouge_l"), "most_similar": r.get("most_similar")}
                 for i, r in sorted(dropped.items())]
-    done = [0]
-
-    def step(n: int) -> None:
-        done[0] += n
-        progress(done[0], len(candidates))
-
+    step = _counter(progress, len(candidates))
     critiques = ABCritic(_backend(call), ccfg).score("instruction", [(c["instruction"], None) for c in candidates], step) if candidates else []
     kept = list(previous)
     for c, crit in zip(candidates, critiques):
@@ -220,12 +222,7 @@ def generate_responses(call: dict[str, Any], key: str | None = None, progress: P
     examples = rg.worked_examples[: rg.n_examples]
     params = GenerationParams(max_new_tokens=rg.max_new_tokens, temperature=rg.temperature, top_p=rg.top_p,
                               top_k=rg.top_k, stop_sequences=rg.stop_sequences)
-    done = [0]
-
-    def step(n: int) -> None:
-        done[0] += n
-        progress(done[0], len(kept))
-
+    step = _counter(progress, len(kept))
     backend = _backend(call)
     comps = backend.generate([prompts.build_response_prompt(k["instruction"], examples) for k in kept], params,
                              _derive_seed(p["seed"], "responses", p["iteration"]), step) if kept else []
@@ -252,12 +249,7 @@ def filter_pairs(call: dict[str, Any], key: str | None = None, progress: Progres
         if not r["response"]:
             rejected.append({"phase": "pair_filter", "id": r["id"], "instruction": r["instruction"], "response": "",
                              "raw": r["raw"], "stop_reason": r["stop_reason"], "reason": "empty_response"})
-    done = [0]
-
-    def step(n: int) -> None:
-        done[0] += n
-        progress(done[0], len(judged))
-
+    step = _counter(progress, len(judged))
     critic = ABCritic(_backend(call), ccfg)
     critiques = critic.score("pair", [(r["instruction"], r["response"]) for r in judged], step) if judged else []
     for r, crit in zip(judged, critiques):

@@ -31,22 +31,10 @@ def build_overrides(*, count: int | None = None, seed: int | None = None, seeds:
                     model: str | None = None, max_iterations: int | None = None,
                     bos_policy: str | None = None, allow_pickle: bool | None = None) -> dict[str, Any]:
     """CLI/deployment parameters as a config overlay (None = not given)."""
-    over: dict[str, Any] = {}
-    if count is not None:
-        over["count"] = count
-    if seed is not None:
-        over["seed"] = seed
-    if seeds is not None:
-        over["seeds_path"] = seeds
-    if max_iterations is not None:
-        over["max_iterations"] = max_iterations
-    model_over = {}
-    if model is not None:
-        model_over["id"] = model
-    if bos_policy is not None:
-        model_over["bos_policy"] = bos_policy
-    if allow_pickle is not None:
-        model_over["allow_pickle"] = allow_pickle
+    top = {"count": count, "seed": seed, "seeds_path": seeds, "max_iterations": max_iterations}
+    model_over = {"id": model, "bos_policy": bos_policy, "allow_pickle": allow_pickle}
+    over: dict[str, Any] = {k: v for k, v in top.items() if v is not None}
+    model_over = {k: v for k, v in model_over.items() if v is not None}
     if model_over:
         over["model"] = model_over
     return over
