@@ -1,9 +1,11 @@
-"""The pilot flow: five phases, the QC gate, and iterate.
+"""The pilot flow: five phases, the QC gate, iterate, and (optionally) approval and the hand-off
+to the scale deployment.
 
 Run locally (no server needed; an ephemeral Prefect server starts for the run):
     python -m flows.pilot --count 100 --output artifacts/pilot --seed 42
-Exit codes: 0 scale, 3 iterate (only with --max-iterations 0), 4 halt, 2 invalid input
-(nothing written), 1 unexpected error, 130 interrupted.
+Under a deployment: `prefect deployment run stage1/pilot --param count=100` (deployments/prefect.yaml,
+docs/deploy.md). Exit codes: 0 scale, 3 iterate (only with --max-iterations 0), 4 halt, 2 invalid
+input (nothing written), 1 unexpected error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,21 +13,66 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from pydantic import Field
 
-from stage1_core import provenance, reports, run
+from flows import runtime
+from stage1_core import approval, provenance, reports, run, storage
 from stage1_core.errors import InputError
 from tasks import phases as t
 
+LOCAL_OUTPUT = "artifacts/pilot"
+APPROVAL_REQUEST = ".approval_request.json"
 
-@flow(name="stage1", flow_run_name="pilot-{count}-seed{seed}", log_prints=True)
-def pilot(count: int = 100, output: str = "artifacts/pilot", seed: int = 42, seeds: str | None = None,
-          config: str | None = None, model: str | None = None, max_iterations: int | None = None,
-          bos_policy: str | None = None, allow_pickle: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Stage 1 pilot: generate and filter instructions, generate and filter responses, QC + gate."""
+
+def _run_name() -> str:
+    """`pilot-{count}-seed{seed}`; under a deployment with the run id's first 8 characters added,
+    because the name is the run's output folder there and two runs must not share one."""
+    from prefect.runtime import deployment, flow_run
+
+    p = flow_run.parameters
+    name = f"pilot-{p.get('count', 100)}-seed{p.get('seed', 42)}"
+    return f"{name}-{str(flow_run.id)[:8]}" if deployment.id else name
+
+
+@flow(name="stage1", flow_run_name=_run_name, log_prints=True)
+def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
+          output: str | None = None,
+          seed: Annotated[int, Field(ge=0)] = 42,
+          seeds: str | None = None,
+          config: str | None = None,
+          model: str | None = None,
+          max_iterations: Annotated[int, Field(ge=0, le=20)] | None = None,
+          bos_policy: Literal["auto", "always", "never"] | None = None,
+          allow_pickle: bool | None = None,
+          overwrite: bool = False,
+          scale_count: Annotated[int, Field(ge=0, le=10_000_000)] = 0,
+          require_approval: bool = False,
+          approval_timeout_s: Annotated[int, Field(gt=0)] = 86_400) -> dict[str, Any]:
+    """Stage 1 pilot: generate and filter instructions, generate and filter responses, QC + gate.
+
+    Args:
+        count: candidate pairs (instructions that pass filtering and get a response).
+        output: output folder; under a deployment defaults to ${STAGE1_OUTPUT_ROOT}/{deployment}/{flow_run_name}.
+        seed: the run seed. seeds/config/model/max_iterations/bos_policy/allow_pickle: as the CLI flags.
+        overwrite: replace an output folder of another run identity.
+        scale_count: when > 0 and the final decision is scale, start `stage1/scale` for this many
+            examples (under a deployment; a local run prints the command).
+        require_approval: ask a human before a `scale` verdict counts (suspends under a deployment,
+            asks on the terminal locally).
+        approval_timeout_s: no answer within this many seconds records `rejected (timeout)`.
+    """
     t0, started, run_id = time.perf_counter(), provenance.utc_now(), provenance.run_id()
+    deployment = runtime.deployment_name()
+    if require_approval and deployment is None and not sys.stdin.isatty():
+        raise InputError("require_approval needs a terminal to ask on (stdin is not a terminal)",
+                         field="require_approval", expected="an interactive terminal, or a run of the stage1/pilot deployment",
+                         fix="run it in a terminal, under the deployment (the run suspends for approval), or without it")
+    output = runtime.run_output(output, LOCAL_OUTPUT)
     plan = t.prepare_run({"output": output, "config": config, "overwrite": overwrite, "count": count, "seed": seed,
                           "seeds": seeds, "model": model, "max_iterations": max_iterations, "bos_policy": bos_policy,
                           "allow_pickle": allow_pickle})
@@ -62,8 +109,102 @@ def pilot(count: int = 100, output: str = "artifacts/pilot", seed: int = 42, see
         iterations[-1]["next_settings"] = settings
         if it > cfg["max_iterations"] or not changed:
             break
-    return t.finalize_run(plan, run_id=run_id, started=started, iterations=iterations, phase_manifests=manifests,
-                          flow_seconds=round(time.perf_counter() - t0, 3))
+    decision = None
+    if require_approval and iterations[-1]["qc"]["decision"]["decision"] == "scale":
+        decision = ask_approval(plan, iterations[-1]["qc"]["summary"], approval_timeout_s, deployment)
+    result = t.finalize_run(plan, run_id=run_id, started=started, iterations=iterations, phase_manifests=manifests,
+                            flow_seconds=round(time.perf_counter() - t0, 3), approval=decision)
+    runtime.add_tags(f"gate:{result['decision']}")
+    result["scale_run"] = hand_off(result, scale_count, deployment)
+    return result
+
+
+def ask_approval(plan: dict[str, Any], summary: dict[str, Any], timeout_s: int, deployment: str | None) -> dict[str, Any]:
+    """A human's yes/no on a `scale` verdict: the terminal locally, the resume form under a deployment."""
+    if deployment is None:
+        return approval.ask_terminal(reports.qc_text(summary), timeout_s)
+    from prefect.flow_runs import suspend_flow_run
+    from prefect.runtime import flow_run
+
+    request = _approval_request(Path(plan["output"]), flow_run.id, timeout_s)
+    timer = _start_timeout_timer(flow_run.id, request["deadline"])
+    form = runtime.ScaleApproval.with_initial_data(
+        description=f"## Approve scaling?\n\nDeadline: {request['deadline']} (then: rejected (timeout)).\n\n"
+                    + reports.qc_markdown(summary))
+    # Frees the worker; on resume the flow reruns from the top (every phase a cache hit) and
+    # suspend_flow_run returns the submitted form instead of suspending again.
+    answer = suspend_flow_run(wait_for_input=form, key="scale-approval")
+    if answer.decision == "reject" and answer.note == approval.TIMEOUT_NOTE:
+        verdict: approval.Decision = "rejected (timeout)"
+    else:
+        verdict = "approved" if answer.decision == "approve" else "rejected"
+        _cancel_timer(timer)
+    return approval.record(verdict, note=answer.note, source="prefect-ui", requested=request["requested"],
+                           deadline=request["deadline"])
+
+
+def _approval_request(out: Path, flow_run_id: str, timeout_s: int) -> dict[str, Any]:
+    """The request time and deadline of this flow run's approval, stable across the resume rerun."""
+    path = out / APPROVAL_REQUEST
+    if path.is_file():
+        saved = storage.read_json(path)
+        if saved.get("flow_run_id") == str(flow_run_id):
+            return saved
+    now = datetime.now(timezone.utc)
+    request = {"flow_run_id": str(flow_run_id), "requested": now.isoformat(timespec="seconds"),
+               "deadline": (now + timedelta(seconds=timeout_s)).isoformat(timespec="seconds")}
+    storage.write_json_atomic(path, request)
+    return request
+
+
+def _start_timeout_timer(flow_run_id: str, deadline: str) -> Any:
+    """Schedule `stage1/approval-timeout` at the deadline, once per flow run (idempotency key: the
+    resume rerun gets the same timer back). Returns its flow run id, or None without that deployment."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return run_deployment(runtime.APPROVAL_TIMEOUT_DEPLOYMENT, parameters={"flow_run_id": str(flow_run_id)},
+                              scheduled_time=datetime.fromisoformat(deadline), timeout=0, as_subflow=False,
+                              idempotency_key=f"stage1-approval-timeout-{flow_run_id}").id
+    except ObjectNotFound:
+        get_run_logger().warning("no %s deployment: this approval has no deadline (deploy deployments/prefect.yaml)",
+                                 runtime.APPROVAL_TIMEOUT_DEPLOYMENT)
+        return None
+
+
+def _cancel_timer(timer_id: Any) -> None:
+    """A human answered: the deadline's flow run, if it has not started, is not needed any more."""
+    if timer_id is None:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(timer_id).state
+        if state is not None and state.is_scheduled():
+            client.set_flow_run_state(timer_id, Cancelled(message="approval decided before the deadline"))
+
+
+def hand_off(result: dict[str, Any], scale_count: int, deployment: str | None) -> dict[str, Any] | None:
+    """Start the scale run when the final decision is scale and one was asked for. Under a
+    deployment: `stage1/scale` on its own pool, not waited on (this run would hold the GPU slot the
+    shards need). Locally: print the command."""
+    if result["decision"] != "scale" or scale_count <= 0:
+        return None
+    if deployment is None:
+        cmd = f"python -m flows.scale --from-pilot {result['output']} --count {scale_count}"
+        print(f"gate says scale: run the scale with\n  {cmd}")
+        return {"command": cmd}
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(runtime.SCALE_DEPLOYMENT, parameters={"from_pilot": result["output"], "count": scale_count},
+                        timeout=0)
+    print(f"gate says scale: started {runtime.SCALE_DEPLOYMENT} run {fr.name} ({fr.id})")
+    started = {"deployment": runtime.SCALE_DEPLOYMENT, "flow_run_id": str(fr.id), "flow_run_name": fr.name}
+    manifest_path = Path(result["output"]) / "session_manifest.json"
+    storage.write_json_atomic(manifest_path, {**storage.read_json(manifest_path), "scale_run": started})
+    return started
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true",
                     help="validate everything, print the plan (phases, prompts, estimated tokens and time), exit 0 "
                          "without loading the model")
+    ap.add_argument("--scale-count", type=int, default=0, metavar="N",
+                    help="when the final decision is scale, print the command that scales to N examples "
+                         "(under the stage1/pilot deployment the scale run is started for you)")
+    ap.add_argument("--require-approval", action="store_true",
+                    help="ask on the terminal before a scale verdict counts (exit 2 when stdin is not a terminal)")
+    ap.add_argument("--approval-timeout", type=int, default=86_400, metavar="SECONDS",
+                    help="no answer within this many seconds records 'rejected (timeout)' (default 86400)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an output folder that belongs to another run (different config, seeds or model)")
     return ap
@@ -100,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.require_approval and not sys.stdin.isatty():
+        print(InputError("--require-approval needs a terminal to ask on (stdin is not a terminal)",
+                         field="--require-approval", expected="an interactive terminal",
+                         fix="run it in a terminal, or through the stage1/pilot deployment (the run suspends "
+                             "for approval in the Prefect UI)").render(), file=sys.stderr)
+        print("nothing was written.", file=sys.stderr)
+        return 2
+    for flag, value, low in (("--scale-count", args.scale_count, 0), ("--approval-timeout", args.approval_timeout, 1)):
+        if value < low:
+            print(InputError(f"{flag} must be >= {low}, got {value}", field=flag, expected=f"an integer >= {low}",
+                             fix=f"pass {flag} {max(low, 1)} or more").render(), file=sys.stderr)
+            return 2
     params = {"count": args.count, "seed": args.seed, "seeds": args.seeds, "model": args.model,
               "max_iterations": args.max_iterations, "bos_policy": args.bos_policy,
               "allow_pickle": args.allow_pickle or None}
@@ -116,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = pilot(count=cfg["count"], output=args.output, seed=cfg["seed"], seeds=args.seeds, config=args.config,
                        model=args.model, max_iterations=cfg["max_iterations"], bos_policy=args.bos_policy,
-                       allow_pickle=args.allow_pickle or None, overwrite=args.overwrite)
+                       allow_pickle=args.allow_pickle or None, overwrite=args.overwrite, scale_count=args.scale_count,
+                       require_approval=args.require_approval, approval_timeout_s=args.approval_timeout)
     except KeyboardInterrupt:
         print(run.interrupted_text(plan["output"]), file=sys.stderr)
         return 130
@@ -125,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = run.read_summary(result["output"])
     print(reports.qc_text(summary))
+    if result.get("approval"):
+        a = result["approval"]
+        print(f"approval: {a['decision']}" + (f" ({a['note']})" if a.get("note") else ""))
     print(f"{result['kept']} kept pairs in {result['output']}/pilot_data.jsonl — exit {result['exit_code']}")
     return result["exit_code"]
 

@@ -43,6 +43,16 @@ def qc_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def qc_markdown(summary: dict[str, Any]) -> str:
+    """The QC table and gate decision as markdown (the approval form shows it)."""
+    gate = summary["gate"]
+    lines = [f"**gate: {gate['decision']}**", *[f"- {_md_escape(r)}" for r in gate["reasons"]], ""]
+    cols = ["metric", "value", "rule", "pass"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in qc_table(summary)]
+    return "\n".join(lines)
+
+
 def _md_escape(text: str, limit: int = 300) -> str:
     text = text if len(text) <= limit else text[:limit] + "…"
     return text.replace("|", "\\|").replace("\n", "<br>")

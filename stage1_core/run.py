@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from stage1_core import approval as approval_mod
 from stage1_core import pipeline, provenance, qc, storage
 from stage1_core.config import PilotConfig, ResponseGenerationConfig, load_pilot_config
 from stage1_core.errors import InputError
@@ -206,8 +207,12 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
         # Reruns were allowed but the adjustment table had nothing left to change.
         gate = {**gate, "decision": "halt",
                 "reasons": [*gate["reasons"], _no_adjustment_reason(last.get("changes", []))]}
+    final = approval_mod.apply_to_gate(gate, approval)
+    if final != last["qc"]["decision"] or approval is not None:
+        gate = final
         summary = storage.read_json(out / "qc_summary.json")
         summary["gate"] = gate
+        summary["approval"] = approval
         storage.write_json_atomic(out / "qc_summary.json", summary)
     decision = gate["decision"]
     if decision == "iterate":
@@ -256,7 +261,8 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
     }
     storage.write_json_atomic(out / "session_manifest.json", manifest)
     return {"decision": decision, "reasons": gate["reasons"], "exit_code": EXIT_CODES[decision],
-            "output": str(out), "kept": last["qc"]["outputs"]["pilot_data"]["rows"], "run_id": run_id}
+            "output": str(out), "kept": last["qc"]["outputs"]["pilot_data"]["rows"], "run_id": run_id,
+            "approval": approval}
 
 
 def _no_adjustment_reason(changes: list[str]) -> str:

@@ -1,0 +1,55 @@
+"""What a flow needs to know about where it runs: under a deployment or locally, its output
+folder under a deployment, its tags, and the approval form of a suspended run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from prefect.input import RunInput
+
+OUTPUT_ROOT_ENV = "STAGE1_OUTPUT_ROOT"
+APPROVAL_TIMEOUT_DEPLOYMENT = "stage1/approval-timeout"
+SCALE_DEPLOYMENT = "stage1/scale"
+
+
+def deployment_name() -> str | None:
+    """The deployment this flow run belongs to, or None for a local run."""
+    from prefect.runtime import deployment
+
+    return deployment.name if deployment.id else None
+
+
+def run_output(explicit: str | None, local_default: str) -> str:
+    """The output folder: the explicit one, else `${STAGE1_OUTPUT_ROOT}/{deployment}/{flow_run_name}`
+    under a deployment (root defaults to ./artifacts of the worker's working directory), else the
+    local default."""
+    if explicit:
+        return explicit
+    name = deployment_name()
+    if name is None:
+        return local_default
+    from prefect.runtime import flow_run
+
+    root = os.environ.get(OUTPUT_ROOT_ENV) or str(Path.cwd() / "artifacts")
+    return str(Path(root) / name / flow_run.name)
+
+
+def add_tags(*tags: str) -> None:
+    """Add tags to the current flow run (kept: the tags it already has)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run.id).tags or []
+        client.update_flow_run(flow_run.id, tags=sorted({*current, *tags}))
+
+
+class ScaleApproval(RunInput):
+    """The resume form of a pilot waiting for approval to scale."""
+
+    decision: Literal["approve", "reject"]
+    note: str = ""
