@@ -48,6 +48,15 @@ class Backend(Protocol):
         """
         ...
 
+    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
+        """Teacher-forced score of each continuation after its prompt (the PMI scorer's primitive).
+
+        Returns one (sum of natural-log probabilities of the continuation's tokens given the prompt and
+        the continuation's earlier tokens, number of continuation tokens) per pair. The continuation is
+        tokenized on its own, so its tokens do not depend on the prompt. No sampling.
+        """
+        ...
+
     def count_tokens(self, text: str) -> int:
         """Number of tokens `text` encodes to (no special tokens added)."""
         ...

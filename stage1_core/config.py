@@ -85,14 +85,34 @@ class ResponseGenerationConfig(StrictModel):
         return self
 
 
+class CriticExample(StrictModel):
+    """A labelled example shown in a few-shot rubric (its answer is rendered in the prompt's letters)."""
+
+    instruction: str = Field(min_length=1)
+    response: str | None = None
+    label: Literal["good", "bad"]
+
+
 class Rubric(StrictModel):
-    """A critic rubric: a template ending in "Answer:" and the two option texts."""
+    """A critic rubric: a template ending in "Answer:", the two option texts, optional few-shot examples.
+
+    `{option_a}` is the option whose answer is the first label (`good_option` unless swapped);
+    `{option_b}` the other (a Yes/No rubric may phrase the question in `{option_a}` alone).
+    `{examples}` is replaced by the examples, each rendered with `example_template`
+    (`{instruction}`, `{response}`, `{answer}`).
+    """
 
     template: str = Field(min_length=1)
     good_option: str = Field(min_length=1)
     bad_option: str = Field(min_length=1)
+    examples: list[CriticExample] = Field(default_factory=list, max_length=32)
+    example_template: str = ""
+    labels: tuple[str, str] | None = Field(default=None, description="this rubric's answer words; null = critic.labels")
+    label_swap: bool | None = Field(default=None, description="null = critic.label_swap")
+    order_swap: bool | None = Field(default=None, description="null = critic.order_swap")
 
-    _placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{option_a}", "{option_b}")
+    _placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{option_a}")
+    _example_placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{answer}")
 
     @field_validator("template")
     @classmethod
@@ -104,28 +124,79 @@ class Rubric(StrictModel):
             raise ValueError("template must end with 'Answer:' (the critic reads the next token)")
         return template
 
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: tuple[str, str] | None) -> tuple[str, str] | None:
+        return labels if labels is None else _check_labels(labels)
+
+    @model_validator(mode="after")
+    def _examples(self) -> "Rubric":
+        if self.examples:
+            if "{examples}" not in self.template:
+                raise ValueError("examples are given but the template lacks the {examples} placeholder")
+            missing = [k for k in self._example_placeholders if k not in self.example_template]
+            if missing:
+                raise ValueError(f"example_template lacks placeholder(s) {', '.join(missing)}")
+        return self
+
 
 class PairRubric(Rubric):
-    _placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{response}", "{option_a}", "{option_b}")
+    _placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{response}", "{option_a}")
+    _example_placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{response}", "{answer}")
+
+    @model_validator(mode="after")
+    def _example_responses(self) -> "PairRubric":
+        bad = [i for i, ex in enumerate(self.examples) if not ex.response]
+        if bad:
+            raise ValueError(f"pair rubric examples need a response (example {bad[0]} has none)")
+        return self
+
+
+class PMIConfig(StrictModel):
+    """The PMI pair scorer: log p(response | instruction) - log p(response | content-free instruction)."""
+
+    template: str = Field(default="Instruction: {instruction}\nResponse:", min_length=1)
+    end: str = Field(default="\n\n", description="appended to the response: scores that the response ends there")
+    per_token: bool = Field(default=False, description="divide the PMI by the response's token count")
+    weight: float = Field(default=1.0, ge=0.0, le=100.0, description="weight of the PMI in pair_scorer rubric+pmi")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        if "{instruction}" not in template:
+            raise ValueError("template lacks placeholder {instruction}")
+        return template
 
 
 class CriticConfig(StrictModel):
     instruction_rubric: Rubric
     pair_rubric: PairRubric
     labels: tuple[str, str] = ("A", "B")
-    threshold: float = 0.0
+    threshold: float = Field(default=0.0, ge=-100.0, le=100.0)
+    instruction_threshold: float | None = Field(default=None, ge=-100.0, le=100.0, description="overrides threshold for instructions")
+    pair_threshold: float | None = Field(default=None, ge=-100.0, le=100.0, description="overrides threshold for pairs")
     confidence_threshold: float = Field(default=1.0, ge=0.0)
     calibrate: bool = True
     label_swap: bool = True
+    order_swap: bool = False
+    pair_scorer: Literal["rubric", "pmi", "rubric+pmi"] = "rubric"
+    pmi: PMIConfig = Field(default_factory=PMIConfig)
+    pair_heuristics: bool = True
+    instruction_heuristics: bool = True
     content_free_input: str = "N/A"
     batch_size: int = Field(default=16, gt=0)
 
     @field_validator("labels")
     @classmethod
     def _labels(cls, labels: tuple[str, str]) -> tuple[str, str]:
-        if labels[0] == labels[1] or not all(label.strip() for label in labels):
-            raise ValueError("labels must be two different non-empty letters, e.g. [A, B]")
-        return labels
+        return _check_labels(labels)
+
+
+def _check_labels(labels: tuple[str, str]) -> tuple[str, str]:
+    if labels[0].strip() == labels[1].strip() or not all(label.strip() for label in labels) \
+            or any(label != label.strip() for label in labels):
+        raise ValueError("labels must be two different non-empty words without spaces, e.g. [A, B] or [Yes, No]")
+    return labels
 
 
 class QCThresholds(StrictModel):
@@ -138,6 +209,7 @@ class QCThresholds(StrictModel):
     instruction_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
     pair_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
     critic_min_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    critic_min_auc: float | None = Field(default=None, ge=0.0, le=1.0)
     min_n: int = Field(default=20, gt=0)
 
 

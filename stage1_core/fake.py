@@ -8,7 +8,11 @@ Options follow the seed, comma-separated: `fake:7,runaway=0.2,limit=0.1,bad=0.2`
   new "\\nInstruction:" block instead, and with probability `limit` they ramble to the token limit.
   Response length shrinks with max_new_tokens, so changing it changes the output.
 - Critic prompts: "A" is preferred unless the judged text contains a marker of badness
-  ("lorem", "???", or fewer than 3 words), plus a constant letter bias toward A.
+  ("lorem", "???", or fewer than 3 words), plus a constant letter bias toward A. Which label means
+  good: the one listed as "X) Yes"; in a question rubric without listed options, the first label,
+  unless the prompt's first line asks whether the item is wrong, broken or bad.
+- Continuation scores (`continuation_logprobs`, the PMI scorer): each continuation word costs 3 nats,
+  2 if it also appears in the prompt, 6 if it holds a marker of badness.
 Tokens are whitespace-separated words. Same inputs, same outputs, always.
 `STAGE1_FAKE_DELAY=<seconds>` sleeps per generated prompt (interrupt tests).
 """
@@ -134,11 +138,18 @@ class FakeBackend:
         out = []
         for prompt in prompts:
             judged = prompt.rsplit("Answer:", 1)[0]
-            judged = judged.rsplit("Response:", 1)[-1] if "Response:" in judged else judged.rsplit("Text:", 1)[-1]
+            # the judged text follows the last "Response:" (pairs) or "Text:" (instructions), whichever
+            # comes last (few-shot examples before it may hold either)
+            cut = max(judged.rfind("Response:") + len("Response:") if "Response:" in judged else -1,
+                      judged.rfind("Text:") + len("Text:") if "Text:" in judged else -1)
+            judged = judged[cut:] if cut >= 0 else judged
             bad = any(m in judged.lower() for m in BAD_MARKERS) or len(judged.split()) < 3
             # Which letter means "good" in this prompt: the option listed first mentions "Yes".
             first = candidates[0].strip()
-            first_is_good = bool(re.search(rf"\n{re.escape(first)}\) Yes", prompt))
+            if re.search(rf"(^|\n){re.escape(first)}\) ", prompt):  # options listed as "A) Yes, ..."
+                first_is_good = bool(re.search(rf"\n{re.escape(first)}\) Yes", prompt))
+            else:  # a question rubric ("Is it good? Answer Yes or No."): the first line asks good or bad
+                first_is_good = not re.search(r"\b(wrong|broken|bad)\b", prompt.split("\n", 1)[0])
             good_first = first_is_good != bad
             lp_first, lp_second = (-0.4, -2.4) if good_first else (-2.4, -0.4)
             if judged.strip() == "N/A":  # the content-free calibration input is neutral
@@ -149,5 +160,24 @@ class FakeBackend:
                 base = lp_first if c.strip() == candidates[0].strip() else lp_second
                 scores[c] = base - (1.5 if c.startswith(" ") else 0.0) - 0.5
             out.append(scores)
+            faults.maybe_fault("critic")
+        return out
+
+    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
+        if len(prompts) != len(continuations):
+            raise ValueError(f"continuation_logprobs: {len(prompts)} prompts but {len(continuations)} continuations")
+        out = []
+        for prompt, cont in zip(prompts, continuations):
+            seen = {w.strip(".,!?:;'\"").lower() for w in prompt.split()}
+            words = cont.split()
+            if not words:
+                raise ValueError("continuation encodes to no tokens")
+            total = 0.0
+            for w in words:
+                if any(m in w.lower() for m in BAD_MARKERS):
+                    total -= 6.0
+                else:
+                    total -= 2.0 if w.strip(".,!?:;'\"").lower() in seen else 3.0
+            out.append((total, len(words)))
             faults.maybe_fault("critic")
         return out

@@ -804,6 +804,52 @@ class HFBackend:
         self._score_plain(encoded, sorted(rest), cand_ids, out)
         return out
 
+    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
+        """Sum of log p(continuation tokens | prompt) per (prompt, continuation) pair (teacher forcing).
+
+        The prompt is encoded as in next_token_logprobs (BOS by policy) and the continuation on its own
+        (no BOS); the ids are concatenated, so the same continuation has the same tokens after any prompt
+        (what a PMI difference needs). Batched by total length, left padded; only the continuation
+        positions go through the LM head.
+
+        Args:
+            prompts: plain-text prompts without BOS (non-empty).
+            continuations: one text per prompt; it must encode to at least one token.
+        Returns:
+            One (sum of natural-log probabilities, number of continuation tokens) per pair, input order.
+        Raises:
+            ValueError: lengths differ, or a prompt or continuation encodes to no tokens.
+            ModelGuardError: a prompt or continuation encodes to a chat-control token.
+        """
+        import torch
+
+        if len(prompts) != len(continuations):
+            raise ValueError(f"continuation_logprobs: {len(prompts)} prompts but {len(continuations)} continuations")
+        if not prompts:
+            return []
+        heads = self.encode(prompts, "scoring prompt")
+        tails = self._raw_encode(list(continuations))
+        check_control_tokens(tails, self.control_ids, "scored continuation")
+        for i, t in enumerate(tails):
+            if not t:
+                raise ValueError(f"continuation {i} encodes to no tokens")
+        full = [h + t for h, t in zip(heads, tails)]
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(full)
+        for idx in self._batches(full):
+            ids, mask = self._pad_left([full[i] for i in idx])
+            keep = max(len(tails[i]) for i in idx) + 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with self._lock, torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                    logits_to_keep=keep).logits  # (b, keep, vocab): predictions of the last keep-1 tokens
+                for r, i in enumerate(idx):
+                    n = len(tails[i])
+                    rows = torch.log_softmax(logits[r, keep - 1 - n:keep - 1, :].float(), dim=-1)
+                    target = torch.tensor(tails[i], dtype=torch.long, device=rows.device)
+                    out[i] = (float(rows.gather(-1, target[:, None]).sum()), n)
+            faults.maybe_fault("critic")
+        return out
+
     def _next_token_logprobs_plain(self, prompts: list[str], candidates: list[str]) -> list[dict[str, float]]:
         """next_token_logprobs without prefix caching: one left-padded full-prompt forward per batch."""
         cand_ids = self._candidate_ids(candidates)

@@ -5,7 +5,8 @@
   splits the continuation back into items and stops where the list ends.
 - Response generation: `build_response_prompt` renders n worked examples (blank-line separated)
   then `Instruction: X\\nResponse:`; `clean_response` cuts at the first delimiter and strips.
-- Critic: `build_critic_prompt` fills a rubric template that ends in `Answer:`.
+- Critic: `build_critic_prompt` fills a rubric template (optionally with few-shot examples) that ends
+  in `Answer:`; `build_pmi_prompt` renders the PMI scorer's context.
 
 Golden tests in tests/core/test_prompts.py pin the exact strings.
 """
@@ -85,13 +86,37 @@ def clean_response(raw: str, stop_sequences: Sequence[str] = RESPONSE_DELIMITERS
 
 
 def build_critic_prompt(rubric: Rubric, *, swap: bool, instruction: str, response: str | None = None,
-                        labels: tuple[str, str] = ("A", "B")) -> str:
-    """Fill a rubric template. `swap=False` puts the good option first (first label = good)."""
+                        labels: tuple[str, str] = ("A", "B"), reverse: bool = False) -> str:
+    """Fill a rubric template.
+
+    Args:
+        rubric: the rubric (template, options, optional few-shot examples).
+        swap: False puts the good option first, so the first label means good; True swaps the meanings.
+        instruction, response: the item judged (response only for pair rubrics).
+        labels: the two answer words (first = `{label_a}`).
+        reverse: render the few-shot examples in reverse order.
+    Returns:
+        The prompt, ending in "Answer:".
+    """
     a, b = (rubric.bad_option, rubric.good_option) if swap else (rubric.good_option, rubric.bad_option)
-    fields = {"label_a": labels[0], "label_b": labels[1], "option_a": a, "option_b": b, "instruction": instruction}
+    examples = list(reversed(rubric.examples)) if reverse else list(rubric.examples)
+    shots = ""
+    for ex in examples:
+        answer = labels[0] if (ex.label == "good") != swap else labels[1]
+        shot = {"label_a": labels[0], "label_b": labels[1], "instruction": ex.instruction, "answer": answer}
+        if ex.response is not None:
+            shot["response"] = ex.response
+        shots += _fill(rubric.example_template, shot)
+    fields = {"label_a": labels[0], "label_b": labels[1], "option_a": a, "option_b": b, "examples": shots,
+              "instruction": instruction}
     if response is not None:
         fields["response"] = response
     return _fill(rubric.template, fields)
+
+
+def build_pmi_prompt(template: str, instruction: str) -> str:
+    """The PMI scorer's context: `template` with `{instruction}` filled (literal replacement)."""
+    return _fill(template, {"instruction": instruction})
 
 
 def _fill(template: str, fields: dict[str, str]) -> str:

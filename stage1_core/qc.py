@@ -11,7 +11,7 @@
 Every metric is a dict {"value", "k", "n", "ci95", "op", "threshold", "passed"}. Operators are
 binding and compared exactly (a rate k/n as the fraction k/n, a threshold as the decimal written in
 the config): `<` strict (runaway_rate, token_limit_rate, median_response_tokens), `>=` inclusive
-(instruction_acceptance, pair_acceptance, critic_dev_accuracy when gated), `<=` for the leakage
+(instruction_acceptance, pair_acceptance, critic_dev_accuracy and critic_dev_auc_* when gated), `<=` for the leakage
 count. A metric that is undefined (a rate over n == 0, a median of nothing, a gated critic accuracy
 that was not measured) has value None and fails. Reported-only metrics have op "report" and
 passed None.
@@ -32,9 +32,12 @@ Decision = Literal["scale", "iterate", "halt"]
 Op = Literal["<", ">=", "<=", "report"]
 
 FIXABLE: tuple[str, ...] = ("runaway_rate", "token_limit_rate", "delimiter_leakage", "median_response_tokens")
-HALTING: tuple[str, ...] = ("instruction_acceptance", "pair_acceptance", "critic_dev_accuracy")
+HALTING: tuple[str, ...] = ("instruction_acceptance", "pair_acceptance", "critic_dev_accuracy",
+                             "critic_dev_auc_instruction", "critic_dev_auc_pair")
+CRITIC_AUC_METRICS: tuple[str, ...] = ("critic_dev_auc_instruction", "critic_dev_auc_pair")
 METRIC_NAMES: tuple[str, ...] = ("runaway_rate", "token_limit_rate", "delimiter_leakage", "median_response_tokens",
-                                 "instruction_acceptance", "pair_acceptance", "critic_dev_accuracy", "diversity")
+                                 "instruction_acceptance", "pair_acceptance", "critic_dev_accuracy",
+                                 "critic_dev_auc_instruction", "critic_dev_auc_pair", "diversity")
 LEAK_MARKERS: tuple[str, ...] = ("Instruction:", "Response:")
 DELIMITER_CANDIDATES: tuple[str, ...] = ("\nInstruction:", "\nResponse:", "Instruction:", "Response:", "\nInput:",
                                          "\nOutput:", "\n###", "\nQuestion:", "\nAnswer:")
@@ -126,7 +129,8 @@ def _rate(name: str, k: int, n: int, op: Op, threshold: float | None) -> dict[st
 
 def compute_metrics(*, instructions_generated: int, instructions_kept: int, instructions_distinct: int,
                     response_completions: list[dict[str, Any]], kept_pairs: list[dict[str, Any]], pairs_generated: int,
-                    critic_dev_accuracy: float | None, thresholds: QCThresholds) -> dict[str, dict[str, Any]]:
+                    critic_dev_accuracy: float | None, thresholds: QCThresholds,
+                    critic_dev_auc: dict[str, float | None] | None = None) -> dict[str, dict[str, Any]]:
     """All QC metrics of one pilot (keys: METRIC_NAMES).
 
     Args:
@@ -138,6 +142,7 @@ def compute_metrics(*, instructions_generated: int, instructions_kept: int, inst
         pairs_generated: pairs that reached the pair critic.
         critic_dev_accuracy: the critic's accuracy on the shipped dev set, or None if not measured.
         thresholds: the QC thresholds.
+        critic_dev_auc: the critic's dev-set AUC per kind ({"instruction": x, "pair": y}), or None.
     Returns:
         {name: {"value", "k", "n", "ci95", "op", "threshold", "passed"}}. Rates carry k, n and the
         Wilson ci95 [lo, hi]; delimiter_leakage's value is a count (k = count, n = kept responses);
@@ -174,6 +179,11 @@ def compute_metrics(*, instructions_generated: int, instructions_kept: int, inst
         critic_passed = None
     metrics["critic_dev_accuracy"] = _metric(critic_dev_accuracy, ">=" if gate_critic else "report",
                                              thresholds.critic_min_accuracy, passed=critic_passed)
+    gate_auc = thresholds.critic_min_auc is not None
+    for name in CRITIC_AUC_METRICS:
+        value = (critic_dev_auc or {}).get(name.rsplit("_", 1)[1])
+        passed = (value is not None and _passes(value, ">=", thresholds.critic_min_auc)) if gate_auc else None
+        metrics[name] = _metric(value, ">=" if gate_auc else "report", thresholds.critic_min_auc, passed=passed)
     metrics["diversity"] = _rate("diversity", instructions_distinct, instructions_generated, "report", None)
     return metrics
 
@@ -213,7 +223,8 @@ def gate(metrics: dict[str, dict[str, Any]], thresholds: QCThresholds, *, pairs_
     """The pure gate: scale, iterate (fixable misses or too small a sample) or halt.
 
     Order: any failed halting metric (instruction_acceptance, pair_acceptance, critic_dev_accuracy
-    when thresholds.critic_min_accuracy is set) -> halt; else pairs_generated < thresholds.min_n ->
+    when thresholds.critic_min_accuracy is set, critic_dev_auc_instruction / critic_dev_auc_pair when
+    thresholds.critic_min_auc is set) -> halt; else pairs_generated < thresholds.min_n ->
     iterate ("sample too small ..."); else any failed fixable metric -> iterate; else scale. An
     iterate with no reruns left (iteration > max_iterations) becomes halt, its first reason
     "iterations exhausted (N of M reruns used)", unless allow_iterate_when_exhausted.
@@ -230,7 +241,8 @@ def gate(metrics: dict[str, dict[str, Any]], thresholds: QCThresholds, *, pairs_
     Raises:
         ValueError: a metric is missing, iteration < 1, or max_iterations < 0.
     """
-    gated_halting = [m for m in HALTING if m != "critic_dev_accuracy" or thresholds.critic_min_accuracy is not None]
+    gated_halting = [m for m in HALTING if (m != "critic_dev_accuracy" or thresholds.critic_min_accuracy is not None)
+                     and (m not in CRITIC_AUC_METRICS or thresholds.critic_min_auc is not None)]
     missing = [m for m in (*FIXABLE, *gated_halting) if m not in metrics]
     if missing:
         raise ValueError(f"gate: metrics lack {', '.join(missing)} (pass the output of compute_metrics)")

@@ -42,7 +42,7 @@ class Completion(Strict):
 
 
 class Critique(Strict):
-    """Verdict of the single-token A/B critic on one item."""
+    """Verdict of the critic on one item (rubric margin, plus the PMI when the pair scorer uses it)."""
 
     predicted_label: Literal["A", "B"]
     logp_a: float
@@ -52,3 +52,4 @@ class Critique(Strict):
     confident: bool
     ab_mass: float = Field(ge=0.0, le=1.0)
     calibration_offset: float = 0.0
+    pmi: float | None = None

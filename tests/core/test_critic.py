@@ -1,6 +1,7 @@
 """Critic arithmetic against a scripted backend: variants, swap averaging, calibration."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +23,13 @@ class Scripted:
         return [self.fn(p) for p in prompts]
 
 
+ZERO_SHOT_AB = Path(__file__).resolve().parents[2] / "configs" / "critic" / "zero_shot_ab.yaml"
+
+
 def cfg(**kw):
-    c = load_pilot_config().critic
+    """The single-token zero-shot A/B critic of SPEC.md (configs/critic/zero_shot_ab.yaml: label swap,
+    calibration, the global threshold), with overrides."""
+    c = load_pilot_config(ZERO_SHOT_AB).critic
     return c.model_copy(update=kw)
 
 

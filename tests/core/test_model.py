@@ -372,3 +372,31 @@ def test_real_prefix_memo_reused_then_invalidated(real_backend: M.HFBackend, mon
     with torch.no_grad():
         real_backend.model.lm_head.weight.mul_(1.0)  # an in-place update (same values): the memo must not be trusted
     assert _max_diff(real_backend.next_token_logprobs(prompts, _AB), first) < 1e-6 and len(full_passes) == 1
+
+
+@pytest.mark.real_model
+def test_real_continuation_logprobs_exact_and_batched(real_backend: M.HFBackend) -> None:
+    """continuation_logprobs equals a by-hand teacher-forced sum over one unpadded forward, in a
+    padded batch of different lengths too, and counts the continuation's own tokens."""
+    import torch
+
+    prompts = ["Instruction: What is the capital of France?\nResponse:", "Instruction: N/A\nResponse:",
+               "Instruction: Write a simple recipe for a lemon cake.\nResponse:"]
+    conts = [" The capital of France is Paris.\n\n", " The capital of France is Paris.\n\n", " " + _LONG_RESPONSE]
+    batched = real_backend.continuation_logprobs(prompts, conts)
+    for (p, c), (total, n) in zip(zip(prompts, conts), batched):
+        head = real_backend.encode([p])[0]
+        tail = real_backend._raw_encode([c])[0]
+        assert n == len(tail) == real_backend.count_tokens(c)
+        ids = torch.tensor([head + tail])
+        with torch.inference_mode():
+            logits = real_backend.model(input_ids=ids).logits[0].float()
+        lp = torch.log_softmax(logits[len(head) - 1:-1], dim=-1)
+        by_hand = float(lp.gather(-1, torch.tensor(tail)[:, None]).sum())
+        assert total == pytest.approx(by_hand, abs=2e-3)
+        assert real_backend.continuation_logprobs([p], [c])[0][0] == pytest.approx(total, abs=2e-3)
+    # the instruction makes the answer likelier than the content-free context does (PMI > 0)
+    assert batched[0][0] > batched[1][0]
+    assert real_backend.continuation_logprobs([], []) == []
+    with pytest.raises(ValueError):
+        real_backend.continuation_logprobs(prompts[:1], conts)

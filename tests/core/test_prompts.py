@@ -64,9 +64,28 @@ def test_critic_prompt_golden_and_swap():
 
 
 def test_default_pair_rubric_golden():
+    """The shipped few-shot Yes/No pair rubric, rendered exactly, in both example orders."""
     cfg = load_pilot_config()
-    p = prompts.build_critic_prompt(cfg.critic.pair_rubric, swap=False, instruction="I?", response="R.")
-    assert p == ("Decide whether the response below correctly and completely fulfils the instruction.\n"
-                 "A) Yes, the response fulfils the instruction.\n"
-                 "B) No, the response is wrong, off-topic, incomplete, or repetitive.\n\n"
-                 "Instruction: I?\nResponse: R.\nAnswer:")
+    shots = [("What is the capital of Italy?", "The capital of Italy is Rome.", "Yes"),
+             ("What is the capital of Italy?", "The capital of Italy is Madrid.", "No"),
+             ("Give one tip for studying.", "I have a red bicycle.", "No"),
+             ("Translate 'cat' into Spanish.", "Gato.", "Yes"),
+             ("List two sources of protein.", "Eggs and", "No"),
+             ("How many days are in a week?", "There are seven days in a week.", "Yes"),
+             ("Name an animal that lives in the sea.", "A dolphin.", "Yes"),
+             ("How many days are in a week?", "There are five days in a week.", "No")]
+    rub = cfg.critic.pair_rubric
+    assert rub.labels == ("Yes", "No") and rub.label_swap is False and rub.order_swap is False
+    head = "Does the response correctly and completely answer the instruction? Answer Yes or No.\n\n"
+    tail = "Instruction: I?\nResponse: R.\nAnswer:"
+    body = "".join(f"Instruction: {i}\nResponse: {r}\nAnswer: {a}\n\n" for i, r, a in shots)
+    p = prompts.build_critic_prompt(rub, swap=False, instruction="I?", response="R.", labels=rub.labels)
+    assert p == head + body + tail
+    rev = "".join(f"Instruction: {i}\nResponse: {r}\nAnswer: {a}\n\n" for i, r, a in reversed(shots))
+    assert prompts.build_critic_prompt(rub, swap=False, reverse=True, instruction="I?", response="R.",
+                                       labels=rub.labels) == head + rev + tail
+    # swapped: the question asks whether the response is bad, so "Yes" now means bad
+    swapped = prompts.build_critic_prompt(rub, swap=True, instruction="I?", response="R.", labels=rub.labels)
+    assert swapped.startswith("Is the response wrong, off-topic, cut off, or repetitive? Answer Yes or No.\n\n"
+                              "Instruction: What is the capital of Italy?\nResponse: The capital of Italy is Rome.\n"
+                              "Answer: No\n\n")
