@@ -157,9 +157,9 @@ class RougeDeduper:
         """rouge_score's tokens of `text` (lowercased alphanumeric runs)."""
         return self._tokenizer.tokenize(text)
 
-    def add(self, text: str) -> None:
-        """Add `text` to the pool unconditionally."""
-        self._pool.append((text, self.tokens(text)))
+    def add(self, text: str, tokens: list[str] | None = None) -> None:
+        """Add `text` to the pool unconditionally (`tokens`: its `tokens(text)`, if already known)."""
+        self._pool.append((text, self.tokens(text) if tokens is None else tokens))
 
     def _best(self, cand: list[str]) -> tuple[Fraction, float, str | None]:
         """Exact best F, its float as rouge_score computes it, and the most similar pool text."""

@@ -26,7 +26,7 @@ from stage1_core import faults, filters, prompts, qc, storage
 from stage1_core.backend import Backend
 from stage1_core.config import (CriticConfig, InstructionFilterConfig, InstructionGenerationConfig, ModelConfig,
                                 QCThresholds, ResponseGenerationConfig)
-from stage1_core.critic import ABCritic
+from stage1_core.critic import ABCritic, instruction_reject_reason, pair_reject_reason
 from stage1_core.schemas import GenerationParams
 from stage1_core.seeds import load_seeds
 
@@ -38,10 +38,12 @@ PHASE_MODULES: dict[str, tuple[str, ...]] = {
     "generate_instructions": (*_COMMON, "prompts", "generation", "seeds", "model", "fake"),
     "filter_instructions": (*_COMMON, "filters", "critic", "prompts", "seeds", "model", "fake"),
     "generate_responses": (*_COMMON, "prompts", "generation", "model", "fake"),
-    "filter_pairs": (*_COMMON, "critic", "prompts", "model", "fake", "data/critic_dev.jsonl"),
+    "filter_pairs": (*_COMMON, "critic", "critic_eval", "filters", "seeds", "prompts", "model", "fake",
+                     "data/critic_dev.test.jsonl"),
     "qc": (*_COMMON, "qc", "filters"),
 }
-CRITIC_DEV_SET = CORE_DIR / "data" / "critic_dev.jsonl"
+CRITIC_DEV_SET = CORE_DIR / "data" / "critic_dev.test.jsonl"
+"""The held-out split of the shipped critic dev set (QC measures it; the tuning split chose the defaults)."""
 
 
 def code_hash(phase: str) -> str:
@@ -178,7 +180,8 @@ def generate_instructions(call: dict[str, Any], key: str | None = None, progress
 
 # -- phase 2 -------------------------------------------------------------------------------------
 def filter_instructions(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
-    """Heuristics, ROUGE-L dedup against seeds + everything kept so far, then the A/B critic.
+    """Heuristics, ROUGE-L dedup against seeds + everything kept so far, the critic's cheap checks,
+    then the critic.
     Writes the cumulative kept pool and this round's rejections."""
     p, out = call["params"], Path(call["out_dir"])
     fcfg = InstructionFilterConfig.model_validate(p["instruction_filter"])
@@ -193,6 +196,15 @@ def filter_instructions(call: dict[str, Any], key: str | None = None, progress: 
     rejected = [{"phase": "instruction_filter", "id": generated[i]["id"], "instruction": generated[i]["instruction"],
                  "reason": r["reason"], "rouge_l": r.get("rouge_l"), "most_similar": r.get("most_similar")}
                 for i, r in sorted(dropped.items())]
+    checked = []
+    for c in candidates:  # the critic's own cheap checks (truncated, leakage, list residue, repetition)
+        reason = instruction_reject_reason(c["instruction"], ccfg.instruction_heuristics)
+        if reason is None:
+            checked.append(c)
+        else:
+            rejected.append({"phase": "instruction_filter", "id": c["id"], "instruction": c["instruction"],
+                             "reason": reason, "rouge_l": None, "most_similar": None})
+    candidates = checked
     step = _counter(progress, len(candidates))
     critiques = ABCritic(_backend(call), ccfg).score("instruction", [(c["instruction"], None) for c in candidates], step) if candidates else []
     kept = list(previous)
@@ -238,17 +250,21 @@ def generate_responses(call: dict[str, Any], key: str | None = None, progress: P
 
 # -- phase 4 -------------------------------------------------------------------------------------
 def filter_pairs(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
-    """The A/B critic with the pair rubric; empty responses are dropped before it. Also measures
-    the critic on the shipped labelled dev set."""
+    """The pair critic; cheap checks first (`critic.pair_reject_reason`: empty responses always,
+    leakage and repetition with critic.pair_heuristics). Also measures the critic on the shipped
+    labelled dev set."""
     p, out = call["params"], Path(call["out_dir"])
     ccfg = CriticConfig.model_validate(p["critic"])
     rows = storage.read_jsonl(call["inputs"]["responses"]["path"])
-    kept, rejected = [], []
-    judged = [r for r in rows if r["response"]]
+    kept, rejected, judged = [], [], []
     for r in rows:
-        if not r["response"]:
-            rejected.append({"phase": "pair_filter", "id": r["id"], "instruction": r["instruction"], "response": "",
-                             "raw": r["raw"], "stop_reason": r["stop_reason"], "reason": "empty_response"})
+        reason = pair_reject_reason(r["response"], ccfg.pair_heuristics, r["instruction"])
+        if reason is None:
+            judged.append(r)
+        else:
+            rejected.append({"phase": "pair_filter", "id": r["id"], "instruction": r["instruction"],
+                             "response": r["response"], "raw": r["raw"], "stop_reason": r["stop_reason"],
+                             "reason": reason})
     step = _counter(progress, len(judged))
     critic = ABCritic(_backend(call), ccfg)
     critiques = critic.score("pair", [(r["instruction"], r["response"]) for r in judged], step) if judged else []
@@ -260,7 +276,7 @@ def filter_pairs(call: dict[str, Any], key: str | None = None, progress: Progres
             rejected.append({"phase": "pair_filter", "id": r["id"], "instruction": r["instruction"],
                              "response": r["response"], "stop_reason": r["stop_reason"], "reason": "critic",
                              "critique": crit.model_dump()})
-    dev = critic_dev_accuracy(critic) if p.get("measure_dev", True) else None
+    dev = critic_dev_accuracy(critic, p.get("instruction_filter")) if p.get("measure_dev", True) else None
     storage.write_jsonl_atomic(out / "pairs.kept.jsonl", kept)
     storage.write_jsonl_atomic(out / "pairs.rejected.jsonl", rejected)
     return _finish(call, key, {"kept": storage.file_manifest(out / "pairs.kept.jsonl", len(kept)),
@@ -268,20 +284,37 @@ def filter_pairs(call: dict[str, Any], key: str | None = None, progress: Progres
                    critic_dev=dev)
 
 
-def critic_dev_accuracy(critic: ABCritic) -> dict[str, Any]:
-    """Accuracy of `critic` on the shipped labelled dev set (is_good vs label), per kind and overall."""
-    items = storage.read_jsonl(CRITIC_DEV_SET)
-    result: dict[str, Any] = {"path": CRITIC_DEV_SET.name, "sha256": storage.sha256_file(CRITIC_DEV_SET)}
-    correct_all = 0
-    for kind in ("instruction", "pair"):
-        sub = [i for i in items if i["kind"] == kind]
-        crits = critic.score(kind, [(i["instruction"], i.get("response") if kind == "pair" else None) for i in sub])
-        correct = sum(c.is_good == (i["label"] == "good") for c, i in zip(crits, sub))
-        correct_all += correct
-        result[kind] = {"n": len(sub), "accuracy": round(correct / len(sub), 4) if sub else None}
+def critic_dev_accuracy(critic: ABCritic, instruction_filter: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The critic measured on the shipped held-out dev split (CRITIC_DEV_SET), as critic_eval does.
+
+    Args:
+        critic: the critic in use (its model and config).
+        instruction_filter: the instruction heuristics' config (default: configs/pilot.yaml's).
+    Returns:
+        {"path", "sha256", "n", "accuracy", "instruction": {...}, "pair": {...}}: per kind critic_eval's
+        keys (n, accuracy, auc, mean margins, mean_ab_mass, heuristic_rejects) on the pipeline's
+        final score (heuristic rejects count as rejected and score -inf); overall accuracy over both.
+    """
+    from stage1_core.critic_eval import evaluate, load_labels
+
+    sha = storage.sha256_file(CRITIC_DEV_SET)
+    memo_key = storage.canonical_json({"model": critic.backend.fingerprint, "critic": critic.cfg.model_dump(mode="json"),
+                                       "filter": instruction_filter, "dev": sha})
+    if memo_key in _DEV_MEMO:  # the same model and critic measure the same (every iteration asks again)
+        return json.loads(_DEV_MEMO[memo_key])
+    items = load_labels(CRITIC_DEV_SET)
+    ifc = InstructionFilterConfig.model_validate(instruction_filter) if instruction_filter is not None else None
+    per_kind = evaluate(items, critic, heuristics=True, instruction_filter=ifc)
+    result: dict[str, Any] = {"path": CRITIC_DEV_SET.name, "sha256": sha}
+    correct = sum(round(v["accuracy"] * v["n"]) for v in per_kind.values() if v["n"])
+    result.update(per_kind)
     result["n"] = len(items)
-    result["accuracy"] = round(correct_all / len(items), 4) if items else None
+    result["accuracy"] = round(correct / len(items), 4) if items else None
+    _DEV_MEMO[memo_key] = json.dumps(result)
     return result
+
+
+_DEV_MEMO: dict[str, str] = {}
 
 
 # -- phase 5 -------------------------------------------------------------------------------------
@@ -305,22 +338,19 @@ def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = 
         instructions_distinct=max(0, min(distinct, len(generated) - dedup_dropped)),
         response_completions=[{"raw": r["raw"], "stop_reason": r["stop_reason"]} for r in responses],
         kept_pairs=[{"response": r["response"], "response_tokens": r["response_tokens"]} for r in pairs],
-        pairs_generated=len(responses), critic_dev_accuracy=(p.get("critic_dev") or {}).get("accuracy"), thresholds=th)
+        pairs_generated=len(responses), critic_dev_accuracy=(p.get("critic_dev") or {}).get("accuracy"), thresholds=th,
+        critic_dev_auc={k: ((p.get("critic_dev") or {}).get(k) or {}).get("auc") for k in ("instruction", "pair")})
     decision = qc.gate(metrics, th, pairs_generated=len(responses), iteration=p["iteration"],
                        max_iterations=p["max_iterations"], allow_iterate_when_exhausted=p["max_iterations"] == 0)
     provenance_base = {"run_id": meta.get("run_id"), "git_sha": meta.get("git_sha"), "config_hash": meta.get("config_hash"),
                        "model": {"id": p["model_id"], "weights_sha256": p["model_sha"]}, "seed": p["seed"],
                        "iteration": p["iteration"], "generation": p["generation"]}
-    data = [{"id": r["id"], "instruction": r["instruction"], "response": r["response"],
-             "instruction_critique": r.get("instruction_critique"), "pair_critique": r.get("pair_critique"),
-             "provenance": {**provenance_base, "round": r["round"], "prompt_index": r["prompt_index"],
-                            "seed_ids": r["seed_ids"], "stop_reason": r["stop_reason"],
-                            "response_tokens": r["response_tokens"]}} for r in pairs]
+    data = [data_row(r, provenance_base) for r in pairs]
     rejected = instr_rejected + surplus + pair_rejected
     summary = {"gate": decision.to_dict(), "metrics": metrics, "thresholds": th.model_dump(),
                "counts": {"instructions_generated": len(generated), "instructions_kept": len(kept_pool),
                           "pairs_generated": len(responses), "pairs_kept": len(pairs), "rejected": len(rejected)},
-               "rejected_by_reason": _count_reasons(rejected), "critic_dev": p.get("critic_dev"),
+               "rejected_by_reason": count_reasons(rejected), "critic_dev": p.get("critic_dev"),
                "iteration": p["iteration"], "observed_delimiters": qc.observed_delimiters([r["raw"] for r in responses])}
     storage.write_jsonl_atomic(out / "pilot_data.jsonl", data)
     storage.write_jsonl_atomic(out / "rejected.jsonl", rejected)
@@ -332,7 +362,17 @@ def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = 
                    decision=decision.to_dict(), summary=summary, median_response_tokens=median)
 
 
-def _count_reasons(rows: list[dict[str, Any]]) -> dict[str, int]:
+def data_row(pair: dict[str, Any], provenance_base: dict[str, Any]) -> dict[str, Any]:
+    """A kept pair (a `pairs.kept.jsonl` row) as a dataset row: instruction, response, both
+    critiques, and its provenance (`provenance_base` plus where the instruction came from)."""
+    return {"id": pair["id"], "instruction": pair["instruction"], "response": pair["response"],
+            "instruction_critique": pair.get("instruction_critique"), "pair_critique": pair.get("pair_critique"),
+            "provenance": {**provenance_base, "round": pair["round"], "prompt_index": pair["prompt_index"],
+                           "seed_ids": pair["seed_ids"], "stop_reason": pair["stop_reason"],
+                           "response_tokens": pair["response_tokens"]}}
+
+
+def count_reasons(rows: list[dict[str, Any]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in rows:
         k = f"{r['phase']}:{r['reason'].split(':')[0]}"

@@ -42,7 +42,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        faults.maybe_fault("write")
+        faults.maybe_fault("write", path.name)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
