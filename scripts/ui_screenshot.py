@@ -1,7 +1,7 @@
 """Screenshots of the Prefect UI for docs/deploy.md, taken with a real browser (Playwright + Debian
 chromium) against a real local stack.
 
-    .venv/bin/pip install playwright && apt-get install chromium
+    .venv/bin/pip install -e ".[docs]" && apt-get install chromium
     .venv/bin/python scripts/ui_screenshot.py [--model fake:1] [--out docs/img]
 
 Starts a throwaway stack (deployments.stack) in a temp folder, deploys, runs `stage1/pilot` twice —
