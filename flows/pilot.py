@@ -263,27 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     params = {"count": args.count, "seed": args.seed, "seeds": args.seeds, "model": args.model,
               "max_iterations": args.max_iterations, "bos_policy": args.bos_policy,
               "allow_pickle": args.allow_pickle or None}
-    try:
-        plan = run.prepare_pilot(output=args.output, config=args.config, overwrite=args.overwrite, **params)
-    except InputError as e:
-        print(e.render(), file=sys.stderr)
-        print("nothing was written.", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        print(run.dry_run_text(plan))
-        return 0
-    cfg = plan["config"]
-    try:
-        result = pilot(count=cfg["count"], output=args.output, seed=cfg["seed"], seeds=args.seeds, config=args.config,
-                       model=args.model, max_iterations=cfg["max_iterations"], bos_policy=args.bos_policy,
-                       allow_pickle=args.allow_pickle or None, overwrite=args.overwrite, scale_count=args.scale_count,
-                       require_approval=args.require_approval, approval_timeout_s=args.approval_timeout)
-    except KeyboardInterrupt:
-        print(run.interrupted_text(plan["output"]), file=sys.stderr)
-        return 130
-    except InputError as e:
-        print(e.render(), file=sys.stderr)
-        return 2
+
+    def start(plan: dict[str, Any]) -> dict[str, Any]:
+        cfg = plan["config"]
+        return pilot(count=cfg["count"], output=args.output, seed=cfg["seed"], seeds=args.seeds, config=args.config,
+                     model=args.model, max_iterations=cfg["max_iterations"], bos_policy=args.bos_policy,
+                     allow_pickle=args.allow_pickle or None, overwrite=args.overwrite, scale_count=args.scale_count,
+                     require_approval=args.require_approval, approval_timeout_s=args.approval_timeout)
+
+    result = runtime.run_cli(lambda: run.prepare_pilot(output=args.output, config=args.config, overwrite=args.overwrite,
+                                                       **params),
+                             dry_run=args.dry_run, dry_text=run.dry_run_text, start=start)
+    if isinstance(result, int):
+        return result
     summary = run.read_summary(result["output"])
     print(reports.qc_text(summary))
     if result.get("approval"):

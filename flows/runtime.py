@@ -4,10 +4,16 @@ folder under a deployment, its tags, and the approval form of a suspended run.""
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect.input import RunInput
+
+from stage1_core import run
+from stage1_core.errors import InputError
+from stage1_core.locks import LockedError
 
 OUTPUT_ROOT_ENV = "STAGE1_OUTPUT_ROOT"
 APPROVAL_TIMEOUT_DEPLOYMENT = "stage1/approval-timeout"
@@ -46,6 +52,37 @@ def add_tags(*tags: str) -> None:
     with get_client(sync_client=True) as client:
         current = client.read_flow_run(flow_run.id).tags or []
         client.update_flow_run(flow_run.id, tags=sorted({*current, *tags}))
+
+
+def run_cli(prepare: Callable[[], dict[str, Any]], *, dry_run: bool, dry_text: Callable[[dict[str, Any]], str],
+            start: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | int:
+    """The path every CLI shares: validate (bad input: exit 2, nothing written), `--dry-run` (print
+    the plan, exit 0), then run the flow, turning a locked folder into 5, Ctrl-C into 130 and bad
+    input found later into 2.
+
+    Returns:
+        The flow's result, or the exit code when it did not get one.
+    """
+    try:
+        plan = prepare()
+    except InputError as e:
+        print(e.render(), file=sys.stderr)
+        print("nothing was written.", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(dry_text(plan))
+        return 0
+    try:
+        return start(plan)
+    except LockedError as e:
+        print(e.render(), file=sys.stderr)
+        return 5
+    except KeyboardInterrupt:
+        print(run.interrupted_text(plan["output"]), file=sys.stderr)
+        return 130
+    except InputError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
 
 
 class ScaleApproval(RunInput):

@@ -24,7 +24,7 @@ from flows import runtime
 from stage1_core import provenance, reports, run
 from stage1_core import scale as core
 from stage1_core.errors import InputError
-from stage1_core.locks import LOCK_NAME, LockedError, hold_lock
+from stage1_core.locks import LOCK_NAME, hold_lock
 from tasks import scale as t
 
 
@@ -162,26 +162,10 @@ def main(argv: list[str] | None = None) -> int:
               "strict_qc": a.strict_qc, "count": a.count, "shard_size": a.shard_size, "seed": a.seed, "seeds": a.seeds,
               "model": a.model, "bos_policy": a.bos_policy, "allow_pickle": a.allow_pickle or None,
               "gpu_hour_usd": a.gpu_hour_usd, "shard_timeout_s": a.shard_timeout_s}
-    try:
-        plan = core.prepare_scale(output=a.output, **params)
-    except InputError as e:
-        print(e.render(), file=sys.stderr)
-        print("nothing was written.", file=sys.stderr)
-        return 2
-    if a.dry_run:
-        print(core.dry_run_text(plan))
-        return 0
-    try:
-        result = scale(output=a.output, **params)
-    except LockedError as e:
-        print(e.render(), file=sys.stderr)
-        return 5
-    except KeyboardInterrupt:
-        print(run.interrupted_text(plan["output"]), file=sys.stderr)
-        return 130
-    except InputError as e:
-        print(e.render(), file=sys.stderr)
-        return 2
+    result = runtime.run_cli(lambda: core.prepare_scale(output=a.output, **params), dry_run=a.dry_run,
+                             dry_text=core.dry_run_text, start=lambda plan: scale(output=a.output, **params))
+    if isinstance(result, int):
+        return result
     summary = run.read_summary(result["output"])
     print(reports.qc_text(summary))
     print(f"QC {'passed' if result['passed'] else 'did not pass'}; {result['rows']} examples in "

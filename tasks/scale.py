@@ -81,8 +81,8 @@ def shard_parameters(plan: dict[str, Any], index: int, run_id: str) -> dict[str,
             "config": str(Path(plan["output"]) / "config.yaml"), "model": cfg["model"]["id"], "run_id": run_id}
 
 
-def _cancel(flow_run_id: Any) -> None:
-    """Cancel a shard run: one not yet started at once, a running one through its worker."""
+def cancel_flow_run(flow_run_id: Any, message: str) -> None:
+    """Cancel a flow run: one not yet started at once, a running one through its worker."""
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Cancelling
 
@@ -91,8 +91,8 @@ def _cancel(flow_run_id: Any) -> None:
         if state is None or state.is_final():
             return
         waiting = state.is_scheduled() or state.is_pending() or state.is_paused()
-        msg = "shard_timeout_s passed"
-        client.set_flow_run_state(flow_run_id, Cancelled(message=msg) if waiting else Cancelling(message=msg), force=True)
+        client.set_flow_run_state(flow_run_id, Cancelled(message=message) if waiting else Cancelling(message=message),
+                                  force=True)
 
 
 def dispatch_shards(plan: dict[str, Any], pending: list[int], run_id: str, progress: ShardProgress) -> None:
@@ -117,7 +117,8 @@ def dispatch_shards(plan: dict[str, Any], pending: list[int], run_id: str, progr
                 progress.logger.warning(f"shard {i}: could not run {SHARD_DEPLOYMENT}: {exc!r}")
                 continue
             if flow_run.state is not None and not flow_run.state.is_final():
-                _cancel(flow_run.id)  # past shard_timeout_s: stop it so it frees its GPU and its shard's lock
+                # past shard_timeout_s: stop it so it frees its GPU and its shard's lock
+                cancel_flow_run(flow_run.id, "shard_timeout_s passed")
                 progress.logger.warning(f"shard {i}: run {flow_run.name} still {state} after "
                                         f"{sc['shard_timeout_s']} s: cancelled")
             manifest = shards.valid_manifest(plan["output"], plan, i)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+from tasks.scale import cancel_flow_run
 from tests.deploy.conftest import output_of, prefect_cli, start_run, wait_state
 
 
@@ -40,18 +41,6 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
     for tr in runs:
         states.setdefault(tr.name, []).append(tr.state.name)
     return states
-
-
-def _cancel(flow_run_id) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.states import Cancelled, Cancelling
-
-    with get_client(sync_client=True) as client:
-        state = client.read_flow_run(flow_run_id).state
-        if state.is_scheduled() or state.is_pending():
-            client.set_flow_run_state(flow_run_id, Cancelled(), force=True)
-        elif not state.is_final():  # a worker has it: the worker stops it
-            client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
 
 
 def test_pilot_deployment_run_watch_artifacts_and_tag(live_stack):
@@ -127,7 +116,7 @@ def test_approval_resume_reruns_from_cache_and_hands_off_to_scale(live_stack, sc
         dep = client.read_deployment(child.deployment_id)
     assert dep.name == "scale" and dep.work_pool_name == "cpu"
     assert child.parameters["from_pilot"] == str(out) and child.parameters["count"] == 4
-    _cancel(child.id)  # the scale itself is tested in tests/deploy/test_scale_deployment.py
+    cancel_flow_run(child.id, "test done")  # the scale itself is tested in tests/deploy/test_scale_deployment.py
     # the deadline's timer run was cancelled once a human answered
     timers = [f for f in _flow_runs("%") if f.parameters.get("flow_run_id") == str(fr.id)]
     assert timers and all(t.state.is_cancelled() for t in timers)
