@@ -31,7 +31,18 @@ class ModelConfig(StrictModel):
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     device: str = "auto"
     allow_pickle: bool = False
-    batch_size: int = Field(default=16, gt=0, le=512)
+    batch_size: int | Literal["auto"] = Field(default="auto", description="rows decoded together (engine slots) and "
+                                              "prompts per forward batch; auto: 16 on the CPU, chosen from free memory on a GPU")
+    engine: Literal["stage1", "reference"] = Field(default="stage1", description="stage1: the continuous-batching "
+                                                   "engine (static KV cache, on-device stops); reference: transformers generate")
+    quantize: Literal["none", "8bit", "4bit"] = Field(default="none", description="bitsandbytes weight quantization (CUDA only)")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 < v <= 4096:
+            raise ValueError("batch_size must be 'auto' or an integer in 1..4096")
+        return v
 
 
 class InstructionGenerationConfig(StrictModel):

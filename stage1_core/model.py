@@ -590,6 +590,7 @@ class HFBackend:
             raise ValueError("HFBackend cannot load a fake: model; use load_backend")
         self._lock = threading.RLock()
         self.device = resolve_device(cfg.device)
+        self.batch_size: int = cfg.batch_size if isinstance(cfg.batch_size, int) else (16 if self.device == "cpu" else 64)
         dtype_name = resolve_dtype(cfg.dtype, self.device)
         dtype = getattr(torch, dtype_name)
         folder = _gguf_as_hf_folder(r, dtype_name) if r.gguf_file else Path(r.path or "")
@@ -662,7 +663,7 @@ class HFBackend:
 
     def _batches(self, encoded: list[list[int]]) -> list[list[int]]:
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-        bs = self.cfg.batch_size
+        bs = self.batch_size
         return [order[k:k + bs] for k in range(0, len(order), bs)]
 
     def _pad_left(self, seqs: list[list[int]]) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -1100,7 +1101,7 @@ class HFBackend:
         rest: list[int] = []
         hidden_rows: list[int] = []
         hidden: list["torch.Tensor"] = []
-        bs = self.cfg.batch_size
+        bs = self.batch_size
         for k in range(0, len(order), bs):
             idx = order[k:k + bs]
             plens = [len(prefix_of[i]) for i in idx]

@@ -342,7 +342,7 @@ def test_real_prefix_cache_fallbacks(real_backend: M.HFBackend, monkeypatch: pyt
     short = max(len(e) - p for e in enc[:2])
     # a sliding window that the short item's suffix batch stays inside but the long item's would reach past
     monkeypatch.setattr(real_backend.model.config, "sliding_window", p + short + 3)
-    monkeypatch.setattr(real_backend, "cfg", real_backend.cfg.model_copy(update={"batch_size": 2}))
+    monkeypatch.setattr(real_backend, "batch_size", 2)
     plain_rows: list[int] = []
     score_plain = real_backend._score_plain
     monkeypatch.setattr(real_backend, "_score_plain",
