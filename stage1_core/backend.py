@@ -5,6 +5,7 @@ Core phases talk to a `Backend` only; they never touch torch or transformers the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable, Protocol
 
 from stage1_core.schemas import Completion, GenerationParams
@@ -30,13 +31,30 @@ class Backend(Protocol):
         params: GenerationParams,
         seed: int,
         progress: ProgressFn | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[Completion]:
         """Complete each prompt in completion mode (no chat template).
 
         Prompts are plain text without BOS; the backend adds BOS by its family policy. Generation of
         a prompt stops at EOS, at the earliest of `params.stop_sequences`, or at max_new_tokens; the
-        stop reason follows `generation.classify_stop`. Same prompts + params + seed give the same
-        completions on the same hardware and software.
+        stop reason follows `generation.classify_stop`.
+
+        Sampling randomness is per item, never per batch position: the random stream of prompt i is
+        derived from (`seed`, `ids[i]`) alone, so the same seed and id give the same completion at any
+        batch size, in any order, whatever other prompts share its batch (on the same hardware and
+        software; greedy decoding ignores it).
+
+        Args:
+            prompts: the prompts, in the order the completions are returned.
+            params: sampling settings and stop sequences, shared by all prompts.
+            seed: the run seed of this call.
+            progress: called with the number of prompts just finished (an increment).
+            ids: one stable id per prompt (e.g. "r01-p003", an instruction's id); None means
+                `str(i)` for prompt i, which ties randomness to positions within this call only.
+        Returns:
+            One Completion per prompt, in the order of `prompts`.
+        Raises:
+            ValueError: `ids` is not one per prompt, or holds a duplicate (see `item_ids`).
         """
         ...
 
@@ -60,3 +78,28 @@ class Backend(Protocol):
     def count_tokens(self, text: str) -> int:
         """Number of tokens `text` encodes to (no special tokens added)."""
         ...
+
+
+def item_ids(prompts: Sequence[str], ids: Sequence[str] | None) -> list[str]:
+    """The stable ids of a `generate` call, validated (every backend calls this).
+
+    Args:
+        prompts: the call's prompts.
+        ids: the caller's ids, or None for the prompt indices as strings.
+    Returns:
+        One id per prompt.
+    Raises:
+        ValueError: `ids` does not have one entry per prompt, or an id appears twice (two items
+            would share one random stream).
+    """
+    if ids is None:
+        return [str(i) for i in range(len(prompts))]
+    out = [str(i) for i in ids]
+    if len(out) != len(prompts):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(out)} ids; pass one stable id per prompt")
+    seen: set[str] = set()
+    dups = sorted({i for i in out if i in seen or seen.add(i)})
+    if dups:
+        raise ValueError(f"generate: duplicate ids {dups[:5]}; each prompt needs its own stable id "
+                         "(its sampling randomness derives from the run seed and the id)")
+    return out

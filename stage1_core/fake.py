@@ -13,7 +13,9 @@ Options follow the seed, comma-separated: `fake:7,runaway=0.2,limit=0.1,bad=0.2`
   unless the prompt's first line asks whether the item is wrong, broken or bad.
 - Continuation scores (`continuation_logprobs`, the PMI scorer): each continuation word costs 3 nats,
   2 if it also appears in the prompt, 6 if it holds a marker of badness.
-Tokens are whitespace-separated words. Same inputs, same outputs, always.
+Tokens are whitespace-separated words. Same inputs, same outputs, always: a prompt's randomness
+comes from (fake seed, run seed, item id, prompt, sampling params), never from its batch position,
+as the Backend contract asks (`stage1_core.backend`).
 `STAGE1_FAKE_DELAY=<seconds>` sleeps per generated prompt (interrupt tests).
 """
 
@@ -24,10 +26,11 @@ import os
 import random
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from stage1_core import faults
-from stage1_core.backend import ProgressFn
+from stage1_core.backend import ProgressFn, item_ids
 from stage1_core.generation import classify_stop, find_stop
 from stage1_core.schemas import Completion, GenerationParams
 
@@ -104,13 +107,15 @@ class FakeBackend:
             return " " + " ".join(f"word{j}" for j in range(params.max_new_tokens + 5))
         return f" {body}\n\nInstruction: Name a colour.\nResponse: Blue."
 
-    def generate(self, prompts: list[str], params: GenerationParams, seed: int, progress: ProgressFn | None = None) -> list[Completion]:
+    def generate(self, prompts: list[str], params: GenerationParams, seed: int, progress: ProgressFn | None = None,
+                 ids: Sequence[str] | None = None) -> list[Completion]:
+        keys = item_ids(prompts, ids)
         out: list[Completion] = []
         delay = float(os.environ.get("STAGE1_FAKE_DELAY", "0"))  # seconds per prompt, for interrupt tests
-        for idx, prompt in enumerate(prompts):
+        for idx, (prompt, item) in enumerate(zip(prompts, keys)):
             if delay:
                 time.sleep(delay)
-            rng = _rng(self.seed, seed, idx, prompt, params.temperature, params.top_p)
+            rng = _rng(self.seed, seed, item, prompt, params.temperature, params.top_p)
             m = re.search(r"\n(\d+)\.$", prompt)
             if m:
                 text = self._continue_list(prompt, int(m.group(1)), params, rng)
