@@ -34,11 +34,12 @@ CORE_DIR = Path(__file__).resolve().parent
 Progress = Callable[[int, int], None]
 
 _COMMON = ("pipeline", "config", "storage", "schemas")
+_MODEL = ("model", "loader", "guards", "hf_backend", "engine", "scoring")
 PHASE_MODULES: dict[str, tuple[str, ...]] = {
-    "generate_instructions": (*_COMMON, "prompts", "generation", "seeds", "model", "fake"),
-    "filter_instructions": (*_COMMON, "filters", "critic", "prompts", "seeds", "model", "fake"),
-    "generate_responses": (*_COMMON, "prompts", "generation", "model", "fake"),
-    "filter_pairs": (*_COMMON, "critic", "critic_eval", "filters", "seeds", "prompts", "model", "fake",
+    "generate_instructions": (*_COMMON, "prompts", "generation", "seeds", *_MODEL, "fake"),
+    "filter_instructions": (*_COMMON, "filters", "critic", "prompts", "seeds", *_MODEL, "fake"),
+    "generate_responses": (*_COMMON, "prompts", "generation", *_MODEL, "fake"),
+    "filter_pairs": (*_COMMON, "critic", "critic_eval", "filters", "seeds", "prompts", *_MODEL, "fake",
                      "data/critic_dev.test.jsonl"),
     "qc": (*_COMMON, "qc", "filters"),
 }
@@ -69,17 +70,28 @@ def cache_key(call: dict[str, Any]) -> str:
     """Cache key of a phase call: its config slice + sha256 of its input artifacts + hash of the
     core modules it uses + the model fingerprint + the resolved output folder. Run id, git sha
     and other `meta` are deliberately left out, so a new run of the same config hits. The model part
-    is the weights sha256 plus the model settings (BOS policy, dtype, device, batch size)."""
+    is the weights sha256 plus the model settings that can change outputs (`model_settings`)."""
     phase = call["phase"]
     material = {
         "phase": phase,
         "params": call["params"],
         "inputs": _input_shas(call["inputs"]),
         "code": code_hash(phase),
-        "model": {"weights_sha256": call["model_sha"], "settings": call["model"]} if phase != "qc" else None,
+        "model": {"weights_sha256": call["model_sha"], "settings": model_settings(call["model"])} if phase != "qc" else None,
         "out_dir": str(Path(call["out_dir"]).resolve()),
     }
     return f"stage1-{phase}-" + hashlib.sha256(storage.canonical_json(material).encode()).hexdigest()[:40]
+
+
+OUTPUT_NEUTRAL_MODEL_KEYS = ("batch_size",)
+"""ModelConfig keys left out of the cache key: sampling is per item id (Backend.generate), so the
+batch size changes speed, not outputs."""
+
+
+def model_settings(model: dict[str, Any]) -> dict[str, Any]:
+    """The `model` section of a call as the cache key hashes it: every key (id, revision, bos_policy,
+    dtype, device, allow_pickle, engine, quantize, ...) but OUTPUT_NEUTRAL_MODEL_KEYS."""
+    return {k: v for k, v in model.items() if k not in OUTPUT_NEUTRAL_MODEL_KEYS}
 
 
 def sidecar_path(call: dict[str, Any]) -> Path:
@@ -159,7 +171,8 @@ def generate_instructions(call: dict[str, Any], key: str | None = None, progress
     params = GenerationParams(max_new_tokens=ig.max_new_tokens, temperature=ig.temperature, top_p=ig.top_p,
                               top_k=ig.top_k, stop_sequences=ig.stop_sequences)
     step = _counter(progress, len(prompt_rows))
-    comps = _backend(call).generate([r["prompt"] for r in prompt_rows], params, _derive_seed(p["seed"], "gen", rnd), step)
+    comps = _backend(call).generate([r["prompt"] for r in prompt_rows], params, _derive_seed(p["seed"], "gen", rnd), step,
+                                    ids=[f"r{rnd:02d}-p{i:03d}" for i in range(len(prompt_rows))])
     completions, generated = [], []
     for i, (row, comp) in enumerate(zip(prompt_rows, comps)):
         items = prompts.parse_instruction_list(comp.text, ig.few_shot_k + 1, comp.stop_reason == "token_limit")
@@ -237,7 +250,8 @@ def generate_responses(call: dict[str, Any], key: str | None = None, progress: P
     step = _counter(progress, len(kept))
     backend = _backend(call)
     comps = backend.generate([prompts.build_response_prompt(k["instruction"], examples) for k in kept], params,
-                             _derive_seed(p["seed"], "responses", p["iteration"]), step) if kept else []
+                             _derive_seed(p["seed"], "responses", p["iteration"]), step,
+                             ids=[k["id"] for k in kept]) if kept else []
     rows = []
     for k, comp in zip(kept, comps):
         response = prompts.clean_response(comp.text, rg.stop_sequences)

@@ -87,10 +87,12 @@ def test_pilot_writes_every_file_with_schema(tmp_path):
 
 def test_count_is_reached_over_rounds(tmp_path):
     out = tmp_path / "p"
-    run_pilot(out, count=40)
+    run_pilot(out, count=50)
     rows = read_jsonl(out / "iterations" / "01" / "responses.jsonl")
-    assert len(rows) == 40
-    assert (out / "instructions" / "round-02.kept.jsonl").exists()  # one round of 16 prompts is not enough
+    assert len(rows) == 50
+    # one round of 16 prompts is not enough (it keeps 47 with this seed), the second one is
+    assert len(read_jsonl(out / "instructions" / "round-01.kept.jsonl")) < 50
+    assert (out / "instructions" / "round-02.kept.jsonl").exists()
 
 
 def test_iterate_lowers_temperature_until_runaway_passes(tmp_path):
