@@ -1,0 +1,43 @@
+"""Which model settings the phase cache key hashes: everything that can change outputs, not the batch
+size (sampling is per item id, so batching changes speed only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stage1_core import pipeline
+from stage1_core.config import ModelConfig
+
+
+def _call(tmp_path: Path, phase: str = "generate_responses", **model: object) -> dict:
+    return {"phase": phase, "out_dir": str(tmp_path / "iterations" / "01"),
+            "params": {"response_generation": {"max_new_tokens": 96}, "count": 12, "seed": 7, "iteration": 1},
+            "inputs": {"kept": {"path": str(tmp_path / "kept.jsonl"), "rows": 3, "sha256": "ab" * 32}},
+            "model": ModelConfig(**{"id": "fake:1", **model}).model_dump(mode="json"), "model_sha": "cd" * 32,
+            "meta": {"run_id": "r1"}}
+
+
+@pytest.mark.parametrize("phase", ["generate_instructions", "generate_responses", "filter_pairs"])
+def test_batch_size_does_not_change_the_key(tmp_path: Path, phase: str) -> None:
+    keys = {pipeline.cache_key(_call(tmp_path, phase, batch_size=b)) for b in (16, 64, "auto")}
+    assert len(keys) == 1
+
+
+@pytest.mark.parametrize("change", [{"dtype": "bfloat16"}, {"engine": "reference"}, {"quantize": "4bit"},
+                                   {"bos_policy": "always"}, {"device": "cuda:0"}, {"id": "fake:2"}])
+def test_output_changing_settings_change_the_key(tmp_path: Path, change: dict) -> None:
+    base = pipeline.cache_key(_call(tmp_path, batch_size=16))
+    assert pipeline.cache_key(_call(tmp_path, batch_size=16, **change)) != base
+    assert pipeline.cache_key(_call(tmp_path, batch_size=64, **change)) != base
+
+
+def test_every_model_key_but_batch_size_is_hashed() -> None:
+    hashed = set(pipeline.model_settings(ModelConfig().model_dump(mode="json")))
+    assert hashed == set(ModelConfig.model_fields) - {"batch_size"}
+    assert {"engine", "quantize", "dtype"} <= hashed
+
+
+def test_qc_ignores_the_model(tmp_path: Path) -> None:
+    assert pipeline.cache_key(_call(tmp_path, "qc", dtype="bfloat16")) == pipeline.cache_key(_call(tmp_path, "qc"))
