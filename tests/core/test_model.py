@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from stage1_core import loader
 from stage1_core import model as M
 from stage1_core.config import ModelConfig
 from stage1_core.errors import InputError, ModelGuardError
@@ -135,7 +136,7 @@ def test_fingerprint_hashes_shards_and_caches(tmp_path: Path, cache: Path, monke
     def boom(path: object) -> str:
         raise AssertionError("re-hashed a file whose (path, size, mtime) did not change")
 
-    monkeypatch.setattr(M, "sha256_file", boom)
+    monkeypatch.setattr(loader, "sha256_file", boom)  # cached_sha256 lives in stage1_core.loader
     assert M.model_fingerprint(ModelConfig(id=str(folder))) == fp
     (folder / "model-00002-of-00002.safetensors").write_bytes(b"changed!")
     with pytest.raises(AssertionError, match="re-hashed"):
