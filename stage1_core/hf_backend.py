@@ -12,18 +12,21 @@ Run it: `PYTHONPATH=. python -m stage1_core.model [--id MODEL] [--prompt TEXT]`;
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from stage1_core import faults, guards
-from stage1_core.backend import ProgressFn
+from stage1_core.backend import ProgressFn, item_ids
 from stage1_core.config import ModelConfig
 from stage1_core.errors import InputError
 from stage1_core.generation import classify_stop, find_stop
 from stage1_core.guards import Sentinel, check_control_tokens, find_control_token_ids, run_sentinels
 from stage1_core.loader import ResolvedModel, _fingerprint_of, load_hf_model, resolve_device, resolve_dtype, resolve_model
 from stage1_core.schemas import Completion, GenerationParams
+
+log = logging.getLogger("stage1.model")
 
 if TYPE_CHECKING:
     import torch
@@ -208,25 +211,69 @@ class HFBackend:
     # -- Backend protocol -------------------------------------------------------------------
 
     def generate(self, prompts: list[str], params: GenerationParams, seed: int,
-                 progress: ProgressFn | None = None) -> list[Completion]:
-        """Complete each prompt (completion mode, batched, deterministic for a seed).
+                 progress: ProgressFn | None = None, ids: Sequence[str] | None = None) -> list[Completion]:
+        """Complete each prompt (completion mode; see Backend.generate).
+
+        `model.engine: stage1` (default) runs the continuous-batching engine (stage1_core.engine):
+        each prompt's randomness comes from (seed, its id), so texts do not depend on the batch.
+        `model.engine: reference`, and models the engine does not support, run plain
+        `model.generate` in length-sorted batches (batch b under torch seed `seed + b`).
 
         Args:
             prompts: plain-text prompts without BOS.
             params: sampling settings (temperature 0 = greedy; top_k 0 = no top-k).
-            seed: base seed; batch b (of the length-sorted order) runs under seed + b.
-            progress: called with the number of prompts finished after each batch.
+            seed: the call's seed.
+            progress: called with the number of prompts finished, as they finish.
+            ids: stable item ids (default: the prompt indices).
         Returns:
             One Completion per prompt, in input order.
         Raises:
             ModelGuardError: a prompt encodes to a chat-control token.
-            ValueError: an empty prompt.
+            ValueError: an empty prompt, or bad ids.
+            EngineOOM: out of device memory even at one row.
         """
+        item = item_ids(prompts, ids)
+        encoded = self.encode(prompts)
+        engine = self.engine()
+        if engine is None:
+            return self._generate_reference(encoded, params, seed, progress)
+
+        def finished(n: int) -> None:
+            if progress is not None:
+                progress(n)
+            faults.maybe_fault("generate")
+
+        with self._lock:
+            tokens = engine.generate(encoded, item, params.max_new_tokens, params.temperature, params.top_p,
+                                     params.top_k, params.stop_sequences, seed, progress=finished,
+                                     tokens_progress=self.tokens_progress)
+        return [self._completion(t, params.stop_sequences) for t in tokens]
+
+    tokens_progress: Callable[[int], None] | None = None
+    """Optional callback with the number of tokens generated since its last call (progress bars)."""
+
+    def engine(self) -> Any:
+        """The stage1 engine for this model (built once), or None for the reference path."""
+        if "_engine" not in self.__dict__:
+            from stage1_core.engine import Engine, supports
+
+            self._engine = None
+            if self.cfg.engine == "stage1":
+                why = supports(self.model)
+                if why is None:
+                    self._engine = Engine(self.model, self.tokenizer, self.eos_ids,
+                                          slots=self.cfg.batch_size if isinstance(self.cfg.batch_size, int) else None)
+                else:
+                    log.warning("stage1 engine unavailable for %s (%s); using transformers generate", self.resolved.id, why)
+        return self._engine
+
+    def _generate_reference(self, encoded: list[list[int]], params: GenerationParams, seed: int,
+                            progress: ProgressFn | None) -> list[Completion]:
+        """Plain transformers `generate`, batched by length (the reference path)."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        encoded = self.encode(prompts)
-        out: list[Completion | None] = [None] * len(prompts)
+        out: list[Completion | None] = [None] * len(encoded)
         for b, idx in enumerate(self._batches(encoded)):
             input_ids, mask = self._pad_left([encoded[i] for i in idx])
             crit = _StopOnSequences(self.tokenizer, input_ids.shape[1], params.stop_sequences, len(idx))
