@@ -23,7 +23,8 @@ from stage1_core.config import ModelConfig
 from stage1_core.errors import InputError
 from stage1_core.generation import classify_stop, find_stop
 from stage1_core.guards import Sentinel, check_control_tokens, find_control_token_ids, run_sentinels
-from stage1_core.loader import ResolvedModel, _fingerprint_of, load_hf_model, resolve_device, resolve_dtype, resolve_model
+from stage1_core.loader import (RANDOM_SENTINELS_NOTE, ResolvedModel, _fingerprint_of, load_hf_model, resolve_batch_size,
+                                resolve_device, resolve_model)
 from stage1_core.schemas import Completion, GenerationParams
 
 log = logging.getLogger("stage1.model")
@@ -110,6 +111,8 @@ class HFBackend:
         Raises:
             InputError: bad config (as resolve_model), or BOS policy "always" on a tokenizer without BOS.
             ModelGuardError: a sentinel failed.
+
+        Random-weight models (`random:<name>`, benchmarks only) skip the sentinels; nothing else does.
         """
         import torch
         import transformers
@@ -121,8 +124,8 @@ class HFBackend:
             raise ValueError("HFBackend cannot load a fake: model; use load_backend")
         self._lock = threading.RLock()
         self.device = resolve_device(cfg.device)
-        self.batch_size: int = cfg.batch_size if isinstance(cfg.batch_size, int) else (16 if self.device == "cpu" else 64)
-        model, tok = load_hf_model(r, self.device, resolve_dtype(cfg.dtype, self.device))
+        self.batch_size: int = resolve_batch_size(cfg.batch_size, self.device)
+        model, tok = load_hf_model(r, cfg, self.device)
         self.model = model
         had_template = bool(getattr(tok, "chat_template", None))
         tok.chat_template = None
@@ -140,7 +143,8 @@ class HFBackend:
         # a neutral generation config: no sampling defaults inherited from the checkpoint
         self.model.generation_config = transformers.GenerationConfig(
             bos_token_id=tok.bos_token_id, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
-        sentinel_results = self._run_sentinels(list(guards.SENTINELS if sentinels is None else sentinels))
+        sentinel_results: list[dict[str, Any]] | str = RANDOM_SENTINELS_NOTE if r.kind == "random" else \
+            self._run_sentinels(list(guards.SENTINELS if sentinels is None else sentinels))
         self.fingerprint: dict[str, Any] = {
             **_fingerprint_of(r, cfg), "device": self.device, "load_seconds": round(time.monotonic() - t0, 2),
             "transformers": transformers.__version__, "torch": torch.__version__, "chat_template_disabled": True,

@@ -23,14 +23,14 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, NamedTuple, Sequence
 
 from stage1_core.config import EMBEDDED_MODEL, ModelConfig
 from stage1_core.errors import InputError
 from stage1_core.guards import BOS_POLICY_BY_FAMILY, resolve_bos_policy
 from stage1_core.storage import sha256_file
 
-ModelKind = Literal["embedded", "gguf", "hf_folder", "hub_cache", "fake"]
+ModelKind = Literal["embedded", "gguf", "hf_folder", "hub_cache", "fake", "random"]
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
@@ -38,14 +38,48 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+class RandomSpec(NamedTuple):
+    """Text-decoder dims of a random-weight Gemma 3 (those of the released checkpoints, tiny aside)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    query_pre_attn_scalar: int
+
+
+RANDOM_MODELS: dict[str, RandomSpec] = {
+    "gemma3-tiny": RandomSpec(64, 2, 2, 1, 32, 128, 32),
+    "gemma3-4b": RandomSpec(2560, 34, 8, 4, 256, 10240, 256),
+    "gemma3-12b": RandomSpec(3840, 48, 16, 8, 256, 15360, 256),
+    "gemma3-27b": RandomSpec(5376, 62, 32, 16, 128, 21504, 168),
+}
+"""`random:<name>` models: benchmark-only Gemma 3 text decoders with random weights (normal, std 0.02)
+on the embedded model's tokenizer. They skip the sentinels (nothing else may) and the QC gate always
+halts a run that used one."""
+RANDOM_FAMILY = "gemma3_text"
+RANDOM_VOCAB = 262144
+RANDOM_WEIGHTS_VERSION = "random-weights-v1"
+RANDOM_SENTINELS_NOTE = "skipped (random weights)"
+
+NOMINAL_CONTEXT_TOKENS = 1024
+"""Tokens per batch row the fits-in-memory check reserves KV cache for (prompt + completion)."""
+AUTO_BATCH = {"cpu": 16, "cuda": 64}
+"""batch_size "auto": rows per batch on the CPU and on a GPU (HFBackend.batch_size, the KV estimate)."""
+_DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
+_QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5}
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """A validated model reference (no weights loaded).
 
     Attributes:
-        kind: embedded | gguf | hf_folder | hub_cache | fake.
+        kind: embedded | gguf | hf_folder | hub_cache | fake | random.
         id: the id as configured.
-        path: the HF folder or the .gguf file (None for fake).
+        path: the HF folder or the .gguf file (None for fake and random).
         gguf_file: the GGUF file name when kind is embedded/gguf.
         family: config.json `model_type` or GGUF `general.architecture`.
         bos_policy: "always" or "never" (resolved).
@@ -297,18 +331,32 @@ def _looks_like_path(s: str) -> bool:
 
 
 def resolve_model(cfg: ModelConfig) -> ResolvedModel:
-    """Validate `cfg.id` (and the BOS policy) without loading weights.
+    """Validate `cfg.id`, the BOS policy and `cfg.quantize` without loading weights.
 
     Args:
         cfg: the model config.
     Returns:
         The ResolvedModel.
     Raises:
-        InputError: unknown embedded name, bad fake seed, missing path, folder without config.json /
-            weights / tokenizer, pickle-only weights without allow_pickle, unreadable GGUF, a hub id
-            not in the local HF cache (nothing is downloaded), or a family without a BOS policy.
+        InputError: unknown embedded or random name, bad fake seed, missing path, folder without
+            config.json / weights / tokenizer, pickle-only weights without allow_pickle, unreadable
+            GGUF, a hub id not in the local HF cache (nothing is downloaded), a family without a BOS
+            policy, or a quantize setting this machine cannot run (see check_quantize).
     """
+    r = _resolve_id(cfg)
+    check_quantize(cfg, r)
+    return r
+
+
+def _resolve_id(cfg: ModelConfig) -> ResolvedModel:
     mid = cfg.id.strip()
+    if mid.startswith("random:"):
+        name = mid[len("random:"):]
+        if name not in RANDOM_MODELS:
+            raise InputError(f"unknown random-weight model '{mid}'", field="model.id",
+                             expected=" | ".join(f"random:{n}" for n in RANDOM_MODELS),
+                             fix="pick one of the listed sizes (random weights are for benchmarks only)")
+        return ResolvedModel("random", mid, None, None, RANDOM_FAMILY, resolve_bos_policy(RANDOM_FAMILY, cfg.bos_policy))
     if mid.startswith("embedded:"):
         if mid != EMBEDDED_MODEL:
             raise InputError(f"unknown embedded model '{mid}'", field="model.id", expected=EMBEDDED_MODEL,
@@ -379,8 +427,14 @@ def resolve_dtype(dtype: str, device: str) -> str:
 def _fingerprint_of(r: ResolvedModel, cfg: ModelConfig) -> dict[str, Any]:
     if r.kind == "fake":
         return {"id": r.id, "kind": "fake", "weights_sha256": hashlib.sha256(f"{r.id}:v1".encode()).hexdigest()}
+    if r.kind == "random":
+        return {"id": r.id, "kind": "random", "path": None, "revision": None,
+                "weights_sha256": hashlib.sha256(f"{r.id}:{RANDOM_WEIGHTS_VERSION}".encode()).hexdigest(),
+                "family": r.family, "bos_policy": r.bos_policy, "dtype": resolve_dtype(cfg.dtype, cfg.device),
+                "quantize": cfg.quantize, "sentinels": RANDOM_SENTINELS_NOTE}
     return {"id": r.id, "kind": r.kind, "path": r.path, "revision": r.revision, "weights_sha256": _weights_sha256(r),
-            "family": r.family, "bos_policy": r.bos_policy, "dtype": resolve_dtype(cfg.dtype, cfg.device)}
+            "family": r.family, "bos_policy": r.bos_policy, "dtype": resolve_dtype(cfg.dtype, cfg.device),
+            "quantize": cfg.quantize}
 
 
 def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
@@ -389,16 +443,17 @@ def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
     Args:
         cfg: the model config.
     Returns:
-        {id, kind, path, revision, weights_sha256, family, bos_policy, dtype}; for fake models
-        {id, kind, weights_sha256}. weights_sha256 is the GGUF file's sha256, or the sha256 of the
-        concatenated sha256s of the name-sorted safetensors shards.
+        {id, kind, path, revision, weights_sha256, family, bos_policy, dtype, quantize}; for fake models
+        {id, kind, weights_sha256}; random models add {"sentinels": "skipped (random weights)"}.
+        weights_sha256 is the GGUF file's sha256, the sha256 of the concatenated sha256s of the
+        name-sorted safetensors shards, or (random) the sha256 of "<id>:<RANDOM_WEIGHTS_VERSION>".
     Raises:
         InputError: as resolve_model.
     """
     return _fingerprint_of(resolve_model(cfg), cfg)
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- GGUF as an HF folder
 
 def _gguf_as_hf_folder(r: ResolvedModel, dtype: str) -> Path:
     """The GGUF dequantized once into an HF folder under `{cache}/models/` (atomic; reused afterwards)."""
@@ -433,25 +488,353 @@ def _gguf_as_hf_folder(r: ResolvedModel, dtype: str) -> Path:
     return final
 
 
-def load_hf_model(r: ResolvedModel, device: str, dtype_name: str) -> tuple[Any, Any]:
+def resolve_batch_size(batch_size: int | str, device: str) -> int:
+    """Rows per batch: an integer as given; "auto" -> AUTO_BATCH (16 on the CPU, 64 on a GPU).
+
+    Args:
+        batch_size: ModelConfig.batch_size.
+        device: a resolved device.
+    Returns:
+        The batch size.
+    """
+    if isinstance(batch_size, int):
+        return batch_size
+    return AUTO_BATCH["cpu"] if device == "cpu" else AUTO_BATCH["cuda"]
+
+
+# --------------------------------------------------------------------------- quantization
+
+def _bitsandbytes_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_quantize(cfg: ModelConfig, r: ResolvedModel) -> None:
+    """Fail early when `cfg.quantize` cannot run here (before any weights load).
+
+    Checked: quantize on the CPU (bitsandbytes needs CUDA), on a random-weight model, and, where a GPU
+    is visible, without bitsandbytes installed. An explicit `device: cuda` on a machine without a GPU
+    (a CPU planner) passes; the loader checks again on the worker.
+
+    Args:
+        cfg: the model config.
+        r: its resolution.
+    Raises:
+        InputError: naming model.quantize, with the fix.
+    """
+    if cfg.quantize == "none" or r.kind == "fake":
+        return
+    if r.kind == "random":
+        raise InputError(f"model.quantize {cfg.quantize} is not supported for random-weight models", field="model.quantize",
+                         expected="none", fix="set model.quantize: none (random models are built directly in the dtype)")
+    device = resolve_device(cfg.device)
+    if device == "cpu" or device.startswith(("cpu", "mps")):
+        raise InputError(f"model.quantize {cfg.quantize} needs a CUDA GPU, but the model would run on '{device}'",
+                         field="model.quantize", expected="none on the CPU (bitsandbytes quantizes on CUDA only)",
+                         fix="set model.quantize: none, or run on a CUDA GPU worker (when planning on a CPU "
+                             "machine for GPU workers, set model.device: cuda)")
+    import torch
+
+    if torch.cuda.is_available() and not _bitsandbytes_importable():
+        raise InputError(f"model.quantize {cfg.quantize} needs bitsandbytes, which is not installed",
+                         field="model.quantize", expected="none, or bitsandbytes installed",
+                         fix="pip install 'stage1[gpu]' (bitsandbytes), or set model.quantize: none")
+
+
+def _quantization_config(quantize: str) -> Any:
+    """transformers.BitsAndBytesConfig for "8bit" / "4bit" (nf4, bf16 compute, double quant)."""
+    import torch
+    import transformers
+
+    if quantize == "8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+
+
+# --------------------------------------------------------------------------- fits in memory
+
+class ModelShape(NamedTuple):
+    """What the memory estimate needs: parameter count and the KV cache's per-token shape."""
+
+    n_params: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes a load needs (weights, KV cache for the batch) and bytes the device has free."""
+
+    weights: int
+    kv_cache: int
+    available: int | None
+
+    @property
+    def needed(self) -> int:
+        """weights + kv_cache."""
+        return self.weights + self.kv_cache
+
+
+def estimate_memory(shape: ModelShape, *, weight_bytes: float, kv_bytes: float, batch: int,
+                    context: int = NOMINAL_CONTEXT_TOKENS, available: int | None = None) -> MemoryEstimate:
+    """Pure arithmetic: parameters x bytes per parameter, and the KV cache of a full batch.
+
+    KV cache = layers x 2 (keys, values) x kv_heads x head_dim x kv_bytes x batch x context. Activations
+    and the allocator's slack are not counted (the nominal context is the margin).
+
+    Args:
+        shape: the model's shape.
+        weight_bytes: bytes per parameter (4 float32, 2 bfloat16, 1 8bit, 0.5 4bit).
+        kv_bytes: bytes per KV element (the compute dtype's).
+        batch: rows decoded together.
+        context: tokens per row (NOMINAL_CONTEXT_TOKENS).
+        available: free bytes on the device, if known.
+    Returns:
+        MemoryEstimate(weights, kv_cache, available).
+    """
+    weights = int(shape.n_params * weight_bytes)
+    kv = int(shape.layers * 2 * shape.kv_heads * shape.head_dim * kv_bytes * batch * context)
+    return MemoryEstimate(weights, kv, available)
+
+
+def check_fits(est: MemoryEstimate, *, device: str, batch: int, quantize: str, dtype: str) -> None:
+    """Raise unless the estimate fits the device's free memory (unknown free memory passes).
+
+    Args:
+        est: estimate_memory's result.
+        device: the resolved device (for the message).
+        batch: the batch size used in the estimate.
+        quantize: ModelConfig.quantize (for the fix).
+        dtype: the resolved dtype (for the message).
+    Raises:
+        InputError: field model.batch_size, with the GB needed (weights, KV) and available, and the fix.
+    """
+    if est.available is None or est.needed <= est.available:
+        return
+    gb = 1024 ** 3
+    fixes = [f"a smaller model.batch_size (now {batch})"]
+    if quantize != "4bit" and device.startswith("cuda"):
+        fixes.append("model.quantize: 4bit")
+    fixes.append("a bigger GPU" if device.startswith("cuda") else "a machine with more RAM, or a GPU")
+    raise InputError(f"the model does not fit on {device}: needs {est.needed / gb:.1f} GB (weights "
+                     f"{est.weights / gb:.1f} GB in {quantize if quantize != 'none' else dtype} + KV cache "
+                     f"{est.kv_cache / gb:.1f} GB for {batch} rows x {NOMINAL_CONTEXT_TOKENS} tokens), "
+                     f"{est.available / gb:.1f} GB available", field="model.batch_size",
+                     expected=f"weights + KV cache <= {est.available / gb:.1f} GB",
+                     fix="use " + ", or ".join(fixes))
+
+
+def safetensors_param_count(files: Sequence[str | Path]) -> int:
+    """Parameters in safetensors files, from their JSON headers (no tensor data read).
+
+    A header is an 8-byte little-endian length followed by that many bytes of JSON:
+    {name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}.
+
+    Args:
+        files: the *.safetensors shards.
+    Returns:
+        The sum over tensors of the product of their shapes.
+    Raises:
+        InputError: a file is too short or its header is not JSON.
+    """
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            raw = fh.read(n) if 0 < n < 100_000_000 else b""
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            header = None
+        if not isinstance(header, dict):
+            raise InputError(f"{f} is not a readable safetensors file (bad header)", file=str(f), field="model.id",
+                             expected="safetensors weights", fix="re-download or re-save the weights")
+        for name, t in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in t.get("shape", []):
+                    count *= int(d)
+                total += count
+    return total
+
+
+def _config_shape(config: Mapping[str, Any], n_params: int) -> ModelShape:
+    """ModelShape from a config.json dict (a nested text_config wins); unknown KV dims count as 0."""
+    c = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    layers, heads = int(c.get("num_hidden_layers") or 0), int(c.get("num_attention_heads") or 0)
+    kv_heads = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or (int(c.get("hidden_size") or 0) // heads if heads else 0))
+    return ModelShape(n_params, layers, kv_heads, head_dim)
+
+
+def random_param_count(spec: RandomSpec, vocab: int = RANDOM_VOCAB) -> int:
+    """Parameters of a random Gemma 3 text decoder (tied embeddings, q/k norms, four norms per layer).
+
+    Args:
+        spec: the dims.
+        vocab: vocabulary size.
+    Returns:
+        The parameter count (equal to the built model's).
+    """
+    h, q, kv = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * spec.ffn + 4 * h + 2 * spec.head_dim
+    return vocab * h + spec.layers * per_layer + h
+
+
+def available_memory(device: str) -> int | None:
+    """Free bytes on a device: torch.cuda.mem_get_info on CUDA, available RAM on the CPU.
+
+    Args:
+        device: a resolved device.
+    Returns:
+        Free bytes, or None when unknown (other devices, unreadable /proc/meminfo without psutil).
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    if device != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _shape_of(r: ResolvedModel, folder: Path | None) -> ModelShape | None:
+    if r.kind == "random":
+        spec = RANDOM_MODELS[r.id[len("random:"):]]
+        return ModelShape(random_param_count(spec), spec.layers, spec.kv_heads, spec.head_dim)
+    if folder is None:
+        return None
+    safes, _ = _weight_files(folder)
+    if not safes:
+        return None  # pickle weights: no header to read without unpickling
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    return _config_shape(config if isinstance(config, dict) else {}, safetensors_param_count(safes))
+
+
+def check_memory(r: ResolvedModel, cfg: ModelConfig, device: str, folder: Path | None = None) -> MemoryEstimate | None:
+    """The fits-in-memory check before weights load (estimate_memory vs available_memory).
+
+    Args:
+        r: the resolved model.
+        cfg: its config (dtype, quantize, batch_size).
+        device: the resolved device.
+        folder: the HF folder the weights come from (None for random models).
+    Returns:
+        The estimate, or None when the shape is unknown (pickle weights).
+    Raises:
+        InputError: it does not fit (see check_fits).
+    """
+    shape = _shape_of(r, folder)
+    if shape is None:
+        return None
+    dtype = resolve_dtype(cfg.dtype, device)
+    batch = resolve_batch_size(cfg.batch_size, device)
+    weight_bytes = _QUANT_BYTES.get(cfg.quantize, _DTYPE_BYTES.get(dtype, 4.0))
+    kv_bytes = 2.0 if cfg.quantize != "none" else _DTYPE_BYTES.get(dtype, 4.0)
+    est = estimate_memory(shape, weight_bytes=weight_bytes, kv_bytes=kv_bytes, batch=batch,
+                          available=available_memory(device))
+    check_fits(est, device=device, batch=batch, quantize=cfg.quantize, dtype=dtype)
+    return est
+
+
+# --------------------------------------------------------------------------- loading
+
+def random_gemma3_config(spec: RandomSpec, tokenizer: Any) -> Any:
+    """The Gemma3TextConfig of a random model: real Gemma 3 layout (5 sliding : 1 full, window 1024,
+    rope local 10k / global 1M linear x8), the tokenizer's special ids.
+
+    Args:
+        spec: the dims.
+        tokenizer: the embedded model's tokenizer (vocabulary of RANDOM_VOCAB).
+    Returns:
+        A transformers.Gemma3TextConfig.
+    """
+    from transformers import Gemma3TextConfig
+
+    layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(spec.layers)]
+    return Gemma3TextConfig(
+        vocab_size=RANDOM_VOCAB, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
+        intermediate_size=spec.ffn, query_pre_attn_scalar=spec.query_pre_attn_scalar, sliding_window=1024,
+        layer_types=layer_types, max_position_embeddings=131072, initializer_range=0.02,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True)
+
+
+def _load_random(r: ResolvedModel, device: str, dtype_name: str) -> tuple[Any, Any]:
+    """Build a random Gemma 3 directly on `device` in `dtype_name` (seed 0; no host copy)."""
+    import torch
+    import transformers
+
+    embedded = _resolve_gguf(ModelConfig(), embedded_gguf_path(), "embedded")
+    tok_dtype = dtype_name if dtype_name in ("float32", "bfloat16") else "bfloat16"
+    tok = transformers.AutoTokenizer.from_pretrained(str(_gguf_as_hf_folder(embedded, tok_dtype)),
+                                                     local_files_only=True, trust_remote_code=False)
+    config = random_gemma3_config(RANDOM_MODELS[r.id[len("random:"):]], tok)
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(0)
+        with dev:
+            model = transformers.Gemma3ForCausalLM._from_config(config, dtype=getattr(torch, dtype_name))
+    return model.to(dtype=getattr(torch, dtype_name)).eval(), tok
+
+
+def load_hf_model(r: ResolvedModel, cfg: ModelConfig, device: str) -> tuple[Any, Any]:
     """Load a resolved (non-fake) model and its tokenizer with transformers, local files only.
+
+    On CUDA the weights go straight to the device (`device_map={"": device}`, no full host copy), in
+    the resolved dtype or quantized by bitsandbytes (`cfg.quantize`); on the CPU they load as usual.
+    Random models (`random:<name>`) are built on the device. The fits-in-memory check runs first.
 
     Args:
         r: resolve_model(cfg); a GGUF is first dequantized into a cached HF folder.
+        cfg: the model config (dtype, quantize, batch_size).
         device: a resolved device ("cpu", "cuda", "cuda:1", ...).
-        dtype_name: a resolved torch dtype name ("float32", "bfloat16").
     Returns:
         (model in eval mode on `device`, tokenizer); the chat template is left as loaded.
     Raises:
+        InputError: the model does not fit the device's free memory, or quantize cannot run here.
         OSError: the folder's files cannot be read.
     """
     import torch
     import transformers
 
+    dtype_name = resolve_dtype(cfg.dtype, device)
+    check_quantize(cfg.model_copy(update={"device": device}), r)  # again on the worker that loads
+    if r.kind == "random":
+        check_memory(r, cfg, device)
+        return _load_random(r, device, dtype_name)
     dtype = getattr(torch, dtype_name)
     folder = _gguf_as_hf_folder(r, dtype_name) if r.gguf_file else Path(r.path or "")
+    check_memory(r, cfg, device, folder)
     safes, _ = _weight_files(folder)
     tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=dtype, local_files_only=True, trust_remote_code=False, use_safetensors=bool(safes))
+    kw: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False,
+                          "use_safetensors": bool(safes)}
+    if device.startswith("cuda"):
+        kw["device_map"] = {"": device}
+        if cfg.quantize != "none":
+            kw["quantization_config"] = _quantization_config(cfg.quantize)
+        return transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kw).eval(), tok
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kw)
     return model.to(device).eval(), tok

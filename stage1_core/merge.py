@@ -130,7 +130,8 @@ def qc_summary(plan: dict[str, Any], manifests: list[dict[str, Any]], kept: list
         response_completions=[{"raw": c["raw"], "stop_reason": c["stop_reason"]} for c in completions],
         kept_pairs=[{"response": r["response"], "response_tokens": r["provenance"]["response_tokens"]} for r in kept],
         pairs_generated=total["pairs_generated"], critic_dev_accuracy=(critic_dev or {}).get("accuracy"), thresholds=th)
-    decision = qc.gate(metrics, th, pairs_generated=total["pairs_generated"], iteration=1, max_iterations=1)
+    decision = qc.gate(metrics, th, pairs_generated=total["pairs_generated"], iteration=1, max_iterations=1,
+                       model_id=plan["config"]["model"]["id"])
     return {"gate": decision.to_dict(), "passed": decision.decision == "scale", "strict_qc": plan["strict_qc"],
             "metrics": metrics, "thresholds": th.model_dump(),
             "counts": {**total, "near_duplicates_across_shards": cross_dups, "rows": len(kept), "requested": plan["config"]["count"],

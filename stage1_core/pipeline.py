@@ -355,7 +355,8 @@ def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = 
         pairs_generated=len(responses), critic_dev_accuracy=(p.get("critic_dev") or {}).get("accuracy"), thresholds=th,
         critic_dev_auc={k: ((p.get("critic_dev") or {}).get(k) or {}).get("auc") for k in ("instruction", "pair")})
     decision = qc.gate(metrics, th, pairs_generated=len(responses), iteration=p["iteration"],
-                       max_iterations=p["max_iterations"], allow_iterate_when_exhausted=p["max_iterations"] == 0)
+                       max_iterations=p["max_iterations"], allow_iterate_when_exhausted=p["max_iterations"] == 0,
+                       model_id=p["model_id"])
     provenance_base = {"run_id": meta.get("run_id"), "git_sha": meta.get("git_sha"), "config_hash": meta.get("config_hash"),
                        "model": {"id": p["model_id"], "weights_sha256": p["model_sha"]}, "seed": p["seed"],
                        "iteration": p["iteration"], "generation": p["generation"]}

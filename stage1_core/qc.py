@@ -46,6 +46,7 @@ TEMPERATURE_FLOOR = 0.3
 TOKENS_UP = 1.5
 TOKENS_DOWN = 0.75
 NO_ADJUSTMENT = "no further adjustment possible"
+RANDOM_WEIGHTS_REASON = "random-weight model (benchmark only)"
 _FAILED_OP = {"<": "≥", ">=": "<", "<=": ">"}
 
 
@@ -219,7 +220,7 @@ def _reason(name: str, m: dict[str, Any], kind: str) -> str:
 
 
 def gate(metrics: dict[str, dict[str, Any]], thresholds: QCThresholds, *, pairs_generated: int, iteration: int,
-         max_iterations: int, allow_iterate_when_exhausted: bool = False) -> GateDecision:
+         max_iterations: int, allow_iterate_when_exhausted: bool = False, model_id: str | None = None) -> GateDecision:
     """The pure gate: scale, iterate (fixable misses or too small a sample) or halt.
 
     Order: any failed halting metric (instruction_acceptance, pair_acceptance, critic_dev_accuracy
@@ -227,7 +228,9 @@ def gate(metrics: dict[str, dict[str, Any]], thresholds: QCThresholds, *, pairs_
     thresholds.critic_min_auc is set) -> halt; else pairs_generated < thresholds.min_n ->
     iterate ("sample too small ..."); else any failed fixable metric -> iterate; else scale. An
     iterate with no reruns left (iteration > max_iterations) becomes halt, its first reason
-    "iterations exhausted (N of M reruns used)", unless allow_iterate_when_exhausted.
+    "iterations exhausted (N of M reruns used)", unless allow_iterate_when_exhausted. A run of a
+    random-weight model (`model_id` "random:...") always halts, its first reason
+    RANDOM_WEIGHTS_REASON: such data is for benchmarks only.
 
     Args:
         metrics: compute_metrics output (its "passed" fields are what the gate reads).
@@ -236,6 +239,7 @@ def gate(metrics: dict[str, dict[str, Any]], thresholds: QCThresholds, *, pairs_
         iteration: 1-based count of pilot iterations done so far (1 = the first pilot).
         max_iterations: reruns allowed after the first pilot.
         allow_iterate_when_exhausted: return iterate instead of halt when no reruns are left.
+        model_id: the run's model.id (ModelConfig.id), if known.
     Returns:
         GateDecision; `failed` lists halting failures first, then fixable ones.
     Raises:
@@ -248,6 +252,11 @@ def gate(metrics: dict[str, dict[str, Any]], thresholds: QCThresholds, *, pairs_
         raise ValueError(f"gate: metrics lack {', '.join(missing)} (pass the output of compute_metrics)")
     if iteration < 1 or max_iterations < 0:
         raise ValueError(f"gate: need iteration >= 1 and max_iterations >= 0, got {iteration} and {max_iterations}")
+    if model_id is not None and model_id.strip().startswith("random:"):
+        decided = gate(metrics, thresholds, pairs_generated=pairs_generated, iteration=iteration,
+                       max_iterations=max_iterations, allow_iterate_when_exhausted=allow_iterate_when_exhausted)
+        reasons = [r for r in decided.reasons if decided.decision != "scale"]
+        return GateDecision("halt", [f"{RANDOM_WEIGHTS_REASON}: {model_id.strip()}"] + reasons, decided.failed)
 
     halting_failed = [m for m in gated_halting if metrics[m]["passed"] is False]
     fixable_failed = [m for m in FIXABLE if metrics[m]["passed"] is False]

@@ -1,0 +1,201 @@
+"""Tests of stage1_core.loader for GPU-sized models, on the CPU: the fits-in-memory arithmetic and its
+error, quantize validation, safetensors header parameter counts, random-weight models (tiny), and
+the QC gate halting a random-weight run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from stage1_core import loader, qc
+from stage1_core.config import ModelConfig, QCThresholds
+from stage1_core.errors import InputError
+from stage1_core.schemas import GenerationParams
+
+GB = 1024 ** 3
+
+
+# ----------------------------------------------------------------------------- fits in memory
+
+
+def test_estimate_memory_arithmetic() -> None:
+    shape = loader.ModelShape(n_params=4_000_000_000, layers=34, kv_heads=4, head_dim=256)
+    est = loader.estimate_memory(shape, weight_bytes=2, kv_bytes=2, batch=64, context=1024, available=80 * GB)
+    assert est.weights == 8_000_000_000
+    assert est.kv_cache == 34 * 2 * 4 * 256 * 2 * 64 * 1024 == 9_126_805_504
+    assert est.needed == est.weights + est.kv_cache and est.available == 80 * GB
+    half = loader.estimate_memory(shape, weight_bytes=0.5, kv_bytes=2, batch=1, context=1024)
+    assert half.weights == 2_000_000_000 and half.kv_cache == 34 * 2 * 4 * 256 * 2 * 1024 and half.available is None
+
+
+def test_check_fits_error_prints_the_numbers_and_fix() -> None:
+    est = loader.MemoryEstimate(weights=54 * GB, kv_cache=10 * GB, available=40 * GB)
+    with pytest.raises(InputError) as e:
+        loader.check_fits(est, device="cuda", batch=64, quantize="none", dtype="bfloat16")
+    text = e.value.render()
+    assert "needs 64.0 GB" in text and "weights 54.0 GB in bfloat16" in text and "KV cache 10.0 GB" in text
+    assert "40.0 GB available" in text and "64 rows x 1024 tokens" in text
+    assert e.value.field == "model.batch_size"
+    assert "smaller model.batch_size (now 64)" in e.value.fix and "quantize: 4bit" in e.value.fix
+    assert "bigger GPU" in e.value.fix
+
+
+def test_check_fits_passes_when_it_fits_or_memory_unknown() -> None:
+    loader.check_fits(loader.MemoryEstimate(30 * GB, 10 * GB, 40 * GB), device="cuda", batch=8, quantize="none",
+                      dtype="bfloat16")
+    loader.check_fits(loader.MemoryEstimate(30 * GB, 10 * GB, None), device="mps", batch=8, quantize="none",
+                      dtype="bfloat16")
+    with pytest.raises(InputError, match="needs 40.0 GB"):
+        loader.check_fits(loader.MemoryEstimate(30 * GB, 10 * GB, 40 * GB - 1), device="cuda", batch=8,
+                          quantize="none", dtype="bfloat16")
+
+
+def test_check_memory_uses_batch_and_quantize(monkeypatch: pytest.MonkeyPatch) -> None:
+    r = loader.resolve_model(ModelConfig(id="random:gemma3-27b", device="cpu"))
+    monkeypatch.setattr(loader, "available_memory", lambda device: 1000 * GB)
+    est = loader.check_memory(r, ModelConfig(id="random:gemma3-27b", device="cpu", dtype="bfloat16", batch_size=2), "cpu")
+    assert est is not None
+    assert est.weights == loader.random_param_count(loader.RANDOM_MODELS["gemma3-27b"]) * 2
+    assert est.kv_cache == 62 * 2 * 16 * 128 * 2 * 2 * 1024
+    monkeypatch.setattr(loader, "available_memory", lambda device: 10 * GB)
+    with pytest.raises(InputError, match=r"weights 5\d\.\d GB in bfloat16"):
+        loader.check_memory(r, ModelConfig(id="random:gemma3-27b", device="cpu", dtype="bfloat16"), "cpu")
+
+
+def test_random_param_count_matches_known_sizes() -> None:
+    # Gemma 3 text decoders: 4B ~3.88e9, 12B ~11.77e9, 27B ~27.0e9 parameters
+    assert round(loader.random_param_count(loader.RANDOM_MODELS["gemma3-4b"]) / 1e9, 2) == 3.88
+    assert round(loader.random_param_count(loader.RANDOM_MODELS["gemma3-12b"]) / 1e9, 1) == 11.8
+    assert round(loader.random_param_count(loader.RANDOM_MODELS["gemma3-27b"]) / 1e9, 1) == 27.0
+
+
+def test_safetensors_header_param_count(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.zeros(3, 4), "b.bias": torch.zeros(5)}, str(tmp_path / "model-00001-of-00002.safetensors"),
+              metadata={"format": "pt"})
+    save_file({"c.weight": torch.zeros(2, 3, 7, dtype=torch.bfloat16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert loader.safetensors_param_count(files) == 12 + 5 + 42
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(InputError, match="bad header"):
+        loader.safetensors_param_count([tmp_path / "bad.safetensors"])
+
+
+def test_shape_of_a_saved_tiny_model(tmp_path: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(tmp_path))
+    r = loader.ResolvedModel("hf_folder", str(tmp_path), str(tmp_path), None, "llama", "always")
+    shape = loader._shape_of(r, tmp_path)
+    assert shape == loader.ModelShape(sum(p.numel() for p in model.state_dict().values()), 2, 2, 8)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+@pytest.mark.parametrize("quantize", ["8bit", "4bit"])
+def test_quantize_on_cpu_is_an_input_error(quantize: str) -> None:
+    with pytest.raises(InputError) as e:
+        loader.resolve_model(ModelConfig(id="random:gemma3-tiny", device="cpu", quantize=quantize))
+    assert e.value.field == "model.quantize" and e.value.fix
+    with pytest.raises(InputError) as e:
+        loader.check_quantize(ModelConfig(id="x", device="cpu", quantize=quantize),
+                              loader.ResolvedModel("hf_folder", "x", "/x", None, "llama", "always"))
+    assert e.value.field == "model.quantize" and "CUDA" in e.value.message and "quantize: none" in e.value.fix
+
+
+def test_quantize_without_bitsandbytes_on_a_gpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loader, "_bitsandbytes_importable", lambda: False)
+    r = loader.ResolvedModel("hf_folder", "x", "/x", None, "llama", "always")
+    with pytest.raises(InputError) as e:
+        loader.check_quantize(ModelConfig(id="x", device="cuda", quantize="4bit"), r)
+    assert e.value.field == "model.quantize" and "bitsandbytes" in e.value.message and "stage1[gpu]" in e.value.fix
+    monkeypatch.setattr(loader, "_bitsandbytes_importable", lambda: True)
+    loader.check_quantize(ModelConfig(id="x", device="cuda", quantize="4bit"), r)  # passes
+    loader.check_quantize(ModelConfig(id="x", device="cpu", quantize="none"), r)
+
+
+def test_quantize_is_in_the_fingerprint() -> None:
+    fp = loader.model_fingerprint(ModelConfig(id="random:gemma3-tiny", device="cpu"))
+    assert fp["quantize"] == "none"
+
+
+# ----------------------------------------------------------------------------- random models
+
+
+def test_random_ids_resolve_without_files() -> None:
+    for name in ("gemma3-tiny", "gemma3-4b", "gemma3-12b", "gemma3-27b"):
+        r = loader.resolve_model(ModelConfig(id=f"random:{name}", device="cpu"))
+        assert (r.kind, r.path, r.gguf_file, r.family, r.bos_policy) == ("random", None, None, "gemma3_text", "always")
+    fp = loader.model_fingerprint(ModelConfig(id="random:gemma3-4b", device="cpu"))
+    assert fp["sentinels"] == "skipped (random weights)" and fp["kind"] == "random"
+    assert fp["weights_sha256"] == hashlib.sha256(b"random:gemma3-4b:random-weights-v1").hexdigest()
+    with pytest.raises(InputError) as e:
+        loader.resolve_model(ModelConfig(id="random:gemma3-70b"))
+    assert e.value.field == "model.id" and "random:gemma3-27b" in (e.value.expected or "")
+
+
+def test_random_config_dims() -> None:
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
+
+    c = loader.random_gemma3_config(loader.RANDOM_MODELS["gemma3-27b"], Tok())
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.intermediate_size, c.query_pre_attn_scalar, c.vocab_size) == (5376, 62, 32, 16, 128, 21504, 168, 262144)
+    assert c.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"] and c.sliding_window == 1024
+    assert c.layer_types.count("full_attention") == 10
+    assert c.rope_parameters["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}
+    assert c.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
+
+
+@pytest.fixture(scope="module")
+def tiny_backend():
+    from stage1_core.hf_backend import HFBackend
+
+    return HFBackend(ModelConfig(id="random:gemma3-tiny", device="cpu"))
+
+
+def test_random_tiny_loads_without_sentinels(tiny_backend) -> None:
+    fp = tiny_backend.fingerprint
+    assert fp["sentinels"] == "skipped (random weights)" and fp["kind"] == "random"
+    assert fp["chat_template_disabled"] is True and tiny_backend.tokenizer.chat_template is None
+    model = tiny_backend.model
+    assert model.config.hidden_size == 64 and model.config.vocab_size == 262144
+    assert sum(p.numel() for p in model.parameters()) == loader.random_param_count(loader.RANDOM_MODELS["gemma3-tiny"])
+    std = float(model.model.layers[0].mlp.up_proj.weight.detach().std())
+    assert 0.015 < std < 0.025
+
+
+def test_random_tiny_encodes_with_bos_and_generates(tiny_backend) -> None:
+    bos = tiny_backend.tokenizer.bos_token_id
+    ids = tiny_backend.encode(["Hello there", "1, 2, 3,"])
+    assert bos == 2 and all(x[0] == bos and x.count(bos) == 1 for x in ids)
+    params = GenerationParams(max_new_tokens=5, temperature=0.0, stop_sequences=["\n\n"])
+    out = tiny_backend.generate(["Instruction: Name a fruit.\nResponse:", "The sky is"], params, seed=0)
+    assert len(out) == 2 and all(1 <= c.n_tokens <= 5 for c in out)
+    again = tiny_backend.generate(["Instruction: Name a fruit.\nResponse:", "The sky is"], params, seed=0)
+    assert [c.text for c in again] == [c.text for c in out]
+
+
+def test_gate_always_halts_a_random_weight_run() -> None:
+    th = QCThresholds.model_validate({})
+    ok = {"passed": True, "value": 0.0, "op": "<", "threshold": 0.05, "n": 100}
+    metrics = {m: dict(ok) for m in (*qc.FIXABLE, *qc.HALTING)}
+    assert qc.gate(metrics, th, pairs_generated=10_000, iteration=1, max_iterations=2).decision == "scale"
+    d = qc.gate(metrics, th, pairs_generated=10_000, iteration=1, max_iterations=2, model_id="random:gemma3-4b")
+    assert d.decision == "halt" and d.reasons[0] == "random-weight model (benchmark only): random:gemma3-4b"
+    assert qc.gate(metrics, th, pairs_generated=10_000, iteration=1, max_iterations=2,
+                   model_id="embedded:gemma-3-270m").decision == "scale"
