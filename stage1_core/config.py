@@ -25,7 +25,7 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
-    id: str = Field(default=EMBEDDED_MODEL, min_length=1, description="embedded:gemma-3-270m, a local HF folder, a .gguf file, a model id already in the local HF cache, or fake:<seed>")
+    id: str = Field(default=EMBEDDED_MODEL, min_length=1, description="embedded:gemma-3-270m, a local HF folder, a .gguf file, a model id already in the local HF cache, fake:<seed>, or random:gemma3-4b|12b|27b|tiny (random weights, benchmarks only)")
     revision: str | None = None
     bos_policy: Literal["auto", "always", "never"] = "auto"
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"

@@ -165,7 +165,7 @@ def test_random_config_dims() -> None:
 def tiny_backend():
     from stage1_core.hf_backend import HFBackend
 
-    return HFBackend(ModelConfig(id="random:gemma3-tiny", device="cpu"))
+    return HFBackend(ModelConfig(id="random:gemma3-tiny", device="cpu", engine="reference"))
 
 
 def test_random_tiny_loads_without_sentinels(tiny_backend) -> None:
