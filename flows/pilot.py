@@ -76,6 +76,7 @@ def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
     plan = t.prepare_run({"output": output, "config": config, "overwrite": overwrite, "count": count, "seed": seed,
                           "seeds": seeds, "model": model, "max_iterations": max_iterations, "bos_policy": bos_policy,
                           "allow_pickle": allow_pickle})
+    t.load_model(plan)  # guards and sentinels first: a model that fails them leaves the folder as it was
     run.claim_output(plan, run_id)
     meta = {"run_id": run_id, "git_sha": provenance.git_info(run.REPO_DIR)["sha"], "config_hash": plan["config_hash"]}
     cfg, manifests = plan["config"], []
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = runtime.run_cli(lambda: run.prepare_pilot(output=args.output, config=args.config, overwrite=args.overwrite,
                                                        **params),
-                             dry_run=args.dry_run, dry_text=run.dry_run_text, start=start)
+                             dry_run=args.dry_run, dry_text=run.dry_run_text, start=start, load=run.load_model)
     if isinstance(result, int):
         return result
     summary = run.read_summary(result["output"])

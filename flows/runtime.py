@@ -55,10 +55,12 @@ def add_tags(*tags: str) -> None:
 
 
 def run_cli(prepare: Callable[[], dict[str, Any]], *, dry_run: bool, dry_text: Callable[[dict[str, Any]], str],
-            start: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | int:
+            start: Callable[[dict[str, Any]], dict[str, Any]],
+            load: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any] | int:
     """The path every CLI shares: validate (bad input: exit 2, nothing written), `--dry-run` (print
-    the plan, exit 0), then run the flow, turning a locked folder into 5, Ctrl-C into 130 and bad
-    input found later into 2.
+    the plan, exit 0), load and check the model (`load`, e.g. `run.load_model`: a model that fails its
+    guards is bad input, exit 2, and the output folder is left as it was), then run the flow, turning
+    a locked folder into 5, Ctrl-C into 130 and bad input found later into 2.
 
     Returns:
         The flow's result, or the exit code when it did not get one.
@@ -73,6 +75,13 @@ def run_cli(prepare: Callable[[], dict[str, Any]], *, dry_run: bool, dry_text: C
         print(dry_text(plan))
         return 0
     try:
+        if load is not None:
+            try:
+                load(plan)  # cached per process: the flow's phases reuse this model
+            except InputError as e:
+                print(e.render(), file=sys.stderr)
+                print(f"nothing was written: the output folder {plan['output']} is as it was.", file=sys.stderr)
+                return 2
         return start(plan)
     except LockedError as e:
         print(e.render(), file=sys.stderr)

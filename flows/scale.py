@@ -89,6 +89,8 @@ def scale(count: Annotated[int, Field(gt=0, le=1_000_000)] | None = None,
                             "overwrite": overwrite, "strict_qc": strict_qc, "count": count, "shard_size": shard_size,
                             "seed": seed, "seeds": seeds, "model": model, "bos_policy": bos_policy,
                             "allow_pickle": allow_pickle, "gpu_hour_usd": gpu_hour_usd, "shard_timeout_s": shard_timeout_s})
+    if not runtime.deployment_name():  # shards run in this process: check the model before the folder is touched
+        t.load_model(plan)  # (under a deployment this run only orchestrates; the shard runs load it)
     with hold_lock(Path(plan["output"]) / LOCK_NAME):
         done = t.claim_scale(plan, run_id)
         pending = [s["index"] for s in plan["shards"] if s["index"] not in done]
@@ -121,6 +123,7 @@ def scale_shard(output: str, shard: Annotated[int, Field(ge=0)], seed: Annotated
     if shard not in range(len(plan["shards"])):
         raise InputError(f"shard {shard} does not exist", field="shard", expected=f"0 to {len(plan['shards']) - 1}",
                          fix="pass a shard index of this run")
+    t.load_model(plan, shard)  # a model that fails its guards writes no shard file
     return t.compute_shard(plan, shard, run_id)
 
 
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
               "model": a.model, "bos_policy": a.bos_policy, "allow_pickle": a.allow_pickle or None,
               "gpu_hour_usd": a.gpu_hour_usd, "shard_timeout_s": a.shard_timeout_s}
     result = runtime.run_cli(lambda: core.prepare_scale(output=a.output, **params), dry_run=a.dry_run,
-                             dry_text=core.dry_run_text, start=lambda plan: scale(output=a.output, **params))
+                             dry_text=core.dry_run_text, start=lambda plan: scale(output=a.output, **params),
+                             load=core.load_model_if_needed)
     if isinstance(result, int):
         return result
     summary = run.read_summary(result["output"])

@@ -1,6 +1,7 @@
 """A deterministic, fast fake model backend for orchestration tests: `--model fake:<seed>`.
 
-Options follow the seed, comma-separated: `fake:7,runaway=0.2,limit=0.1,bad=0.2`.
+Options follow the seed, comma-separated: `fake:7,runaway=0.2,limit=0.1,bad=0.2`; `guard=1` makes
+loading fail its sentinels (ModelGuardError), as a model read wrongly would.
 - List prompts (ending in "N.") continue the numbered list with made-up instructions: some
   duplicates, some too short, some blacklisted, then a blank line.
 - Response prompts (ending in "Response:") answer in a few words, then a blank line; with
@@ -31,6 +32,7 @@ from typing import Any
 
 from stage1_core import faults
 from stage1_core.backend import ProgressFn, item_ids
+from stage1_core.errors import ModelGuardError
 from stage1_core.generation import classify_stop, find_stop
 from stage1_core.schemas import Completion, GenerationParams
 
@@ -49,7 +51,7 @@ def parse_fake_id(model_id: str) -> tuple[int, dict[str, float]]:
         raise ValueError(f"not a fake model id: {model_id!r}")
     head, *opts = model_id[len("fake:"):].split(",")
     seed = int(head)
-    options: dict[str, float] = {"runaway": 0.0, "limit": 0.0, "bad": 0.1}
+    options: dict[str, float] = {"runaway": 0.0, "limit": 0.0, "bad": 0.1, "guard": 0.0}
     for opt in opts:
         k, _, v = opt.partition("=")
         if k not in options:
@@ -67,8 +69,14 @@ class FakeBackend:
     """Implements stage1_core.backend.Backend without a model."""
 
     def __init__(self, model_id: str | int) -> None:
+        """Raises:
+            ModelGuardError: the `guard` option is set (its sentinels "fail").
+        """
         model_id = f"fake:{model_id}" if isinstance(model_id, int) else model_id
         self.seed, self.options = parse_fake_id(model_id)
+        if self.options["guard"]:
+            raise ModelGuardError(f"sentinel(s) failed for {model_id} (bos_policy=never): the fake model was asked "
+                                  "to fail its guards (option guard=1)")
         self.model_id = model_id
         self.fingerprint: dict[str, Any] = {
             "id": model_id, "kind": "fake", "family": "fake", "bos_policy": "never", "dtype": "none",

@@ -3,7 +3,9 @@ output-folder rules, per-phase calls, iteration settings, and the final files.
 
 `prepare_pilot(...)` validates config, seeds, model and output folder and returns a JSON-able plan
 without writing anything (InputError on bad input, so the CLI exits 2 with nothing written).
-`claim_output(plan)` then creates/claims the folder; `finalize(...)` writes the top-level files.
+`load_model(plan)` loads and checks the model (guards, sentinels) before `claim_output(plan)`
+creates/claims the folder, so a model that fails its guards leaves the folder as it was;
+`finalize(...)` writes the top-level files.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 
 from stage1_core import approval as approval_mod
 from stage1_core import pipeline, provenance, qc, storage
+from stage1_core.backend import Backend
 from stage1_core.config import PilotConfig, ResponseGenerationConfig, load_pilot_config
-from stage1_core.errors import InputError
+from stage1_core.errors import InputError, ModelGuardError
 from stage1_core.seeds import load_seeds, require_usable
 
 RUN_MARKER = ".stage1_run.json"
@@ -114,6 +117,50 @@ def prepare_pilot(*, output: str, config: str | None = None, overwrite: bool = F
     return {"config": dumped, "config_hash": config_hash, "output": folder["path"], "folder_state": folder["state"],
             "seeds": seedset.summary(), "model": fingerprint, "identity": identity,
             "config_source": str(config) if config else None}
+
+
+GUARD_FIX_TRANSFORMERS = "5.24"
+"""The transformers release from which Gemma 3 GGUF files load correctly (older ones misread them)."""
+
+
+def load_model(plan: dict[str, Any]) -> Backend:
+    """Load the plan's model and run its guards and sentinels, before anything is written.
+
+    Loading is cached per process (`stage1_core.model.load_backend`), so the phases that follow in
+    this process reuse the backend loaded here.
+
+    Args:
+        plan: a pilot or scale plan (`plan["config"]["model"]` is the ModelConfig dump).
+    Returns:
+        The loaded backend.
+    Raises:
+        InputError: the model failed a guard or sentinel at load (ModelGuardError, turned into an
+            error block naming what to check), or the loader found bad input (e.g. the model does not
+            fit in memory), raised as it is. Either way the CLI exits 2 and the folder is untouched.
+    """
+    from stage1_core.config import ModelConfig
+    from stage1_core.model import load_backend
+
+    cfg = ModelConfig.model_validate(plan["config"]["model"])
+    try:
+        return load_backend(cfg)
+    except ModelGuardError as e:
+        raise InputError(f"the model failed its guards at load: {e}", file=(plan.get("model") or {}).get("path"),
+                         field="model.id (--model)",
+                         expected="a base model that loads in completion mode and passes its sentinels",
+                         fix=f"check (1) transformers >= {GUARD_FIX_TRANSFORMERS} is installed (older releases misread "
+                             f"Gemma 3 GGUF files; installed: {_installed('transformers')}), (2) the model files "
+                             "(complete, uncorrupted, tokenizer matching the weights, the intended revision), "
+                             "(3) --bos-policy (try always or never; auto follows the per-family table)") from None
+
+
+def _installed(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def claim_output(plan: dict[str, Any], run_id: str) -> None:

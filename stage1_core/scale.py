@@ -233,6 +233,26 @@ def claim(plan: dict[str, Any], run_id: str) -> list[int]:
     return done
 
 
+def pending_shards(plan: dict[str, Any]) -> list[int]:
+    """The indices of the shards not yet complete on disk (read-only: nothing is created or tidied).
+    A run with none pending needs no model (only the merge is left)."""
+    return [s["index"] for s in plan["shards"] if shards.valid_manifest(plan["output"], plan, s["index"]) is None]
+
+
+def load_model_if_needed(plan: dict[str, Any], only: int | None = None) -> dict[str, Any] | None:
+    """Load and check the model (`run.load_model`, cached per process) when a shard still has to be
+    computed in this process: any shard of the plan, or shard `only`. Call it before anything is
+    written; returns the loaded fingerprint, or None when nothing is left to compute.
+
+    Raises:
+        InputError: the model failed its guards at load (the folder is left as it was).
+    """
+    pending = pending_shards(plan)
+    if not pending or (only is not None and only not in pending):
+        return None
+    return dict(run.load_model(plan).fingerprint)
+
+
 # -- one shard -------------------------------------------------------------------------------------
 def compute_shard(plan: dict[str, Any], index: int, run_id: str) -> dict[str, Any]:
     """Compute shard `index` from scratch unless it is already complete; returns its manifest.

@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from stage1_core import pipeline, reports, run
@@ -127,6 +128,13 @@ def publish_qc(manifest: dict[str, Any]) -> None:
 def prepare_run(params: dict[str, Any]) -> dict[str, Any]:
     """Validate config, seeds, model and output folder; returns the plan (raises on bad input)."""
     return run.prepare_pilot(**params)
+
+
+@task(name="load_model", cache_policy=NO_CACHE, persist_result=False)
+def load_model(plan: dict[str, Any]) -> dict[str, Any]:
+    """Load the plan's model in this process and check its guards and sentinels, before the output
+    folder is claimed; returns its fingerprint (raises InputError when a guard fails)."""
+    return dict(run.load_model(plan).fingerprint)
 
 
 @task(name="finalize_run", persist_result=False)

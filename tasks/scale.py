@@ -29,6 +29,13 @@ def prepare_scale(params: dict[str, Any]) -> dict[str, Any]:
     return scale.prepare_scale(**params)
 
 
+@task(name="load_model", **_OPTS)
+def load_model(plan: dict[str, Any], shard: int | None = None) -> dict[str, Any] | None:
+    """Load and check the model in this process when a shard (any, or `shard`) is left to compute,
+    before the folder is claimed; returns its fingerprint or None (raises InputError on a failed guard)."""
+    return scale.load_model_if_needed(plan, shard)
+
+
 @task(name="claim_scale", **_OPTS)
 def claim_scale(plan: dict[str, Any], run_id: str) -> list[int]:
     """Claim the output folder; returns the shards already complete."""
