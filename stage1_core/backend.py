@@ -63,6 +63,9 @@ class Backend(Protocol):
 
         Each candidate string must encode to exactly one token (e.g. "A", " A"); otherwise
         ValueError. Returns one dict candidate -> logprob per prompt (natural log, full softmax).
+        A backend may also take keywords `batch_size` (prompts per forward pass, None = its default)
+        and `progress` (called with prompts finished); the critic then hands it the whole list at once
+        (HFBackend does), else it calls in chunks of `critic.batch_size` prompts.
         """
         ...
 

@@ -195,7 +195,15 @@ class CriticConfig(StrictModel):
     pair_heuristics: bool = True
     instruction_heuristics: bool = True
     content_free_input: str = "N/A"
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int | Literal["auto"] = Field(default="auto", description="prompts per critic forward pass; "
+                                              "auto: 256 on a GPU, 16 on the CPU")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 < v <= 4096:
+            raise ValueError("batch_size must be 'auto' or an integer in 1..4096")
+        return v
 
     @field_validator("labels")
     @classmethod

@@ -26,6 +26,7 @@ Run `python -m stage1_core.critic_eval --labels FILE` to measure a configuration
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections import Counter
@@ -155,6 +156,7 @@ class ABCritic:
         self.backend = backend
         self.cfg = cfg
         self._offsets: dict[str, float] = {}
+        self._batched: bool | None = None  # whether backend.next_token_logprobs takes batch_size/progress
 
     def _rubric(self, kind: Kind) -> Rubric:
         return self.cfg.instruction_rubric if kind == "instruction" else self.cfg.pair_rubric
@@ -187,12 +189,7 @@ class ABCritic:
         variants = self.variants(kind)
         per_item = len(variants)
         flat = [p for ins, resp in items for p in self.prompts(kind, ins, resp)]
-        bs = self.cfg.batch_size * per_item
-        scores: list[dict[str, float]] = []
-        for start in range(0, len(flat), bs):
-            scores.extend(self.backend.next_token_logprobs(flat[start:start + bs], cands))
-            if progress is not None:
-                progress(len(flat[start:start + bs]) // per_item)
+        scores = self._next_token_logprobs(flat, cands, per_item, progress)
         out: list[tuple[float, float, float]] = []
         for i in range(len(items)):
             goods, bads, masses = [], [], []
@@ -205,6 +202,41 @@ class ABCritic:
                 masses.append(min(1.0, sum(math.exp(v) for v in s.values())))
             out.append((sum(goods) / per_item, sum(bads) / per_item, sum(masses) / per_item))
         return out
+
+    def _next_token_logprobs(self, flat: list[str], cands: list[str], per_item: int,
+                             progress: ProgressFn | None) -> list[dict[str, float]]:
+        """Score all prompts in one backend call, `critic.batch_size` prompts per forward pass ("auto":
+        the backend's default, 256 on a GPU, 16 on the CPU), reporting progress in whole items.
+        Backends whose next_token_logprobs takes no `batch_size` keyword (test fakes) get the prompts
+        in chunks of that size instead."""
+        size = self.cfg.batch_size
+        done = [0, 0]  # prompts finished, items reported
+
+        def advance(n_prompts: int) -> None:
+            done[0] += n_prompts
+            items = min(done[0] // per_item, len(flat) // per_item)
+            if progress is not None and items > done[1]:
+                progress(items - done[1])
+            done[1] = max(done[1], items)
+
+        if self._batched is None:
+            try:
+                params = inspect.signature(self.backend.next_token_logprobs).parameters
+            except (TypeError, ValueError):
+                params = {}  # type: ignore[assignment]
+            self._batched = "batch_size" in params and "progress" in params
+        if self._batched:
+            scores = self.backend.next_token_logprobs(  # type: ignore[call-arg]
+                flat, cands, batch_size=None if size == "auto" else size, progress=advance)
+        else:
+            step = 16 if size == "auto" else size
+            scores = []
+            for start in range(0, len(flat), step):
+                scores.extend(self.backend.next_token_logprobs(flat[start:start + step], cands))
+                advance(len(flat[start:start + step]))
+        if progress is not None and done[1] < len(flat) // per_item:
+            progress(len(flat) // per_item - done[1])
+        return scores
 
     def calibration_offset(self, kind: Kind) -> float:
         """Rubric margin of the content-free input (0.0 when calibration is off or the kind uses PMI

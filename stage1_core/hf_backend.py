@@ -4,7 +4,7 @@
 `stage1_core.guards` (chat template disabled, BOS by family policy, no chat-control ids, sentinels).
 It encodes, generates (the reference path: transformers `generate` with `_NucleusTopP` and
 `_StopOnSequences`), and scores next-token / continuation log-probabilities for the critic
-(prefix-cached). Use `stage1_core.model.load_backend` for the per-process cache.
+(shared prefixes broadcast over suffix batches, `stage1_core.scoring`). Use `stage1_core.model.load_backend` for the per-process cache.
 
 Run it: `PYTHONPATH=. python -m stage1_core.model [--id MODEL] [--prompt TEXT]`; tests:
 `python -m pytest -q tests/core/test_model.py`.
@@ -320,34 +320,49 @@ class HFBackend:
             text = decode(body)
         return Completion(text=text, stop_reason=classify_stop(text, stops, hit_eos), n_tokens=n)
 
-    def next_token_logprobs(self, prompts: list[str], candidates: list[str]) -> list[dict[str, float]]:
+    def next_token_logprobs(self, prompts: list[str], candidates: list[str], batch_size: int | None = None,
+                            progress: ProgressFn | None = None) -> list[dict[str, float]]:
         """Log-probability of each single-token candidate as the next token (no sampling, no generation).
 
         Prompts that share a long token prefix (critic prompts of one rubric and swap order) are scored
-        from that prefix's KV cache: the prefixes run once (and are memoized across calls while the
-        weights are unchanged), then only the suffixes run, batched (`_prefix_groups`,
-        `_score_with_prefixes`); on CPU this roughly halves the critic's time.
-        Results match the plain full-prompt forward (`_next_token_logprobs_plain`) up to float rounding
-        (~1e-5 in float32). Prompts without a worthwhile shared prefix, and models whose cache is not a
-        plain DynamicCache, take the plain path (one left-padded forward per batch).
+        by `stage1_core.scoring.PrefixScorer`: each prefix runs once (memoized across calls while the
+        weights are unchanged), then the suffixes run in batches of `batch_size` rows whose attention
+        reads the prefix K/V in place (broadcast, never copied per row). Prompts without a worthwhile
+        shared prefix, and model classes outside `scoring.SUPPORTED`, take the plain path
+        (`_score_plain`: whole prompts, left padded), which is also the reference
+        (`_next_token_logprobs_plain`); the two agree up to float rounding (~1e-5 in float32).
 
         Args:
             prompts: plain-text prompts without BOS.
             candidates: strings that each encode to exactly one token (e.g. "A", " A").
+            batch_size: prompts per forward pass (critic.batch_size); default `critic_batch_size`
+                (256 on a GPU, 16 on the CPU).
+            progress: called with the number of prompts finished after each forward pass.
         Returns:
             One dict candidate -> natural-log probability (full float32 softmax) per prompt, input order.
         Raises:
             ValueError: a candidate does not encode to exactly one token, or a prompt is empty.
             ModelGuardError: a prompt encodes to a chat-control token.
         """
+        from stage1_core.scoring import PrefixScorer
+
         cand_ids = self._candidate_ids(candidates)
         encoded = self.encode(prompts, "critic prompt")
+        bs = batch_size or self.critic_batch_size
         out: list[dict[str, float]] = [{} for _ in prompts]
-        groups, rest = self._prefix_groups(encoded) if self._prefix_cache_kwarg() else ([], list(range(len(encoded))))
-        if groups:
-            rest.extend(self._score_with_prefixes(encoded, groups, cand_ids, out))
-        self._score_plain(encoded, sorted(rest), cand_ids, out)
+        scorer = self.__dict__.get("_scorer")
+        if scorer is None or scorer.model is not self.model:
+            scorer = self._scorer = PrefixScorer(self.model, self.pad_id, self.device, self._lock)
+        scored, rest = scorer.score(encoded, list(cand_ids.values()), bs, progress)
+        for i, row in scored.items():
+            out[i] = dict(zip(cand_ids, row))
+        self._score_plain(encoded, rest, cand_ids, out, bs, progress)
         return out
+
+    @property
+    def critic_batch_size(self) -> int:
+        """Prompts per critic forward pass when the caller gives none: 256 on a GPU, 16 on the CPU."""
+        return 16 if self.device == "cpu" else 256
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
         """Sum of log p(continuation tokens | prompt) per (prompt, continuation) pair (teacher forcing).
@@ -420,278 +435,22 @@ class HFBackend:
             out[i] = {c: float(v) for c, v in zip(cand_ids, lp[r])}
 
     def _score_plain(self, encoded: list[list[int]], subset: list[int], cand_ids: dict[str, int],
-                     out: list[dict[str, float]]) -> None:
-        """Score encoded[i] for i in subset: whole prompts, left padded, batched by length."""
+                     out: list[dict[str, float]], batch_size: int | None = None,
+                     progress: ProgressFn | None = None) -> None:
+        """Score encoded[i] for i in subset: whole prompts, left padded, batched by length (batch_size
+        rows per forward, default model.batch_size)."""
         import torch
 
-        for sub in self._batches([encoded[i] for i in subset]):
-            idx = [subset[k] for k in sub]
+        bs = batch_size or self.batch_size
+        order = sorted(subset, key=lambda i: (len(encoded[i]), i))
+        for k in range(0, len(order), bs):
+            idx = order[k:k + bs]
             input_ids, mask = self._pad_left([encoded[i] for i in idx])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with self._lock, torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                                     use_cache=False, logits_to_keep=1).logits[:, -1, :]
                 self._store_logprobs(logits, idx, cand_ids, out)
+            if progress is not None:
+                progress(len(idx))
             faults.maybe_fault("critic")
-
-    _PREFIX_MIN_TOKENS = 16
-    """A shared prefix shorter than this is not cached (the saving would not pay for the extra pass)."""
-    _PREFIX_PASS_COST = 8
-    """Fixed cost of one prefix pass, in prompt tokens, when choosing prefix groups."""
-
-    def _prefix_cache_kwarg(self) -> str | None:
-        """The forward() keyword that takes a KV cache ("cache" in transformers >= 5.2x, else
-        "past_key_values"), or None when prefix caching is off for this model."""
-        if getattr(self, "_prefix_kwarg_checked", False):
-            return self._prefix_kwarg
-        import inspect
-
-        kw = None
-        config = getattr(self.model, "config", None)
-        if config is not None and not getattr(config, "is_encoder_decoder", False):
-            try:
-                params = inspect.signature(self.model.forward).parameters
-            except (TypeError, ValueError):
-                params = {}
-            kw = next((k for k in ("cache", "past_key_values") if k in params), None)
-        self._prefix_kwarg, self._prefix_kwarg_checked = kw, True
-        return kw
-
-    def _prefix_groups(self, encoded: list[list[int]]) -> tuple[list[tuple[int, list[int]]], list[int]]:
-        """Partition prompts into shared-prefix groups worth caching, and the rest.
-
-        Prompts are sorted by token ids, so any group's longest common prefix is the minimum LCP of
-        its sorted neighbours; a dynamic program over the sorted order picks the contiguous groups that
-        minimise the tokens run (prefix once + suffixes, + a fixed cost per prefix pass). Every suffix
-        keeps at least one token (the prefix shrinks when a prompt equals it).
-
-        Returns:
-            ([(prefix_len, indices)], rest): cached groups (2+ prompts, prefix >= _PREFIX_MIN_TOKENS)
-            and the indices to score plainly.
-        """
-        n = len(encoded)
-        order = sorted(range(n), key=lambda i: encoded[i])
-        lens = [len(encoded[i]) for i in order]
-        lcp = []
-        for a, b in zip(order, order[1:]):
-            x, y, k = encoded[a], encoded[b], 0
-            m = min(len(x), len(y))
-            while k < m and x[k] == y[k]:
-                k += 1
-            lcp.append(k)
-        csum = [0]
-        for ln in lens:
-            csum.append(csum[-1] + ln)
-        best: list[float] = [0.0] * (n + 1)
-        choice: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # (group start, prefix length; 0 = plain)
-        for j in range(1, n + 1):
-            best[j], choice[j] = best[j - 1] + lens[j - 1], (j - 1, 0)
-            common, shortest = 1 << 30, lens[j - 1]
-            for i in range(j - 2, -1, -1):  # group order[i:j]
-                common, shortest = min(common, lcp[i]), min(shortest, lens[i])
-                p = min(common, shortest - 1)
-                if p < self._PREFIX_MIN_TOKENS:
-                    break  # p only shrinks as the group grows leftwards
-                cost = best[i] + csum[j] - csum[i] - (j - i - 1) * p + self._PREFIX_PASS_COST
-                if cost < best[j]:
-                    best[j], choice[j] = cost, (i, p)
-        groups: list[tuple[int, list[int]]] = []
-        rest: list[int] = []
-        j = n
-        while j > 0:
-            i, p = choice[j]
-            if p:
-                groups.append((p, order[i:j]))
-            else:
-                rest.extend(order[i:j])
-            j = i
-        groups.reverse()
-        return groups, rest
-
-    _HEAD_IS_LM_HEAD = frozenset({"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM",
-                                  "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
-    """Causal LM classes whose forward is `logits = lm_head(model(...).last_hidden_state)` (transformers 5.x),
-    followed for those in _HEAD_SOFTCAPS by final_logit_softcapping. For these the prefix-cached critic
-    runs the decoder per batch and the vocabulary projection once per call (it reads the whole
-    embedding matrix, a large fixed cost per forward on CPU)."""
-    _HEAD_SOFTCAPS = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
-
-    def _split_head(self) -> tuple[Any, Any] | None:
-        """(decoder, head) with model(x).logits == head(decoder(x).last_hidden_state), or None when
-        this model class is not known to be built that way."""
-        import torch
-
-        name = type(self.model).__name__
-        decoder, lm_head = getattr(self.model, "model", None), getattr(self.model, "lm_head", None)
-        if name not in self._HEAD_IS_LM_HEAD or decoder is None or lm_head is None:
-            return None
-        cap = getattr(self.model.config, "final_logit_softcapping", None) if name in self._HEAD_SOFTCAPS else None
-
-        def head(hidden: "torch.Tensor") -> "torch.Tensor":
-            logits = lm_head(hidden)
-            if cap is not None:  # exactly as Gemma2/3ForCausalLM.forward
-                logits = logits / cap
-                logits = torch.tanh(logits)
-                logits = logits * cap
-            return logits
-
-        return decoder, head
-
-    _PREFIX_MEMO_SIZE = 8
-    """Prefix KV states kept across calls (the critic scores one rubric's prefixes call after call)."""
-
-    def _weights_token(self) -> tuple[int, int]:
-        """Changes when the model object, or any parameter's storage or in-place version, changes."""
-        return id(self.model), hash(tuple((p.data_ptr(), getattr(p, "_version", 0)) for p in self.model.parameters()))
-
-    def _prefix_states(self, prefixes: list[tuple[int, ...]], kw: str) -> dict[tuple[int, ...], list[Any]] | None:
-        """Per distinct prefix, per layer, its (keys, values), each (1, kv_heads, len(prefix), head_dim).
-
-        Taken from a small LRU memo (valid while _weights_token is unchanged), else computed by one
-        batched pass over the missing prefixes (left padded, as the plain path pads; no logits).
-        Returns None (and turns prefix caching off for this backend) when the model's cache is not a
-        plain DynamicCache of full / sliding-window layers.
-        """
-        from collections import OrderedDict
-
-        import torch
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-        config = self.model.config
-        with self._lock, torch.inference_mode():
-            token = self._weights_token()
-            memo = self.__dict__.get("_prefix_memo")
-            if memo is None or self.__dict__.get("_prefix_memo_token") != token:
-                memo = self._prefix_memo = OrderedDict()
-                self._prefix_memo_token = token
-            wanted = list(dict.fromkeys(prefixes))
-            missing = [p for p in wanted if p not in memo]
-            if missing:
-                ids, mask = self._pad_left([list(p) for p in missing])
-                width = ids.shape[1]
-                cache = DynamicCache(config=config)
-                self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                           use_cache=True, logits_to_keep=torch.empty(0, dtype=torch.long, device=self.device),
-                           **{kw: cache})
-                layers = getattr(cache, "layers", None) or []
-                ok = bool(layers) and len(layers) == getattr(config, "num_hidden_layers", len(layers))
-                for layer in layers:
-                    ok = ok and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) \
-                        and bool(getattr(layer, "is_initialized", False)) \
-                        and all(t.shape[0] == len(missing) and t.shape[-2] == width for t in (layer.keys, layer.values))
-                if not ok:
-                    self._prefix_kwarg = None  # not a cache layout this path knows: plain from now on
-                    return None
-                for g, p in enumerate(missing):
-                    cut = width - len(p)
-                    memo[p] = [(layer.keys[g:g + 1, :, cut:].clone(), layer.values[g:g + 1, :, cut:].clone())
-                               for layer in layers]
-            states = {}
-            for p in wanted:
-                memo.move_to_end(p)
-                states[p] = memo[p]
-            while len(memo) > self._PREFIX_MEMO_SIZE:
-                memo.popitem(last=False)
-        return states
-
-    def _score_with_prefixes(self, encoded: list[list[int]], groups: list[tuple[int, list[int]]],
-                             cand_ids: dict[str, int], out: list[dict[str, float]]) -> list[int]:
-        """Score prefix groups from their prefixes' KV states (_prefix_states).
-
-        Every cached prompt's suffix runs, batched by suffix length across groups: a batch's cache holds
-        each row's prefix states left padded to the batch's longest prefix, its suffix is left padded
-        after them (mask: pad zeros, prefix ones, pad zeros, suffix ones; positions continue from the
-        row's prefix length), so the last column is each row's last real token, as in the plain path.
-        Where _split_head knows the model, the batches run the decoder only and the last hidden states
-        of the whole call go through the head at the end; otherwise each batch runs the full model
-        with logits_to_keep=1.
-
-        Returns:
-            The indices not scored here (to score plainly): all of them when the model's cache is not
-            a plain DynamicCache of full / sliding-window layers, and the rows of a batch that would
-            reach past a sliding attention window (the padding between prefix and suffix counts there)
-            or whose logits are not finite.
-        """
-        import inspect
-
-        import torch
-        import torch.nn.functional as F
-        from transformers import DynamicCache
-
-        members = [i for _, m in groups for i in m]
-        kw = self._prefix_cache_kwarg()
-        config = self.model.config
-        limits = (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None))
-        window = min((w for w in limits if isinstance(w, int) and w > 0), default=None)
-        if kw is None or (window is not None and max(p for p, _ in groups) + 2 >= window):
-            return members
-        prefix_of = {i: tuple(encoded[m[0]][:p]) for p, m in groups for i in m}
-        states = self._prefix_states(list(prefix_of.values()), kw)
-        if states is None:
-            return members
-        for layer in getattr(DynamicCache(config=config), "layers", None) or []:
-            w = getattr(layer, "sliding_window", None)  # a sliding layer's own window, if the cache knows one
-            window = min(window or w, w) if isinstance(w, int) and w > 0 else window
-        split = self._split_head()
-        decoder_kw = None
-        if split is not None:
-            try:
-                params = inspect.signature(split[0].forward).parameters
-            except (TypeError, ValueError):
-                params = {}
-            decoder_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
-        order = sorted(members, key=lambda i: (len(encoded[i]) - len(prefix_of[i]), i))
-        rest: list[int] = []
-        hidden_rows: list[int] = []
-        hidden: list["torch.Tensor"] = []
-        bs = self.batch_size
-        for k in range(0, len(order), bs):
-            idx = order[k:k + bs]
-            plens = [len(prefix_of[i]) for i in idx]
-            p_b = max(plens)
-            suffixes = [encoded[i][n:] for i, n in zip(idx, plens)]
-            width = max(len(s) for s in suffixes)
-            if window is not None and p_b + width + 2 >= window:
-                rest.extend(idx)  # the padding between prefix and suffix would change what a sliding window sees
-                continue
-            ids, smask = self._pad_left(suffixes)
-            pmask = torch.tensor([[0] * (p_b - n) + [1] * n for n in plens], dtype=smask.dtype, device=smask.device)
-            mask = torch.cat([pmask, smask], dim=1)
-            pos = torch.tensor([[n] for n in plens], dtype=torch.long, device=self.device) \
-                + (smask.cumsum(-1) - 1).clamp(min=0)
-            with self._lock, torch.inference_mode():
-                batch_cache = DynamicCache(config=config)
-                for layer_idx in range(len(states[prefix_of[idx[0]]])):
-                    rows = [(states[prefix_of[i]][layer_idx], p_b - n) for i, n in zip(idx, plens)]
-                    batch_cache.update(torch.cat([F.pad(kv[0], (0, 0, pad, 0)) for kv, pad in rows]),
-                                       torch.cat([F.pad(kv[1], (0, 0, pad, 0)) for kv, pad in rows]), layer_idx)
-                if split is not None and decoder_kw is not None:
-                    hidden.append(split[0](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                           **{decoder_kw: batch_cache}).last_hidden_state[:, -1, :])
-                    hidden_rows.extend(idx)
-                else:
-                    logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                        logits_to_keep=1, **{kw: batch_cache}).logits[:, -1, :]
-                    rest.extend(self._store_finite(logits, idx, cand_ids, out))
-            faults.maybe_fault("critic")
-        if hidden:
-            with self._lock, torch.inference_mode():
-                last = torch.cat(hidden, dim=0)
-                step = max(64, bs)
-                for k in range(0, len(hidden_rows), step):
-                    logits = split[1](last[k:k + step])  # type: ignore[index]
-                    rest.extend(self._store_finite(logits, hidden_rows[k:k + step], cand_ids, out))
-        return rest
-
-    def _store_finite(self, logits: "torch.Tensor", rows: list[int], cand_ids: dict[str, int],
-                      out: list[dict[str, float]]) -> list[int]:
-        """_store_logprobs for the rows whose logits are all finite; returns the other rows."""
-        import torch
-
-        ok = torch.isfinite(logits).all(dim=-1).tolist()
-        good = [r for r, y in enumerate(ok) if y]
-        if good:
-            kept = logits[good] if len(good) < len(rows) else logits
-            self._store_logprobs(kept, [rows[r] for r in good], cand_ids, out)
-        return [rows[r] for r, y in enumerate(ok) if not y]

@@ -267,112 +267,11 @@ def test_nucleus_top_p_matches_transformers() -> None:
     assert all(abs(k - 2500) <= 1 for k in kept)  # exact up to float summation at the boundary
 
 
-# --------------------------------------------------------------------------- prefix-cached critic
-
-_AB = ["A", " A", "B", " B"]
-_SKY = "Sunlight is scattered by air molecules, and blue light scatters the most."
 _LONG_RESPONSE = (
     "Whisk two eggs with a cup of sugar, fold in a cup of flour, a teaspoon of baking powder and the zest of "
     "one lemon, stir in half a cup of melted butter, pour it into a greased tin and bake at 180 degrees for "
     "forty minutes, until a skewer comes out clean."
 )
-
-
-def _pair_prompts(items: list[tuple[str, str]]) -> list[str]:
-    from stage1_core.config import load_pilot_config
-    from stage1_core.prompts import build_critic_prompt
-
-    critic = load_pilot_config().critic
-    return [build_critic_prompt(critic.pair_rubric, swap=swap, instruction=ins, response=resp,
-                                labels=tuple(critic.labels)) for ins, resp in items for swap in (False, True)]
-
-
-def _max_diff(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
-    assert len(a) == len(b) and all(set(x) == set(y) for x, y in zip(a, b))
-    return max(abs(x[c] - y[c]) for x, y in zip(a, b) for c in x)
-
-
-def test_prefix_groups_partition() -> None:
-    be = M.HFBackend.__new__(M.HFBackend)  # _prefix_groups needs no model
-    head_a, head_b = list(range(100, 150)), list(range(100, 120)) + list(range(300, 330))
-    enc = [head_a + [1, 2], [7, 8, 9], head_b + [5], head_a + [3], head_b + [6, 6], head_a[:30], head_a + [1, 2]]
-    groups, rest = be._prefix_groups(enc)
-    by_members = {tuple(sorted(m)): p for p, m in groups}
-    # both swap-order-like families get their own 50-token prefix; the short prompt that is a prefix of
-    # family A joins neither (it would cut A's prefix to 29 tokens); exact duplicates keep a 1-token suffix
-    assert by_members == {(0, 3, 6): 50, (2, 4): 50} and sorted(rest) == [1, 5]
-    assert be._prefix_groups([head_a, head_a]) == ([(49, [0, 1])], [])
-    assert be._prefix_groups([[1] + head_a[:14] + [2], [1] + head_a[:14] + [3]])[0] == []  # 15 tokens: too short to pay
-    assert be._prefix_groups([[1] + head_a[:15] + [2], [1] + head_a[:15] + [3]])[0] == [(16, [0, 1])]
-    assert be._prefix_groups([]) == ([], [])
-
-
-@pytest.mark.real_model
-def test_real_prefix_cached_critic_matches_plain(real_backend: M.HFBackend) -> None:
-    prompts = _pair_prompts([
-        ("Explain why the sky is blue.", _SKY),
-        ("Hi", "Ok"),
-        ("Write a simple recipe for a lemon cake.", _LONG_RESPONSE),
-    ])
-    groups, rest = real_backend._prefix_groups(real_backend.encode(prompts, "critic prompt"))
-    assert len(groups) == 2 and not rest and all(p >= 40 for p, _ in groups)  # one group per swap order
-    assert sorted(sorted(m) for _, m in groups) == [[0, 2, 4], [1, 3, 5]]
-    cached = real_backend.next_token_logprobs(prompts, _AB)
-    plain = real_backend._next_token_logprobs_plain(prompts, _AB)
-    assert _max_diff(cached, plain) < 1e-4
-    assert len({round(r["A"], 3) for r in plain}) == len(prompts)  # distinct rows: input order is checked too
-
-
-@pytest.mark.real_model
-def test_real_prefix_cache_without_common_prefix(real_backend: M.HFBackend) -> None:
-    prompts = ["The capital of France is", "1, 2, 3, 4,", "Question: Is water wet? Options: A) yes B) no\nAnswer:"]
-    assert real_backend._prefix_groups(real_backend.encode(prompts))[0] == []
-    assert real_backend.next_token_logprobs(prompts, _AB) == real_backend._next_token_logprobs_plain(prompts, _AB)
-    mixed = _pair_prompts([("Name a fruit.", "Apple.")]) + prompts[:1] + _pair_prompts([("Say hi.", "Hello!")])
-    groups, rest = real_backend._prefix_groups(real_backend.encode(mixed))
-    assert sorted(sorted(m) for _, m in groups) == [[0, 3], [1, 4]] and rest == [2]
-    plain = real_backend._next_token_logprobs_plain(mixed, _AB)
-    assert _max_diff(real_backend.next_token_logprobs(mixed, _AB), plain) < 1e-4
-
-
-@pytest.mark.real_model
-def test_real_prefix_cache_fallbacks(real_backend: M.HFBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    prompts = _pair_prompts([("Hi", "Ok"), ("Explain why the sky is blue.", _SKY)])
-    enc = real_backend.encode(prompts, "critic prompt")
-    p = real_backend._prefix_groups(enc)[0][0][0]
-    short = max(len(e) - p for e in enc[:2])
-    # a sliding window that the short item's suffix batch stays inside but the long item's would reach past
-    monkeypatch.setattr(real_backend.model.config, "sliding_window", p + short + 3)
-    monkeypatch.setattr(real_backend, "batch_size", 2)
-    plain_rows: list[int] = []
-    score_plain = real_backend._score_plain
-    monkeypatch.setattr(real_backend, "_score_plain",
-                        lambda e, subset, *a: (plain_rows.extend(subset), score_plain(e, subset, *a)))
-    plain = real_backend._next_token_logprobs_plain(prompts, _AB)
-    plain_rows.clear()
-    assert _max_diff(real_backend.next_token_logprobs(prompts, _AB), plain) < 1e-4
-    assert sorted(plain_rows) == [2, 3]  # the long item fell back to the plain path, the short one did not
-    monkeypatch.setattr(real_backend, "_split_head", lambda: None)  # head unknown: full model forward per batch
-    plain_rows.clear()
-    assert _max_diff(real_backend.next_token_logprobs(prompts, _AB), plain) < 1e-4
-    assert sorted(plain_rows) == [2, 3]
-
-
-@pytest.mark.real_model
-def test_real_prefix_memo_reused_then_invalidated(real_backend: M.HFBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    prompts = _pair_prompts([("Hi", "Ok"), ("Name a fruit.", "Apple.")])
-    first = real_backend.next_token_logprobs(prompts, _AB)
-    groups, _ = real_backend._prefix_groups(real_backend.encode(prompts, "critic prompt"))
-    assert all(tuple(real_backend.encode(prompts)[m[0]][:p]) in real_backend._prefix_memo for p, m in groups)
-    full_passes: list[int] = []
-    forward = real_backend.model.forward
-    monkeypatch.setattr(real_backend.model, "forward", lambda *a, **k: (full_passes.append(1), forward(*a, **k))[1])
-    assert real_backend.next_token_logprobs(prompts, _AB) == first and full_passes == []  # prefixes from the memo
-    with torch.no_grad():
-        real_backend.model.lm_head.weight.mul_(1.0)  # an in-place update (same values): the memo must not be trusted
-    assert _max_diff(real_backend.next_token_logprobs(prompts, _AB), first) < 1e-6 and len(full_passes) == 1
 
 
 @pytest.mark.real_model
