@@ -1,0 +1,300 @@
+"""The generation engine (stage1_core/engine.py): stop automaton, counter-based sampling, and exact
+agreement with transformers' `generate` — on tiny random models (fast) and the embedded model."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from stage1_core import engine as E  # noqa: E402
+from stage1_core.generation import find_stop  # noqa: E402
+from stage1_core.schemas import GenerationParams  # noqa: E402
+
+STOPS = ["\n\n", "\nInstruction:", "\nResponse:"]
+
+
+# --------------------------------------------------------------------------- stop automaton
+
+PIECES = ["<pad>", "\n", "\n\n", "\n\n\n", " ", "a", "b", "Instruction", ":", "\nIns", "truction:", "Res", "ponse",
+          ":\n", "\nResponse", "x\n", "\nR", "esponse:", "tion", "Instruc", "e", " a", "\n\nb", "ab"]
+
+
+def _brute(tokens: list[int], stops: list[str]) -> int | None:
+    """Index of the first token after which the concatenated text holds a stop (None if never)."""
+    text = ""
+    for j, t in enumerate(tokens):
+        text += PIECES[t]
+        if find_stop(text, stops):
+            return j
+    return None
+
+
+def _automaton(tokens: list[int], nxt: Any, fires: Any) -> int | None:
+    state = 0
+    for j, t in enumerate(tokens):
+        if fires[state, t]:
+            return j
+        state = nxt[state, t]
+    return None
+
+
+def test_stop_tables_agree_with_find_stop_on_random_sequences() -> None:
+    nxt, fires = E.build_stop_tables(PIECES, STOPS)
+    rng = random.Random(0)
+    hits = 0
+    for _ in range(3000):
+        toks = [rng.randrange(len(PIECES)) for _ in range(rng.randint(1, 12))]
+        want = _brute(toks, STOPS)
+        hits += want is not None
+        assert _automaton(toks, nxt, fires) == want, [PIECES[t] for t in toks]
+    assert 300 < hits < 2900  # both outcomes are exercised
+
+
+def test_stop_split_across_tokens_and_inside_one_token() -> None:
+    nxt, fires = E.build_stop_tables(PIECES, STOPS)
+    ids = {p: i for i, p in enumerate(PIECES)}
+    assert _automaton([ids["a"], ids["\nIns"], ids["truction:"]], nxt, fires) == 2
+    assert _automaton([ids["a"], ids["\nR"], ids["esponse:"]], nxt, fires) == 2
+    assert _automaton([ids["x\n"], ids["\nR"]], nxt, fires) == 1  # "x\n" + "\nR" already holds "\n\n"
+    assert _automaton([ids["a"], ids["\n\nb"]], nxt, fires) == 1  # the stop sits inside one token
+    assert _automaton([ids["\n"], ids["a"], ids["\n"], ids["b"]], nxt, fires) is None
+    assert _automaton([ids["\n"], ids["\n"]], nxt, fires) == 1
+
+
+# --------------------------------------------------------------------------- sampling
+
+def test_mul32_and_uniform_are_exact_32_bit_arithmetic() -> None:
+    rng = random.Random(1)
+    xs = [rng.randrange(1 << 32) for _ in range(500)] + [0, (1 << 32) - 1]
+    got = E._mul32(torch.tensor(xs, dtype=torch.long), 0x846CA68B).tolist()
+    assert got == [(x * 0x846CA68B) % (1 << 32) for x in xs]
+    seeds = torch.tensor([E.row_seed(7, f"id{i}") for i in range(4000)])
+    u = E.uniform(seeds, torch.zeros_like(seeds))
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.02
+    assert torch.equal(u, E.uniform(seeds, torch.zeros_like(seeds)))  # counter-based: no hidden state
+    assert not torch.equal(u, E.uniform(seeds, torch.ones_like(seeds)))  # the step matters
+    assert E.row_seed(7, "a") != E.row_seed(8, "a") and E.row_seed(7, "a") != E.row_seed(7, "b")
+
+
+def _sampling(t: float, p: float, k: int) -> E.Sampling:
+    return E.Sampling(E.sampling_mode(t, p, k), torch.tensor(t), torch.tensor(p), torch.tensor(k))
+
+
+@pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (0.9, 0), (1.0, 3)])
+def test_sampling_follows_the_distribution(top_p: float, top_k: int) -> None:
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]]).repeat(20000, 1)
+    seeds = torch.tensor([E.row_seed(3, f"r{i}") for i in range(20000)])
+    draws = E.sample(logits, _sampling(0.7, top_p, top_k), seeds, torch.zeros(20000, dtype=torch.long))
+    probs = torch.softmax(logits[0] / 0.7, -1)
+    if top_k:
+        probs[top_k:] = 0
+    if top_p < 1:
+        cum = probs.cumsum(-1)
+        probs[(cum - probs) >= top_p] = 0
+    probs = probs / probs.sum()
+    freq = torch.bincount(draws, minlength=6).float() / 20000
+    assert torch.allclose(freq, probs, atol=0.015), (freq, probs)
+    assert E.sample(logits[:2], _sampling(0.0, 1.0, 0), seeds[:2], seeds[:2]).tolist() == [0, 0]
+
+
+# --------------------------------------------------------------------------- tiny random models
+
+class _TinyTokenizer:
+    """Just what the engine asks of a tokenizer: its length and each id's text."""
+
+    def __init__(self, vocab: int) -> None:
+        words = PIECES + [f"w{i}" if i % 7 else f" w{i}" for i in range(vocab - len(PIECES))]
+        self.pieces = words[:vocab]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def batch_decode(self, seqs: list[list[int]], **_: Any) -> list[str]:
+        return ["".join(self.pieces[t] for t in s) for s in seqs]
+
+
+def _tiny(kind: str, vocab: int = 96, std: float = 0.35) -> Any:
+    torch.manual_seed(0)
+    if kind == "gemma3":
+        cfg = transformers.Gemma3TextConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"], max_position_embeddings=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = transformers.Gemma3ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # spread the logits: no near-ties for greedy to flip on
+            p.normal_(0.0, std)
+    return model.float().eval()
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab) for _ in range(rng.randint(2, 17))] for _ in range(n)]
+
+
+def _reference(model: Any, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        seq = model.generate(input_ids=torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=[], pad_token_id=0, min_new_tokens=max_new)
+        out.append(seq[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_tiny_greedy_equals_transformers_generate(kind: str) -> None:
+    model = _tiny(kind)
+    prompts = _prompts(7, 96)
+    ref = _reference(model, prompts, 12)
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=3)
+    got = eng.generate(prompts, [f"p{i}" for i in range(7)], 12, 0.0, 1.0, 0, [], seed=0)
+    assert got == ref
+    assert eng.stats.prefills >= 3  # 7 prompts through 3 slots: rows were refilled
+
+
+def test_tiny_sampling_independent_of_batch_and_order() -> None:
+    model = _tiny("gemma3", std=0.1)
+    prompts = _prompts(9, 96, seed=1)
+    ids = [f"item-{i}" for i in range(9)]
+    runs = []
+    for slots in (1, 4, 9):
+        eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=slots)
+        runs.append(eng.generate(prompts, ids, 10, 0.9, 0.9, 0, STOPS, seed=11))
+    assert runs[0] == runs[1] == runs[2]
+    assert len({t for row in runs[0] for t in row}) > 20  # really sampled, not one repeated token
+    order = [8, 3, 0, 5, 1, 7, 2, 6, 4]
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=4)
+    shuffled = eng.generate([prompts[i] for i in order], [ids[i] for i in order], 10, 0.9, 0.9, 0, STOPS, seed=11)
+    assert [shuffled[order.index(i)] for i in range(9)] == runs[0]
+    other_seed = eng.generate(prompts, ids, 10, 0.9, 0.9, 0, STOPS, seed=12)
+    assert other_seed != runs[0]
+
+
+def test_tiny_rows_stop_at_eos_and_stop_strings() -> None:
+    model = _tiny("llama")
+    tok = _TinyTokenizer(96)
+    prompts = _prompts(6, 96, seed=2)
+    eng = E.Engine(model, tok, eos_ids=[], slots=2)
+    free = eng.generate(prompts, [str(i) for i in range(6)], 24, 1.0, 1.0, 0, [], seed=3)
+    stopped = eng.generate(prompts, [str(i) for i in range(6)], 24, 1.0, 1.0, 0, ["\n"], seed=3)
+    cut_somewhere = 0
+    for a, b in zip(free, stopped):
+        j = _first_stop(tok, a, ["\n"])
+        if j is None:
+            assert b == a
+        else:  # identical up to and including the token that completed the stop, then nothing
+            assert b == a[: j + 1]
+            cut_somewhere += 1
+    assert cut_somewhere >= 2
+
+
+def _first_stop(tok: _TinyTokenizer, ids: list[int], stops: list[str]) -> int | None:
+    text = ""
+    for j, t in enumerate(ids):
+        text += tok.pieces[t]
+        if find_stop(text, stops):
+            return j
+    return None
+
+
+def test_oom_backoff_keeps_every_prompt_in_order_and_fails_clearly_at_one_slot() -> None:
+    model = _tiny("gemma3")
+    prompts = _prompts(8, 96, seed=4)
+    ids = [f"q{i}" for i in range(8)]
+    plain = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=2).generate(prompts, ids, 8, 0.8, 0.95, 0, STOPS, 5)
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=8)
+
+    def limited(slots: int, context: int) -> None:
+        if slots > 2:
+            raise torch.OutOfMemoryError(f"fake: {slots} slots do not fit")
+
+    eng.on_alloc = limited
+    assert eng.generate(prompts, ids, 8, 0.8, 0.95, 0, STOPS, 5) == plain
+    assert eng.stats.oom_backoffs == [4, 2]
+
+    def never(slots: int, context: int) -> None:
+        raise torch.OutOfMemoryError("fake: nothing fits")
+
+    eng.release()
+    eng.on_alloc = never
+    with pytest.raises(E.EngineOOM, match="single slot"):
+        eng.generate(prompts, ids, 8, 0.8, 0.95, 0, STOPS, 5)
+
+
+def test_bad_ids_are_refused() -> None:
+    eng = E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[2], slots=2)
+    with pytest.raises(ValueError, match="unique"):
+        eng.generate([[1, 5], [1, 6]], ["a", "a"], 4, 0.0, 1.0, 0, [], 0)
+    with pytest.raises(ValueError, match="2 prompts but 1 ids"):
+        eng.generate([[1, 5], [1, 6]], ["a"], 4, 0.0, 1.0, 0, [], 0)
+
+
+def test_unsupported_model_is_named() -> None:
+    class Other(torch.nn.Module):
+        pass
+
+    assert "Other is not one of" in (E.supports(Other()) or "")
+
+
+# --------------------------------------------------------------------------- the embedded model
+
+REAL_PROMPTS = [
+    "The capital of France is",
+    "1, 2, 3, 4,",
+    "Below is a list of diverse tasks.\n\n1. Write a haiku about autumn.\n2. Explain how a bicycle works.\n3.",
+    "Instruction: Name three fruits.\nResponse: Apple, banana, cherry.\n\nInstruction: Give a synonym of happy.\nResponse:",
+    "Instruction: What is 2 + 2?\nResponse:",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+]
+
+
+def _diagnose(backend: Any, a: str, b: str) -> str:
+    ia, ib = backend.tokenizer(a, add_special_tokens=False)["input_ids"], backend.tokenizer(b, add_special_tokens=False)["input_ids"]
+    k = next((j for j, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib)))
+    return f"first differing token at {k}: {ia[k:k + 3]} vs {ib[k:k + 3]}\n  a={a!r}\n  b={b!r}"
+
+
+@pytest.mark.real_model
+def test_real_engine_greedy_equals_plain_generate(real_backend: Any) -> None:
+    params = GenerationParams(max_new_tokens=20, temperature=0.0, stop_sequences=[])
+    enc = real_backend.encode(REAL_PROMPTS)
+    ref = real_backend._generate_reference(enc, params, 0, None)
+    got = real_backend.generate(REAL_PROMPTS, params, seed=0)
+    for r, g in zip(ref, got):
+        assert g == r, _diagnose(real_backend, r.text, g.text)
+
+
+@pytest.mark.real_model
+def test_real_stop_sequences_cut_where_the_reference_cuts(real_backend: Any) -> None:
+    params = GenerationParams(max_new_tokens=40, temperature=0.0, stop_sequences=STOPS)
+    ref = real_backend._generate_reference(real_backend.encode(REAL_PROMPTS), params, 0, None)
+    got = real_backend.generate(REAL_PROMPTS, params, seed=0)
+    assert got == ref
+    assert {c.stop_reason for c in got} - {"token_limit"}  # some prompt really stopped early
+
+
+@pytest.mark.real_model
+def test_real_sampled_texts_same_at_batch_1_3_16(real_backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = GenerationParams(max_new_tokens=16, temperature=0.7, top_p=0.9, stop_sequences=STOPS)
+    ids = [f"x{i}" for i in range(len(REAL_PROMPTS))]
+    eng = real_backend.engine()
+    texts = {}
+    for slots in (1, 3, 16):
+        monkeypatch.setattr(eng, "slots_cfg", slots)
+        texts[slots] = [c.text for c in real_backend.generate(REAL_PROMPTS, params, seed=42, ids=ids)]
+    for slots in (3, 16):
+        for a, b in zip(texts[1], texts[slots]):
+            assert a == b, f"batch 1 vs {slots}: " + _diagnose(real_backend, a, b)
+    assert texts[1] != [c.text for c in real_backend.generate(REAL_PROMPTS, params, seed=43, ids=ids)]
