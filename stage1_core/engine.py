@@ -629,6 +629,7 @@ class Engine:
                     out=torch.zeros(slots, max_new, dtype=torch.long, device=dev),
                     max_new=torch.tensor(max_new, dtype=torch.long, device=dev))
         owner: list[int | None] = [None] * slots
+        reach = [0] * slots  # per occupied slot: an upper bound of the position it decodes next
         step = self._step_fn(st, smp, nxt_tab, fire_tab, context, slots)
         self.stats.slots = slots
         self.stats.graphs = self.use_graphs
@@ -638,8 +639,15 @@ class Engine:
             if free and queue and (len(free) * 8 >= slots or len(free) == slots or len(queue) <= len(free)):
                 take = [queue.pop(0) for _ in range(min(len(free), len(queue)))]
                 self._admit(take, free[: len(take)], prompts, ids, seed, st, smp, nxt_tab, fire_tab, owner)
+                for s, i in zip(free, take):
+                    reach[s] = len(prompts[i])
+            # attend only as far as any occupied row can reach before the next harvest (64-token buckets)
+            need = max(reach[s] for s in range(slots) if owner[s] is not None) + self.sync_every
+            bucket = min(context, -(-need // 64) * 64)
             for _ in range(self.sync_every):
-                step()
+                step(bucket)
+            for s in range(slots):
+                reach[s] += self.sync_every
             self.stats.steps += self.sync_every
             live, ngen = torch.stack((st.live.long(), st.ngen)).tolist()  # the one host sync per sync_every steps
             done = [s for s in range(slots) if owner[s] is not None and not live[s]]
@@ -696,7 +704,7 @@ class Engine:
                 owner[s] = i
 
     def _step_fn(self, st: _State, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor", context: int,
-                 slots: int) -> Callable[[], None]:
+                 slots: int) -> Callable[[int], None]:
         """One decode step for every slot (masked for rows that are not live), eager or graph-replayed."""
         import torch
 
@@ -705,8 +713,8 @@ class Engine:
         rows = torch.arange(slots, device=self.device)
         last = st.out.shape[1] - 1
 
-        def step() -> None:
-            h = self.dec.decode(st.tok, st.pos, cache, context)
+        def eager(bucket: int) -> None:
+            h = self.dec.decode(st.tok, st.pos, cache, bucket)
             nxt = sample(self.dec.logits(h), smp, st.seed, st.ngen)
             live = st.live
             st.out[rows, st.ngen.clamp(max=last)] = torch.where(live, nxt, st.out[rows, st.ngen.clamp(max=last)])
@@ -721,20 +729,42 @@ class Engine:
             st.live.copy_(live & ~ended)
 
         if not self.use_graphs:
-            return step
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        saved = [t.clone() for t in (st.tok, st.pos, st.ngen, st.live, st.stop, st.out)]
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()  # warm-up (allocator, kernels) before capture
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.cuda.graph(graph):
-            step()
-        for t, s in zip((st.tok, st.pos, st.ngen, st.live, st.stop, st.out), saved):
-            t.copy_(s)  # capture ran the step: undo it (all rows were idle anyway)
-        return graph.replay  # the bound method keeps the graph (and its memory pool) alive for this call
+            return eager
+        graphs: dict[int, Any] = {}  # one graph per context bucket, sharing one memory pool
+        pool = torch.cuda.graph_pool_handle()
+        state = (st.tok, st.pos, st.ngen, st.live, st.stop, st.out)
+
+        def capture(bucket: int) -> Any:
+            saved = [t.clone() for t in state]
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    eager(bucket)  # warm-up (allocator, kernels) before capture
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                eager(bucket)
+            # warm-up and capture ran the step: undo it (rows rewrite the same K/V when they run it for real)
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            return graph
+
+        def replay(bucket: int) -> None:
+            if bucket not in graphs:
+                try:
+                    graphs[bucket] = capture(bucket)
+                except Exception as e:  # noqa: BLE001 - a model whose kernels cannot be captured runs eagerly
+                    log.warning("engine: CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+                    self.use_graphs = False
+                    graphs[bucket] = None
+            g = graphs[bucket]
+            if g is None:
+                eager(bucket)
+            else:
+                g.replay()
+
+        return replay
 
 
 def main(argv: list[str] | None = None) -> int:

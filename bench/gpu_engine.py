@@ -1,0 +1,267 @@
+"""Benchmark: the stage1 generation engine against plain `model.generate` on one GPU (not a test).
+
+    python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE]
+    python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
+
+One JSON file holds every record, rewritten after each one (`bench/results/gpu_engine-<date>.json`
+by default; an existing file's records for other (model, batch, dtype) keys are kept):
+`{"records": [{"model", "batch", "dtype", "engine", "plain_tok_s", "engine_tok_s",
+"engine_sampled_tok_s", "ratio", "engine_ms_step", "limit_fraction", "token_match",
+"critic_prompts_s", "critic_mfu", "peak_mem_gb", ...}]}`.
+- plain: `model.generate`, sdpa attention, default cache, no logits processors, `max_new` tokens forced
+  (min_new_tokens), one warm-up call, synchronised timing, the same prompts, the same process.
+- engine: `HFBackend.generate` at the default config (engine: stage1, stop sequences armed), greedy
+  (`engine_tok_s`, `ratio` = engine / plain) and sampled at temperature 0.7, top-p 0.9; one warm-up call.
+- 4b/12b/27b: `random:gemma3-*` (random weights on the embedded tokenizer), 128-token prompts, 128 new
+  tokens. 270m: the embedded weights in bf16 and float32 on 256 real phase-1 and phase-3 prompts;
+  `token_match` = tokens in the common prefix of engine and plain greedy output / reference tokens,
+  summed over the prompts.
+- `critic_prompts_s`: distinct 128-token prompts scored through `next_token_logprobs` (A/B candidates,
+  critic batch auto); `critic_mfu` = 2 x parameters x prompt tokens x prompts/s / 989e12.
+- `limit_fraction` = (weight bytes + KV bytes the live rows need per step, at the mean context)
+  / 4.3e12 B/s / measured engine step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
+             "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+    os.environ.setdefault(k, v)
+
+import torch  # noqa: E402
+
+from stage1_core.config import ModelConfig, load_pilot_config  # noqa: E402
+from stage1_core.model import load_backend  # noqa: E402
+from stage1_core.prompts import build_instruction_prompt, build_response_prompt  # noqa: E402
+from stage1_core.schemas import GenerationParams  # noqa: E402
+from stage1_core.seeds import load_seeds  # noqa: E402
+
+PEAK_BF16 = 989e12
+HBM_BYTES_S = 4.3e12
+STOPS = ["\n\n", "\nInstruction:", "\nResponse:"]
+CANDS = ["A", " A", "B", " B"]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def write(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"records": records}, indent=1))
+    os.replace(tmp, path)
+
+
+def upsert(records: list[dict[str, Any]], rec: dict[str, Any]) -> None:
+    key = (rec["model"], rec["batch"], rec["dtype"])
+    records[:] = [r for r in records if (r["model"], r["batch"], r["dtype"]) != key] + [rec]
+
+
+def bench_prompts(backend: Any, n: int, tokens: int) -> list[str]:
+    """n distinct prompts of about `tokens` tokens each (BOS included), cut from the seed tasks' text."""
+    text = " ".join(s.instruction for s in load_seeds(None).seeds)
+    ids = backend.tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = []
+    for i in range(n):
+        start = (i * 37) % max(1, len(ids) - tokens)
+        out.append(backend.tokenizer.decode(ids[start:start + tokens - 1]))
+    return out
+
+
+def real_prompts(n: int) -> list[str]:
+    """n/2 phase-1 list prompts and n/2 phase-3 response prompts, as the pilot builds them."""
+    import random
+
+    cfg = load_pilot_config()
+    seeds = load_seeds(cfg.seeds_path).usable_seeds()
+    rng = random.Random(0)
+    ig, rg = cfg.instruction_generation, cfg.response_generation
+    p1 = [build_instruction_prompt(ig.header, [s.list_text() or "" for s in rng.sample(seeds, ig.few_shot_k)])
+          for _ in range(n // 2)]
+    p3 = [build_response_prompt(s.instruction, rg.worked_examples[: rg.n_examples]) for s in seeds]
+    p3 = (p3 * (n // len(p3) + 1))[: n - len(p1)]
+    return p1 + p3
+
+
+def plain_generate(backend: Any, prompts: list[str], max_new: int, forced: bool) -> list[list[int]]:
+    enc = backend.encode(prompts)
+    ids, mask = backend._pad_left(enc)
+    kw: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": False, "pad_token_id": backend.pad_id}
+    if forced:
+        kw.update(min_new_tokens=max_new, eos_token_id=backend.eos_ids)
+    else:
+        kw.update(eos_token_id=backend.eos_ids)
+    with torch.inference_mode():
+        out = backend.model.generate(input_ids=ids, attention_mask=mask, **kw)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def engine_run(backend: Any, prompts: list[str], params: GenerationParams) -> tuple[int, float, Any]:
+    comps, secs = timed(lambda: backend.generate(prompts, params, seed=1, ids=[f"b{i}" for i in range(len(prompts))]))
+    eng = backend.engine()
+    return sum(c.n_tokens for c in comps), secs, (eng.stats if eng is not None else None)
+
+
+def critic_rate(backend: Any, prompts: list[str]) -> tuple[float, float]:
+    backend.next_token_logprobs(prompts[:8], CANDS)  # warm-up
+    _, secs = timed(lambda: backend.next_token_logprobs(prompts, CANDS))
+    n_tok = sum(len(x) for x in backend.encode(prompts)) / len(prompts)
+    return len(prompts) / secs, n_tok
+
+
+def param_bytes(model: Any) -> tuple[int, int]:
+    n = sum(p.numel() for p in model.parameters())
+    b = sum(p.numel() * p.element_size() for p in model.parameters())
+    return n, b
+
+
+def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
+               forced_plain: bool, token_match: float | None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
+                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    # plain generate: warm-up, then timed
+    plain_generate(backend, prompts[: min(8, batch)], 4, forced_plain)
+    outs, secs = timed(lambda: plain_generate(backend, prompts, max_new, forced_plain))
+    plain_tokens = sum(len(o) for o in outs) if not forced_plain else len(prompts) * max_new
+    rec["plain_tok_s"] = round(plain_tokens / secs, 1)
+    rec["plain_ms_step"] = round(1000 * secs / max_new, 2)
+    greedy = GenerationParams(max_new_tokens=max_new, temperature=0.0, stop_sequences=STOPS)
+    sampled = GenerationParams(max_new_tokens=max_new, temperature=0.7, top_p=0.9, stop_sequences=STOPS)
+    engine_run(backend, prompts, greedy)  # warm-up (stop tables, first graphs)
+    tok, secs, stats = engine_run(backend, prompts, greedy)
+    rec["engine_tok_s"] = round(tok / secs, 1)
+    rec["engine_tokens"] = tok
+    rec["engine_ms_step"] = round(1000 * secs / max(1, stats.steps), 2) if stats else None
+    rec["engine_steps"] = stats.steps if stats else None
+    rec["engine_slots"] = stats.slots if stats else None
+    rec["engine_graphs"] = stats.graphs if stats else None
+    tok_s, secs_s, _ = engine_run(backend, prompts, sampled)
+    rec["engine_sampled_tok_s"] = round(tok_s / secs_s, 1)
+    rec["sampled_over_greedy"] = round(rec["engine_sampled_tok_s"] / rec["engine_tok_s"], 3)
+    rec["ratio"] = round(rec["engine_tok_s"] / rec["plain_tok_s"], 2)
+    n_params, w_bytes = param_bytes(backend.model)
+    eng = backend.engine()
+    if eng is not None and stats is not None and stats.steps:
+        prompt_len = sum(len(x) for x in backend.encode(prompts)) / len(prompts)
+        kv = eng.kv_bytes_per_token() * min(batch, len(prompts)) * (prompt_len + max_new / 2)
+        rec["limit_ms_step"] = round(1000 * (w_bytes + kv) / HBM_BYTES_S, 2)
+        rec["limit_fraction"] = round(rec["limit_ms_step"] / rec["engine_ms_step"], 3)
+    rate, n_tok = critic_rate(backend, prompts)
+    rec["critic_prompts_s"] = round(rate, 1)
+    rec["critic_prompt_tokens"] = round(n_tok, 1)
+    rec["critic_mfu"] = round(2 * n_params * n_tok * rate / PEAK_BF16, 3)
+    rec["token_match"] = token_match
+    rec["parameters"] = n_params
+    rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
+    return rec
+
+
+def measure_token_match(backend: Any, prompts: list[str], max_new: int) -> float:
+    """Common-prefix tokens of engine vs plain greedy output, over the reference's tokens (EOS included)."""
+    ref_rows: list[list[int]] = []
+    for k in range(0, len(prompts), 64):
+        ref_rows += plain_generate(backend, prompts[k:k + 64], max_new, forced=False)
+    eos = set(backend.eos_ids)
+    eng = backend.engine()
+    got = eng.generate(backend.encode(prompts), [str(i) for i in range(len(prompts))], max_new, 0.0, 1.0, 0, [], 0)
+    common = total = 0
+    for r, g in zip(ref_rows, got):
+        n = next((j + 1 for j, t in enumerate(r) if t in eos), len(r))
+        r = r[:n]
+        k = 0
+        while k < min(len(r), len(g)) and r[k] == g[k]:
+            k += 1
+        common += k
+        total += len(r)
+    return round(common / max(1, total), 4)
+
+
+def release(backend: Any) -> None:
+    """Drop a loaded model (engine cache, the per-process backend cache) before the next one loads."""
+    from stage1_core import model as M
+
+    eng = backend.engine()
+    if eng is not None:
+        eng.release()
+    M._BACKENDS.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=None, help="default 4b,12b,27b,270m (smoke: tiny)")
+    ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="CPU check of this script with random:gemma3-tiny")
+    a = ap.parse_args()
+    date = dt.date.today().isoformat()
+    out = Path(a.out or REPO / "bench" / "results" / f"gpu_engine-{date}{'-smoke' if a.smoke else ''}.json")
+    records: list[dict[str, Any]] = json.loads(out.read_text())["records"] if out.is_file() else []
+    batches = [int(b) for b in a.batches.split(",")]
+    models = (a.models or ("tiny" if a.smoke else "4b,12b,27b,270m")).split(",")
+    for name in models:
+        t0 = time.perf_counter()
+        try:
+            if name == "270m":
+                n, max_new = (16, 16) if a.smoke else (256, 128)
+                prompts = real_prompts(n)
+                for dtype in ("bfloat16", "float32"):
+                    backend = load_backend(ModelConfig(dtype=dtype))
+                    match = measure_token_match(backend, prompts, 64 if not a.smoke else 8)
+                    rec = record_for(backend, "270m", len(prompts), dtype, prompts, max_new, True, match)
+                    rec["load_seconds"] = backend.fingerprint.get("load_seconds")
+                    upsert(records, rec)
+                    write(out, records)
+                    print(json.dumps(rec), flush=True)
+                    release(backend)
+                continue
+            mid = f"random:gemma3-{name}"
+            cfg = ModelConfig(id=mid, dtype="float32" if a.smoke else "bfloat16")
+            backend = load_backend(cfg)
+            load_s = time.perf_counter() - t0
+            max_new, plen = (8, 32) if a.smoke else (128, 128)
+            prompts_all = bench_prompts(backend, max(batches), plen)
+            for b in batches:
+                rec = record_for(backend, name, b, cfg.dtype, prompts_all[:b], max_new, True, None)
+                rec["load_seconds"] = round(load_s, 1)
+                upsert(records, rec)
+                write(out, records)
+                print(json.dumps(rec), flush=True)
+            release(backend)
+            del backend
+        except Exception as e:  # noqa: BLE001 - record the failure and go on with the next model
+            traceback.print_exc()
+            upsert(records, {"model": name, "batch": None, "dtype": None, "error": f"{type(e).__name__}: {e}"})
+            write(out, records)
+        print(f"# {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
