@@ -11,7 +11,7 @@ are one (kv_heads, B*G*S, D) x (kv_heads, D, P) matmul (query heads grouped per 
 into the query rows), scores against the suffix are causal with left padding masked, both parts share
 one softmax, sliding-window layers mask keys a window or more behind the query (positions continue
 from the prefix length). Nothing of size B x P x head_dim is made; memory beyond the plain forward's
-is the attention scores, computed in row chunks of at most `_SCORE_BYTES`.
+is the attention scores, computed in row chunks of at most `_SCORE_BYTES` (256 MiB CPU, 2 GiB CUDA).
 
 Only the model classes in `SUPPORTED` take this path (their attention modules call the registered
 function with post-RoPE q/k/v and the `sliding_window` kwarg, and their decoders build no mask for an
@@ -49,8 +49,9 @@ PREFIX_MIN_TOKENS = 16
 """A shared prefix shorter than this is not worth a separate pass."""
 PREFIX_PASS_COST = 8
 """Fixed cost of one prefix pass, in prompt tokens, when choosing prefix groups."""
-_SCORE_BYTES = 1 << 28
-"""Bound on one chunk's float32 attention scores (rows of a batch are attended in chunks under it)."""
+_SCORE_BYTES = {"cpu": 1 << 28, "cuda": 1 << 31}
+"""Bound on one chunk's float32 attention scores by device type (rows of a batch are attended in
+chunks under it)."""
 
 ProgressFn = Callable[[int], None]
 
@@ -200,7 +201,7 @@ def prefix_attention(module: Any, query: "torch.Tensor", key: "torch.Tensor", va
     smask = ctx.suffix_mask(sliding_window)
     pmask = ctx.prefix_mask(sliding_window, first, kp.shape[1])
     per_row = h * s * (kp.shape[1] + s) * 4 * 3
-    step = max(1, _SCORE_BYTES // max(per_row, 1))
+    step = max(1, _SCORE_BYTES.get(query.device.type, 1 << 28) // max(per_row, 1))
     out = query.new_empty(b, s, h, d)
     for lo in range(0, b, step):
         hi = min(b, lo + step)
