@@ -284,6 +284,8 @@ class _Decoder:
         self.dtype = self.embed.weight.dtype if hasattr(self.embed, "weight") else p.dtype
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             self.dtype = torch.bfloat16
+        self.matmul_decode = self.device.type == "cuda"
+        """Decode attention by two matmuls over the cache slice (CUDA), else SDPA (CPU: matches transformers)."""
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
 
@@ -344,6 +346,22 @@ class _Decoder:
             mask = mask.repeat(1, 1, self.group, 1)  # rows are (group, position): repeat the position rows
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
         return o.reshape(n, self.n_heads, t, d).transpose(1, 2).reshape(n, t, self.n_heads * d)
+
+    def _attend_one(self, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", mask: "torch.Tensor",
+                    scale: float) -> "torch.Tensor":
+        """Decode attention (one query per row) as two batched matmuls over the cache slice, read in place.
+
+        q (s, heads, 1, d); k, v (s, kv, keys, d) — a strided slice of the static cache, which SDPA's
+        math fallback would copy; mask (s, 1, 1, keys). Scores are soft-maxed in float32. -> (s, 1, heads*d).
+        """
+        import torch
+
+        s, _, _, d = q.shape
+        qg = q.reshape(s, self.n_kv, self.group, d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (s, kv, group, keys)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # (s, kv, group, d)
+        return o.reshape(s, 1, self.n_heads * d)
 
     def _mlp_block(self, layer: Any, x: "torch.Tensor", attn_out: "torch.Tensor") -> "torch.Tensor":
         if self.gemma_norms:
@@ -408,7 +426,10 @@ class _Decoder:
             ck, cv = cache[li]
             ck[rows, :, pos] = k[:, :, 0]
             cv[rows, :, pos] = v[:, :, 0]
-            a = self._attend(q, ck[:, :, :context], cv[:, :, :context], masks[w], layer.self_attn.scaling)
+            if self.matmul_decode:
+                a = self._attend_one(q, ck[:, :, :context], cv[:, :, :context], masks[w], layer.self_attn.scaling)
+            else:
+                a = self._attend(q, ck[:, :, :context], cv[:, :, :context], masks[w], layer.self_attn.scaling)
             x = self._mlp_block(layer, x, layer.self_attn.o_proj(a))
         return x[:, 0]
 

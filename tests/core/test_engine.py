@@ -153,12 +153,14 @@ def _reference(model: Any, prompts: list[list[int]], max_new: int) -> list[list[
     return out
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llama"])
-def test_tiny_greedy_equals_transformers_generate(kind: str) -> None:
+@pytest.mark.parametrize("kind,matmul_decode", [("gemma3", False), ("llama", False), ("gemma3", True),
+                                                ("llama", True)])
+def test_tiny_greedy_equals_transformers_generate(kind: str, matmul_decode: bool) -> None:
     model = _tiny(kind)
     prompts = _prompts(7, 96)
     ref = _reference(model, prompts, 12)
     eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=3)
+    eng.dec.matmul_decode = matmul_decode  # the CUDA decode attention, checked here on the CPU
     got = eng.generate(prompts, [f"p{i}" for i in range(7)], 12, 0.0, 1.0, 0, [], seed=0)
     assert got == ref
     assert eng.stats.prefills >= 3  # 7 prompts through 3 slots: rows were refilled
