@@ -216,6 +216,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=None, help="default 4b,12b,27b,270m (smoke: tiny)")
     ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="270m only")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script with random:gemma3-tiny")
     a = ap.parse_args()
@@ -230,7 +231,7 @@ def main() -> int:
             if name == "270m":
                 n, max_new = (16, 16) if a.smoke else (256, 128)
                 prompts = real_prompts(n)
-                for dtype in ("bfloat16", "float32"):
+                for dtype in a.dtypes.split(","):
                     backend = load_backend(ModelConfig(dtype=dtype))
                     match = measure_token_match(backend, prompts, 64 if not a.smoke else 8)
                     rec = record_for(backend, "270m", len(prompts), dtype, prompts, max_new, True, match)

@@ -280,7 +280,7 @@ def test_real_engine_greedy_equals_plain_generate(real_backend: Any) -> None:
 
 @pytest.mark.real_model
 def test_real_stop_sequences_cut_where_the_reference_cuts(real_backend: Any) -> None:
-    params = GenerationParams(max_new_tokens=40, temperature=0.0, stop_sequences=STOPS)
+    params = GenerationParams(max_new_tokens=32, temperature=0.0, stop_sequences=STOPS)
     ref = real_backend._generate_reference(real_backend.encode(REAL_PROMPTS), params, 0, None)
     got = real_backend.generate(REAL_PROMPTS, params, seed=0)
     assert got == ref
