@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -177,6 +178,78 @@ def token_strings(tokenizer: Any) -> list[str]:
     n = len(tokenizer)
     return tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
                                   clean_up_tokenization_spaces=False)
+
+
+def _cache_path(name: str) -> "Any":
+    from stage1_core.loader import cache_dir
+
+    return cache_dir() / "engine" / name
+
+
+def _atomic_write(path: Any, write: Callable[[Any], None]) -> None:
+    """Write through a temp file + rename (a cache file is whole or absent); failures only cost a rebuild."""
+    import os
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("engine cache not written (%s): %s", path, e)
+
+
+def vocab_key(tokenizer: Any) -> str | None:
+    """A hash of the tokenizer's vocabulary (None when it cannot list its tokens)."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None:
+        return None
+    toks = convert(list(range(len(tokenizer))))
+    blob = json.dumps([type(tokenizer).__name__, toks], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def cached_token_strings(tokenizer: Any, key: str | None) -> list[str]:
+    """token_strings, memoized on disk under `{cache}/engine/` by vocabulary hash (decoding 262k ids
+    one by one takes ~5 s on 2 CPU cores; reading them back ~0.2 s)."""
+    if key is None:
+        return token_strings(tokenizer)
+    path = _cache_path(f"pieces-{key}.json")
+    try:
+        pieces = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(pieces, list) and len(pieces) == len(tokenizer):
+            return pieces
+    except (OSError, ValueError):
+        pass
+    pieces = token_strings(tokenizer)
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(pieces, ensure_ascii=False), encoding="utf-8"))
+    return pieces
+
+
+def cached_stop_tables(pieces: Sequence[str], stops: Sequence[str], key: str | None) -> tuple[Any, Any]:
+    """build_stop_tables, memoized on disk by (vocabulary hash, stop strings)."""
+    import numpy as np
+
+    if key is None:
+        return build_stop_tables(pieces, stops)
+    skey = hashlib.sha256(json.dumps(sorted({s for s in stops if s})).encode()).hexdigest()[:16]
+    path = _cache_path(f"stops-{key}-{skey}.npz")
+    try:
+        with np.load(path) as z:
+            nxt, fires = z["next_state"].astype(np.int32), z["fires"]
+        if nxt.shape == fires.shape and nxt.shape[1] == len(pieces):
+            return nxt, fires
+    except (OSError, ValueError, KeyError):
+        pass
+    nxt, fires = build_stop_tables(pieces, stops)
+    small = nxt.astype(np.uint8) if nxt.max(initial=0) < 256 else nxt.astype(np.int16)
+
+    def write(tmp: Any) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, next_state=small, fires=fires)
+
+    _atomic_write(path, write)
+    return nxt, fires
 
 
 def build_stop_tables(pieces: Sequence[str], stops: Sequence[str]) -> tuple[Any, Any]:
@@ -536,9 +609,10 @@ class Engine:
         key = tuple(sorted({s for s in stops if s}))
         if key not in self._stop_tables:
             if self._pieces is None:
-                self._pieces = token_strings(self.tokenizer)[: self.vocab]
+                self._vocab_key = vocab_key(self.tokenizer)
+                self._pieces = cached_token_strings(self.tokenizer, self._vocab_key)[: self.vocab]
                 self._pieces += [""] * (self.vocab - len(self._pieces))
-            nxt, fires = build_stop_tables(self._pieces, key)
+            nxt, fires = cached_stop_tables(self._pieces, key, self._vocab_key)
             self._stop_tables[key] = (torch.from_numpy(nxt).long().to(self.device),
                                       torch.from_numpy(fires).to(self.device))
         return self._stop_tables[key]

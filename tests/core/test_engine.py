@@ -66,6 +66,41 @@ def test_stop_split_across_tokens_and_inside_one_token() -> None:
     assert _automaton([ids["\n"], ids["\n"]], nxt, fires) == 1
 
 
+class _ListingTokenizer:
+    """A tokenizer stub that can list its vocabulary (so the engine caches its tables on disk)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(PIECES)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [PIECES[i] for i in ids]
+
+    def batch_decode(self, seqs: list[list[int]], **_: Any) -> list[str]:
+        self.calls += 1
+        return ["".join(PIECES[t] for t in s) for s in seqs]
+
+
+def test_token_texts_and_stop_tables_are_cached_on_disk(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAGE1_CACHE_DIR", str(tmp_path))
+    tok = _ListingTokenizer()
+    key = E.vocab_key(tok)
+    assert E.cached_token_strings(tok, key) == PIECES and tok.calls == 1
+    assert E.cached_token_strings(tok, key) == PIECES and tok.calls == 1  # read back, not decoded again
+    first = E.cached_stop_tables(PIECES, STOPS, key)
+    files = sorted(p.name for p in (tmp_path / "engine").iterdir())
+    assert len(files) == 2 and not any(".tmp" in f for f in files)
+    again = E.cached_stop_tables(PIECES, list(reversed(STOPS)), key)  # same set of stops: same file
+    assert (again[0] == first[0]).all() and (again[1] == first[1]).all()
+    for f in (tmp_path / "engine").iterdir():  # a corrupt cache is rebuilt, never trusted
+        f.write_bytes(b"garbage")
+    assert E.cached_token_strings(tok, key) == PIECES and tok.calls == 2
+    rebuilt = E.cached_stop_tables(PIECES, STOPS, key)
+    assert (rebuilt[0] == first[0]).all() and (rebuilt[1] == first[1]).all()
+
+
 # --------------------------------------------------------------------------- sampling
 
 def test_mul32_and_uniform_are_exact_32_bit_arithmetic() -> None:
@@ -289,7 +324,7 @@ def test_real_stop_sequences_cut_where_the_reference_cuts(real_backend: Any) -> 
 
 @pytest.mark.real_model
 def test_real_sampled_texts_same_at_batch_1_3_16(real_backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    params = GenerationParams(max_new_tokens=16, temperature=0.7, top_p=0.9, stop_sequences=STOPS)
+    params = GenerationParams(max_new_tokens=10, temperature=0.7, top_p=0.9, stop_sequences=STOPS)
     ids = [f"x{i}" for i in range(len(REAL_PROMPTS))]
     eng = real_backend.engine()
     texts = {}
