@@ -108,11 +108,10 @@ def real_prompts(n: int) -> list[str]:
 def plain_generate(backend: Any, prompts: list[str], max_new: int, forced: bool) -> list[list[int]]:
     enc = backend.encode(prompts)
     ids, mask = backend._pad_left(enc)
-    kw: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": False, "pad_token_id": backend.pad_id}
+    kw: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": False, "pad_token_id": backend.pad_id,
+                          "eos_token_id": backend.eos_ids}
     if forced:
-        kw.update(min_new_tokens=max_new, eos_token_id=backend.eos_ids)
-    else:
-        kw.update(eos_token_id=backend.eos_ids)
+        kw["min_new_tokens"] = max_new
     with torch.inference_mode():
         out = backend.model.generate(input_ids=ids, attention_mask=mask, **kw)
     return out[:, ids.shape[1]:].tolist()

@@ -83,7 +83,7 @@ class Backend(Protocol):
         ...
 
 
-def item_ids(prompts: Sequence[str], ids: Sequence[str] | None) -> list[str]:
+def item_ids(prompts: Sequence[object], ids: Sequence[str] | None) -> list[str]:
     """The stable ids of a `generate` call, validated (every backend calls this).
 
     Args:

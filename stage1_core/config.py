@@ -8,16 +8,26 @@ field (line numbers come from the YAML node marks).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stage1_core.errors import InputError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PILOT_CONFIG = CONFIGS_DIR / "pilot.yaml"
 EMBEDDED_MODEL = "embedded:gemma-3-270m"
+
+
+def _check_batch_size(v: int | str) -> int | str:
+    if isinstance(v, int) and not 0 < v <= 4096:
+        raise ValueError("batch_size must be 'auto' or an integer in 1..4096")
+    return v
+
+
+BatchSize = Annotated[int | Literal["auto"], AfterValidator(_check_batch_size)]
+"""A batch size: an integer in 1..4096, or "auto" (resolved per device where it is used)."""
 
 
 class StrictModel(BaseModel):
@@ -31,18 +41,11 @@ class ModelConfig(StrictModel):
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     device: str = "auto"
     allow_pickle: bool = False
-    batch_size: int | Literal["auto"] = Field(default="auto", description="rows decoded together (engine slots) and "
+    batch_size: BatchSize = Field(default="auto", description="rows decoded together (engine slots) and "
                                               "prompts per forward batch; auto: 16 on the CPU, chosen from free memory on a GPU")
     engine: Literal["stage1", "reference"] = Field(default="stage1", description="stage1: the continuous-batching "
                                                    "engine (static KV cache, on-device stops); reference: transformers generate")
     quantize: Literal["none", "8bit", "4bit"] = Field(default="none", description="bitsandbytes weight quantization (CUDA only)")
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 0 < v <= 4096:
-            raise ValueError("batch_size must be 'auto' or an integer in 1..4096")
-        return v
 
 
 class InstructionGenerationConfig(StrictModel):
@@ -195,15 +198,8 @@ class CriticConfig(StrictModel):
     pair_heuristics: bool = True
     instruction_heuristics: bool = True
     content_free_input: str = "N/A"
-    batch_size: int | Literal["auto"] = Field(default="auto", description="prompts per critic forward pass; "
+    batch_size: BatchSize = Field(default="auto", description="prompts per critic forward pass; "
                                               "auto: 256 on a GPU, 16 on the CPU")
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 0 < v <= 4096:
-            raise ValueError("batch_size must be 'auto' or an integer in 1..4096")
-        return v
 
     @field_validator("labels")
     @classmethod

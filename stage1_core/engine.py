@@ -594,7 +594,9 @@ class Engine:
         if self.slots_cfg:
             return max(1, min(self.slots_cfg, n_prompts))
         if not self.cuda:
-            return max(1, min(16, n_prompts))
+            from stage1_core.loader import AUTO_BATCH
+
+            return max(1, min(AUTO_BATCH["cpu"], n_prompts))
         free, _ = torch.cuda.mem_get_info(self.device)
         if self._cache is not None:
             free += sum(k.numel() * k.element_size() * 2 for k, _ in self._cache)
@@ -663,10 +665,9 @@ class Engine:
         """
         import torch
 
-        if len(ids) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(ids)} ids")
-        if len(set(ids)) != len(ids):
-            raise ValueError("ids must be unique (they seed each prompt's sampling)")
+        from stage1_core.backend import item_ids
+
+        ids = item_ids(prompts, ids)
         if not prompts:
             return []
         t0 = time.perf_counter()

@@ -272,7 +272,7 @@ def test_oom_backoff_keeps_every_prompt_in_order_and_fails_clearly_at_one_slot()
 
 def test_bad_ids_are_refused() -> None:
     eng = E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[2], slots=2)
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(ValueError, match="duplicate ids"):
         eng.generate([[1, 5], [1, 6]], ["a", "a"], 4, 0.0, 1.0, 0, [], 0)
     with pytest.raises(ValueError, match="2 prompts but 1 ids"):
         eng.generate([[1, 5], [1, 6]], ["a"], 4, 0.0, 1.0, 0, [], 0)
