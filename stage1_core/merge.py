@@ -129,7 +129,8 @@ def qc_summary(plan: dict[str, Any], manifests: list[dict[str, Any]], kept: list
         instructions_distinct=max(0, total["instructions_generated"] - within - cross_dups),
         response_completions=[{"raw": c["raw"], "stop_reason": c["stop_reason"]} for c in completions],
         kept_pairs=[{"response": r["response"], "response_tokens": r["provenance"]["response_tokens"]} for r in kept],
-        pairs_generated=total["pairs_generated"], critic_dev_accuracy=(critic_dev or {}).get("accuracy"), thresholds=th)
+        pairs_generated=total["pairs_generated"], critic_dev_accuracy=(critic_dev or {}).get("accuracy"), thresholds=th,
+        critic_dev_auc=qc.critic_dev_auc(critic_dev))
     decision = qc.gate(metrics, th, pairs_generated=total["pairs_generated"], iteration=1, max_iterations=1,
                        model_id=plan["config"]["model"]["id"])
     return {"gate": decision.to_dict(), "passed": decision.decision == "scale", "strict_qc": plan["strict_qc"],

@@ -90,8 +90,17 @@ batch size changes speed, not outputs."""
 
 def model_settings(model: dict[str, Any]) -> dict[str, Any]:
     """The `model` section of a call as the cache key hashes it: every key (id, revision, bos_policy,
-    dtype, device, allow_pickle, engine, quantize, ...) but OUTPUT_NEUTRAL_MODEL_KEYS."""
-    return {k: v for k, v in model.items() if k not in OUTPUT_NEUTRAL_MODEL_KEYS}
+    dtype, device, allow_pickle, engine, quantize, ...) but OUTPUT_NEUTRAL_MODEL_KEYS, with `device`
+    and `dtype` resolved ("auto" is float32 on the CPU and bfloat16 on a GPU: a phase computed on one
+    must not count as a hit on the other). Fake models compute the same on any device: left as given."""
+    settings = {k: v for k, v in model.items() if k not in OUTPUT_NEUTRAL_MODEL_KEYS}
+    if not str(settings.get("id", "")).startswith("fake:") and "auto" in (settings.get("device"), settings.get("dtype")):
+        from stage1_core.loader import resolve_device, resolve_dtype
+
+        device = resolve_device(settings.get("device", "auto"))
+        settings["dtype"] = resolve_dtype(settings.get("dtype", "auto"), device)
+        settings["device"] = device
+    return settings
 
 
 def sidecar_path(call: dict[str, Any]) -> Path:
@@ -353,7 +362,7 @@ def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = 
         response_completions=[{"raw": r["raw"], "stop_reason": r["stop_reason"]} for r in responses],
         kept_pairs=[{"response": r["response"], "response_tokens": r["response_tokens"]} for r in pairs],
         pairs_generated=len(responses), critic_dev_accuracy=(p.get("critic_dev") or {}).get("accuracy"), thresholds=th,
-        critic_dev_auc={k: ((p.get("critic_dev") or {}).get(k) or {}).get("auc") for k in ("instruction", "pair")})
+        critic_dev_auc=qc.critic_dev_auc(p.get("critic_dev")))
     decision = qc.gate(metrics, th, pairs_generated=len(responses), iteration=p["iteration"],
                        max_iterations=p["max_iterations"], allow_iterate_when_exhausted=p["max_iterations"] == 0,
                        model_id=p["model_id"])

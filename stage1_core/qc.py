@@ -128,6 +128,12 @@ def _rate(name: str, k: int, n: int, op: Op, threshold: float | None) -> dict[st
     return _metric(k / n, op, threshold, k=k, n=n, ci95=wilson_interval(k, n), passed=passed)
 
 
+def critic_dev_auc(critic_dev: dict[str, Any] | None) -> dict[str, float | None]:
+    """The dev-set AUC per kind ({"instruction": x, "pair": y}, None where unmeasured) from a
+    `critic_dev` record (the pilot's qc_summary / a shard manifest)."""
+    return {k: ((critic_dev or {}).get(k) or {}).get("auc") for k in ("instruction", "pair")}
+
+
 def compute_metrics(*, instructions_generated: int, instructions_kept: int, instructions_distinct: int,
                     response_completions: list[dict[str, Any]], kept_pairs: list[dict[str, Any]], pairs_generated: int,
                     critic_dev_accuracy: float | None, thresholds: QCThresholds,

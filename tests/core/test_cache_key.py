@@ -41,3 +41,17 @@ def test_every_model_key_but_batch_size_is_hashed() -> None:
 
 def test_qc_ignores_the_model(tmp_path: Path) -> None:
     assert pipeline.cache_key(_call(tmp_path, "qc", dtype="bfloat16")) == pipeline.cache_key(_call(tmp_path, "qc"))
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_auto_device_and_dtype_are_hashed_resolved(tmp_path: Path, monkeypatch, gpu: bool) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    real = {"id": "embedded:gemma-3-270m"}
+    auto = pipeline.cache_key(_call(tmp_path, **real, device="auto", dtype="auto"))
+    cpu = pipeline.cache_key(_call(tmp_path, **real, device="cpu", dtype="float32"))
+    cuda = pipeline.cache_key(_call(tmp_path, **real, device="cuda", dtype="bfloat16"))
+    # "auto" is a hit exactly for what it resolves to here: float32 on the CPU, bfloat16 on a GPU.
+    assert (auto == cuda) if gpu else (auto == cpu)
+    assert cpu != cuda

@@ -163,7 +163,11 @@ def test_from_pilot_scales_with_the_settings_the_pilot_finished_with(pilots, tmp
     assert manifest["pilot"]["run_id"] == good["run_id"] and manifest["forced"] is False
     # Same model and critic settings: the pilot's dev-set measurement is reused, not measured again.
     pilot_dev = json.loads((pilots / "good" / "qc_summary.json").read_text())["critic_dev"]
-    assert json.loads((out / "qc_summary.json").read_text())["critic_dev"] == pilot_dev and pilot_dev
+    summary = json.loads((out / "qc_summary.json").read_text())
+    assert summary["critic_dev"] == pilot_dev and pilot_dev
+    # ... and its AUC reaches the scale gate (it used to be dropped: critic_min_auc failed every scale run).
+    for kind in ("instruction", "pair"):
+        assert summary["metrics"][f"critic_dev_auc_{kind}"]["value"] == pilot_dev[kind]["auc"] is not None
     assert json.loads(shards.paths(out, 0)["manifest"].read_text())["critic_dev"] is None
 
 
