@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from stage1_core.errors import DeviceOOM
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,7 +50,7 @@ the distribution is nearly flat (then the draw is limited to those 1024)."""
 _M32 = 0xFFFFFFFF
 
 
-class EngineOOM(RuntimeError):
+class EngineOOM(DeviceOOM):
     """The engine ran out of device memory with a single slot: nothing smaller can be tried."""
 
 

@@ -55,3 +55,8 @@ class InputError(Exception):
 
 class ModelGuardError(RuntimeError):
     """A contamination guard or sentinel failed: the model must not be used as loaded."""
+
+
+class DeviceOOM(RuntimeError):
+    """Out of device memory with nothing smaller left to try (one row per pass); the message says
+    what to change. Never retried: the same call would fail the same way."""

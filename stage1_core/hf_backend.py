@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from stage1_core import faults, guards
 from stage1_core.backend import ProgressFn, item_ids
 from stage1_core.config import ModelConfig
-from stage1_core.errors import InputError
+from stage1_core.errors import DeviceOOM, InputError
 from stage1_core.generation import classify_stop, find_stop
 from stage1_core.guards import Sentinel, check_control_tokens, find_control_token_ids, run_sentinels
 from stage1_core.loader import (RANDOM_SENTINELS_NOTE, ResolvedModel, _fingerprint_of, load_hf_model, resolve_batch_size,
@@ -343,21 +343,36 @@ class HFBackend:
         Raises:
             ValueError: a candidate does not encode to exactly one token, or a prompt is empty.
             ModelGuardError: a prompt encodes to a chat-control token.
+            DeviceOOM: out of device memory even one prompt per pass (a larger batch that runs out of
+                memory is halved and rerun: the scores do not depend on the batch).
         """
         from stage1_core.scoring import PrefixScorer
+
+        import torch
 
         cand_ids = self._candidate_ids(candidates)
         encoded = self.encode(prompts, "critic prompt")
         bs = batch_size or self.critic_batch_size
-        out: list[dict[str, float]] = [{} for _ in prompts]
         scorer = self.__dict__.get("_scorer")
         if scorer is None or scorer.model is not self.model:
             scorer = self._scorer = PrefixScorer(self.model, self.pad_id, self.device, self._lock)
-        scored, rest = scorer.score(encoded, list(cand_ids.values()), bs, progress)
-        for i, row in scored.items():
-            out[i] = dict(zip(cand_ids, row))
-        self._score_plain(encoded, rest, cand_ids, out, bs, progress)
-        return out
+        while True:  # out of device memory: halve the batch (scores do not depend on it), never retry as is
+            out: list[dict[str, float]] = [{} for _ in prompts]
+            try:
+                scored, rest = scorer.score(encoded, list(cand_ids.values()), bs, progress)
+                for i, row in scored.items():
+                    out[i] = dict(zip(cand_ids, row))
+                self._score_plain(encoded, rest, cand_ids, out, bs, progress)
+                return out
+            except torch.OutOfMemoryError as e:
+                if bs <= 1:
+                    raise DeviceOOM(f"out of device memory scoring critic prompts one at a time ({e}); the model "
+                                    "does not leave room for one critic prompt: free the device, set model.quantize "
+                                    "(8bit/4bit), or use a smaller model") from None
+                bs = max(1, bs // 2)
+                log.warning("critic: out of device memory; retrying with %d prompts per forward pass", bs)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     @property
     def critic_batch_size(self) -> int:

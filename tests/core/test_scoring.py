@@ -290,3 +290,30 @@ def test_critic_batch_size_config() -> None:
     for bad in (0, 5000, "big"):
         with pytest.raises(ValidationError):
             type(critic).model_validate({**critic.model_dump(), "batch_size": bad})
+
+
+@pytest.mark.real_model
+def test_real_out_of_memory_halves_the_critic_batch_then_fails_clearly(real_backend, monkeypatch) -> None:
+    import torch
+
+    from stage1_core.errors import DeviceOOM
+
+    prompts = _critic_prompts(n_items=5) + ["Is this a question? Answer:"]  # two groups of 5, one plain prompt
+    reference = real_backend.next_token_logprobs(prompts, _AB, batch_size=2)
+    forward, rows = real_backend.model.forward, []
+
+    def limited(*args, **kwargs):
+        n = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]
+        rows.append(n)
+        if n > limit:
+            raise torch.OutOfMemoryError(f"fake: {n} rows do not fit")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(real_backend.model, "forward", limited)
+    limit = 2
+    got = real_backend.next_token_logprobs(prompts, _AB, batch_size=8)
+    assert _max_diff(got, reference) < 1e-5  # every prompt scored, in input order
+    assert 5 in rows and 4 in rows and max(rows[rows.index(4) + 1:]) <= 2  # batch 8 (5 rows) -> 4 -> 2
+    limit = 0
+    with pytest.raises(DeviceOOM, match="one at a time"):
+        real_backend.next_token_logprobs(prompts, _AB, batch_size=4)
