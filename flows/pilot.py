@@ -5,12 +5,13 @@ Run locally (no server needed; an ephemeral Prefect server starts for the run):
     python -m flows.pilot --count 100 --output artifacts/pilot --seed 42
 Under a deployment: `prefect deployment run stage1/pilot --param count=100` (deployments/prefect.yaml,
 docs/deploy.md). Exit codes: 0 scale, 3 iterate (only with --max-iterations 0), 4 halt, 2 invalid
-input (nothing written), 1 unexpected error, 130 interrupted.
+input (nothing written), 5 output folder locked by another run, 1 unexpected error, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -23,6 +24,7 @@ from pydantic import Field
 from flows import runtime
 from stage1_core import approval, provenance, reports, run, storage
 from stage1_core.errors import InputError
+from stage1_core.locks import LOCK_NAME, hold_lock
 from tasks import phases as t
 
 LOCAL_OUTPUT = "artifacts/pilot"
@@ -52,7 +54,8 @@ def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
           overwrite: bool = False,
           scale_count: Annotated[int, Field(ge=0, le=10_000_000)] = 0,
           require_approval: bool = False,
-          approval_timeout_s: Annotated[int, Field(gt=0)] = 86_400) -> dict[str, Any]:
+          approval_timeout_s: Annotated[int, Field(gt=0)] = 86_400,
+          run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None) -> dict[str, Any]:
     """Stage 1 pilot: generate and filter instructions, generate and filter responses, QC + gate.
 
     Args:
@@ -65,6 +68,8 @@ def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
         require_approval: ask a human before a `scale` verdict counts (suspends under a deployment,
             asks on the terminal locally).
         approval_timeout_s: no answer within this many seconds records `rejected (timeout)`.
+        run_key: under a deployment without `output`: write to ${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key},
+            so rerunning a crashed run with the same key resumes it (phases reused from the cache).
     """
     t0, started, run_id = time.perf_counter(), provenance.utc_now(), provenance.run_id()
     deployment = runtime.deployment_name()
@@ -72,11 +77,22 @@ def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
         raise InputError("require_approval needs a terminal to ask on (stdin is not a terminal)",
                          field="require_approval", expected="an interactive terminal, or a run of the stage1/pilot deployment",
                          fix="run it in a terminal, under the deployment (the run suspends for approval), or without it")
-    output = runtime.run_output(output, LOCAL_OUTPUT)
+    output = runtime.run_output(output, LOCAL_OUTPUT, run_key)
     plan = t.prepare_run({"output": output, "config": config, "overwrite": overwrite, "count": count, "seed": seed,
                           "seeds": seeds, "model": model, "max_iterations": max_iterations, "bos_policy": bos_policy,
                           "allow_pickle": allow_pickle})
     t.load_model(plan)  # guards and sentinels first: a model that fails them leaves the folder as it was
+    with hold_lock(Path(plan["output"]) / LOCK_NAME):  # a second run on this folder exits 5, touching nothing
+        result = _run_locked(plan, run_id=run_id, started=started, t0=t0, count=count, deployment=deployment,
+                             require_approval=require_approval, approval_timeout_s=approval_timeout_s)
+    runtime.add_tags(f"gate:{result['decision']}")
+    result["scale_run"] = hand_off(result, scale_count, deployment)
+    return result
+
+
+def _run_locked(plan: dict[str, Any], *, run_id: str, started: str, t0: float, count: int, deployment: str | None,
+                require_approval: bool, approval_timeout_s: int) -> dict[str, Any]:
+    """The pilot's phases, from claiming the output folder to the final files (under its lock)."""
     run.claim_output(plan, run_id)
     meta = {"run_id": run_id, "git_sha": provenance.git_info(run.REPO_DIR)["sha"], "config_hash": plan["config_hash"]}
     cfg, manifests = plan["config"], []
@@ -115,8 +131,7 @@ def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
         decision = ask_approval(plan, iterations[-1]["qc"]["summary"], approval_timeout_s, deployment)
     result = t.finalize_run(plan, run_id=run_id, started=started, iterations=iterations, phase_manifests=manifests,
                             flow_seconds=round(time.perf_counter() - t0, 3), approval=decision)
-    runtime.add_tags(f"gate:{result['decision']}")
-    result["scale_run"] = hand_off(result, scale_count, deployment)
+    t.publish_final(result, iterations[-1]["qc"])
     return result
 
 
@@ -194,7 +209,10 @@ def hand_off(result: dict[str, Any], scale_count: int, deployment: str | None) -
     if result["decision"] != "scale" or scale_count <= 0:
         return None
     if deployment is None:
-        cmd = f"python -m flows.scale --from-pilot {result['output']} --count {scale_count}"
+        pilot_dir = Path(result["output"])
+        scale_dir = pilot_dir.with_name(pilot_dir.name + "-scale")
+        cmd = shlex.join(["python", "-m", "flows.scale", "--from-pilot", str(pilot_dir), "--output", str(scale_dir),
+                          "--count", str(scale_count)])
         print(f"gate says scale: run the scale with\n  {cmd}")
         return {"command": cmd}
     from prefect.deployments import run_deployment
@@ -213,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m flows.pilot",
         description="Stage 1 pilot: turn a base model into instruction data, gated on measured quality.",
         epilog="Exit codes: 0 scale, 3 iterate (only with --max-iterations 0; writes suggested_config.yaml), "
-               "4 halt (incl. iterations exhausted), 2 invalid input (nothing written), 1 unexpected error, "
+               "4 halt (incl. iterations exhausted), 2 invalid input (nothing written), 5 output folder locked by "
+               "another run, 1 unexpected error, "
                "130 interrupted. Docs: docs/quickstart.md, docs/phases.md, docs/outputs.md.")
     ap.add_argument("--count", type=int, default=None,
                     help="candidate pairs: instructions that pass filtering and get a response (default 100)")

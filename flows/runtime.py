@@ -27,10 +27,16 @@ def deployment_name() -> str | None:
     return deployment.name if deployment.id else None
 
 
-def run_output(explicit: str | None, local_default: str) -> str:
-    """The output folder: the explicit one, else `${STAGE1_OUTPUT_ROOT}/{deployment}/{flow_run_name}`
-    under a deployment (root defaults to ./artifacts of the worker's working directory), else the
-    local default."""
+RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+"""A run key is one folder name: letters, digits, '.', '_', '-' (the schema refuses anything else)."""
+
+
+def run_output(explicit: str | None, local_default: str | None, run_key: str | None = None) -> str | None:
+    """The output folder: the explicit one, else under a deployment
+    `${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key}` when a run key is given (a rerun with the same key
+    resumes that folder, as rerunning a CLI command does) or `.../{flow_run_name}` (a fresh folder per
+    run); the root defaults to ./artifacts of the worker's working directory. Locally: the default.
+    """
     if explicit:
         return explicit
     name = deployment_name()
@@ -39,7 +45,7 @@ def run_output(explicit: str | None, local_default: str) -> str:
     from prefect.runtime import flow_run
 
     root = os.environ.get(OUTPUT_ROOT_ENV) or str(Path.cwd() / "artifacts")
-    return str(Path(root) / name / flow_run.name)
+    return str(Path(root) / name / (run_key or flow_run.name))
 
 
 def add_tags(*tags: str) -> None:

@@ -11,6 +11,7 @@ Exit codes: 0 dataset complete (whatever the QC verdict; 4 with --strict-qc when
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -28,12 +29,17 @@ from stage1_core.locks import LOCK_NAME, hold_lock
 from tasks import scale as t
 
 
-def _deployment_seed() -> int | None:
-    """Under a deployment, the seed of a run that names none: its scheduled start time in seconds."""
+def _deployment_seed(run_key: str | None = None) -> int | None:
+    """Under a deployment, the seed of a run that names none: derived from its run key when it has one
+    (a rerun with the same key must be the same run), else its scheduled start time in seconds."""
     from prefect.runtime import flow_run
 
+    if not runtime.deployment_name():
+        return None
+    if run_key:
+        return int.from_bytes(hashlib.sha256(run_key.encode()).digest()[:4], "big") % 2**31
     start = flow_run.scheduled_start_time
-    return core.seed_from_time(start) if runtime.deployment_name() and start is not None else None
+    return core.seed_from_time(start) if start is not None else None
 
 
 def _run_name() -> str:
@@ -42,7 +48,7 @@ def _run_name() -> str:
     from prefect.runtime import flow_run
 
     p = flow_run.parameters
-    seed = p.get("seed") if p.get("seed") is not None else _deployment_seed()
+    seed = p.get("seed") if p.get("seed") is not None else _deployment_seed(p.get("run_key"))
     name = f"scale-{p.get('count')}-seed{'-default' if seed is None else seed}"
     return f"{name}-{str(flow_run.id)[:8]}" if runtime.deployment_name() else name
 
@@ -62,7 +68,8 @@ def scale(count: Annotated[int, Field(gt=0, le=1_000_000)] | None = None,
           gpu_hour_usd: Annotated[float, Field(ge=0)] | None = None,
           shard_timeout_s: Annotated[float, Field(gt=0)] | None = None,
           bos_policy: Literal["auto", "always", "never"] | None = None,
-          allow_pickle: bool | None = None) -> dict[str, Any]:
+          allow_pickle: bool | None = None,
+          run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None) -> dict[str, Any]:
     """Stage 1 scale: shards (local tasks, or stage1/scale-shard runs under a deployment), then the merge.
 
     Args:
@@ -79,10 +86,12 @@ def scale(count: Annotated[int, Field(gt=0, le=1_000_000)] | None = None,
         gpu_hour_usd: price of a GPU-hour for the cost estimate.
         shard_timeout_s: how long to wait for one stage1/scale-shard run.
         bos_policy: as --bos-policy. allow_pickle: as --allow-pickle.
+        run_key: under a deployment without `output`: write to ${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key},
+            so rerunning a crashed run with the same key resumes its finished shards.
     """
     t0, started, run_id = time.perf_counter(), provenance.utc_now(), provenance.run_id()
-    output = runtime.run_output(output, None)
-    seed = seed if seed is not None else _deployment_seed()
+    output = runtime.run_output(output, None, run_key)
+    seed = seed if seed is not None else _deployment_seed(run_key)
     if output is None:
         raise InputError("no output folder", field="output", expected="a folder path", fix="pass --output DIR")
     plan = t.prepare_scale({"output": output, "config": config, "from_pilot": from_pilot, "force": force,

@@ -58,6 +58,20 @@ def _md_escape(text: str, limit: int = 300) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
+def decision_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Markdown of a run's final decision: the decision and exit code, its reasons, the approval (if
+    asked), the kept pairs and the output folder."""
+    gate = summary["gate"]
+    lines = [f"# Stage 1 — final decision: {gate['decision']}", "",
+             f"exit code {result['exit_code']}; {result['kept']} kept pairs", "", "## Reasons", ""]
+    lines += [f"- {_md_escape(r)}" for r in gate["reasons"]] or ["- (none)"]
+    approval = result.get("approval")
+    if approval:
+        lines += ["", f"Approval: {approval['decision']}" + (f" ({_md_escape(approval['note'])})" if approval.get("note") else "")]
+    lines += ["", f"Output folder: `{result['output']}`"]
+    return "\n".join(lines)
+
+
 def preview_markdown(manifest: dict[str, Any], n_kept: int = 10, n_rejected: int = 5) -> str:
     """Markdown: gate decision, 10 kept pairs, 5 rejected items with their reasons."""
     summary = manifest["summary"]

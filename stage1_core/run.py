@@ -20,10 +20,13 @@ from stage1_core import pipeline, provenance, qc, storage
 from stage1_core.backend import Backend
 from stage1_core.config import PilotConfig, ResponseGenerationConfig, load_pilot_config
 from stage1_core.errors import InputError, ModelGuardError
+from stage1_core.locks import LOCK_NAME
 from stage1_core.seeds import load_seeds, require_usable
 
 RUN_MARKER = ".stage1_run.json"
 FINAL_FILES = ("pilot_data.jsonl", "rejected.jsonl", "qc_summary.json")
+OVERWRITE_REMOVES = (*FINAL_FILES, "session_manifest.json", "suggested_config.yaml")
+"""The top-level files of a finished pilot that `--overwrite` deletes when it claims the folder."""
 EXIT_CODES = {"scale": 0, "iterate": 3, "halt": 4}
 REPO_DIR = Path(__file__).resolve().parent.parent
 # CPU throughput measured on 2 cores with the embedded model (bench/pilot_cpu.py): used by --dry-run.
@@ -81,7 +84,7 @@ def check_output_dir(output: str | Path, identity: dict[str, Any], overwrite: bo
         raise InputError(f"output folder belongs to another run (different {', '.join(changed) or 'identity'})",
                          file=str(marker), field="--output", expected="the same config, seeds and model as that run",
                          fix="pass --overwrite to replace it, or choose another --output")
-    if any(path.iterdir()):
+    if any(p.name != LOCK_NAME for p in path.iterdir()):  # a lock file alone: a run died before its claim
         if overwrite:
             return {"path": abspath, "state": "overwrite"}
         raise InputError("output folder is not empty and was not made by stage1", file=str(path), field="--output",
@@ -165,14 +168,20 @@ def _installed(dist: str) -> str:
 
 def claim_output(plan: dict[str, Any], run_id: str) -> None:
     """Create the output folder and record the run identity. An overwrite re-claims the folder:
-    phase files stay (their cache keys are content hashes, so only what changed reruns); the final
-    files are replaced by this run's. Nothing of the user's is ever deleted."""
+    phase files stay (their cache keys are content hashes, so only what changed reruns); the earlier
+    run's final files (`OVERWRITE_REMOVES`) are deleted before the new identity is written, so a crash
+    before this run finishes never leaves a folder that mixes two runs. Nothing of the user's is
+    ever deleted: only a folder holding a stage1 run marker is cleaned. Call it holding the folder's
+    lock (`locks.hold_lock`): it removes temp files a writer of this folder may own."""
     out = Path(plan["output"])
     ours = (out / RUN_MARKER).is_file()
     out.mkdir(parents=True, exist_ok=True)
     if ours:  # only files of an earlier stage1 run of this folder are cleaned up
         (out / "suggested_config.yaml").unlink(missing_ok=True)
         remove_stale_temp_files(out)
+        if plan.get("folder_state") == "overwrite":
+            for name in OVERWRITE_REMOVES:
+                (out / name).unlink(missing_ok=True)
     storage.write_json_atomic(out / RUN_MARKER, {"identity": plan["identity"], "run_id": run_id,
                                                  "created": provenance.utc_now()})
     storage.write_yaml_atomic(out / "config.yaml", plan["config"])

@@ -8,6 +8,7 @@ phase manifest. Retries are for transient errors only (I/O hiccups, CUDA OOM), n
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -15,20 +16,22 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from stage1_core import pipeline, reports, run
+from stage1_core import pipeline, reports, run, storage
 from tasks.caching import PHASE_CACHE
 
 TRANSIENT = (TimeoutError, ConnectionError, BrokenPipeError)
 
 
 def transient_only(task_obj: Any, task_run: Any, state: Any) -> bool:
-    """Retry only transient failures (I/O timeouts, connection errors, CUDA out-of-memory)."""
+    """Retry only transient failures (I/O timeouts, connection errors). Out of device memory is not
+    retried: the engine and the critic halve their batch themselves and raise `DeviceOOM` only when
+    one row does not fit, and any other OOM would fail again at the same batch size."""
     try:
         state.result()
     except TRANSIENT:
         return True
-    except Exception as exc:  # noqa: BLE001 - classify by name to avoid importing torch here
-        return type(exc).__name__ == "OutOfMemoryError"
+    except Exception:  # noqa: BLE001 - everything else (bad input, OOM, bugs) fails the same way again
+        return False
     return False
 
 
@@ -84,44 +87,72 @@ _PHASE_OPTS: dict[str, Any] = dict(cache_policy=PHASE_CACHE, persist_result=True
 
 
 @task(name="generate_instructions", task_run_name=_name("generate_instructions"), **_PHASE_OPTS)
-def generate_instructions(call: dict[str, Any]) -> dict[str, Any]:
+def _generate_instructions(call: dict[str, Any]) -> dict[str, Any]:
     """Phase 1: one round of few-shot list continuation."""
     return _run(call)
 
 
 @task(name="filter_instructions", task_run_name=_name("filter_instructions"), **_PHASE_OPTS)
-def filter_instructions(call: dict[str, Any]) -> dict[str, Any]:
+def _filter_instructions(call: dict[str, Any]) -> dict[str, Any]:
     """Phase 2: heuristics, ROUGE-L dedup, instruction critic."""
     return _run(call)
 
 
 @task(name="generate_responses", task_run_name=_name("generate_responses"), **_PHASE_OPTS)
-def generate_responses(call: dict[str, Any]) -> dict[str, Any]:
+def _generate_responses(call: dict[str, Any]) -> dict[str, Any]:
     """Phase 3: worked-example completion prompts."""
     return _run(call)
 
 
 @task(name="filter_pairs", task_run_name=_name("filter_pairs"), **_PHASE_OPTS)
-def filter_pairs(call: dict[str, Any]) -> dict[str, Any]:
+def _filter_pairs(call: dict[str, Any]) -> dict[str, Any]:
     """Phase 4: pair critic (+ critic dev-set accuracy)."""
     return _run(call)
 
 
+def _trusted(phase_task: Any) -> Any:
+    """Call a phase task so that a stored result counts only while its files are intact, whatever the
+    result storage (local, or a remote block where records cannot be deleted from here): when the
+    sidecar check fails (an output deleted or edited, or never written) the task runs with
+    `refresh_cache`, which recomputes and overwrites the record under the same key."""
+
+    def call_phase(call: dict[str, Any]) -> dict[str, Any]:
+        intact = pipeline.outputs_valid(call, pipeline.cache_key(call))
+        return (phase_task if intact else phase_task.with_options(refresh_cache=True))(call)
+
+    call_phase.__doc__ = phase_task.fn.__doc__
+    call_phase.task = phase_task  # type: ignore[attr-defined]
+    return call_phase
+
+
+generate_instructions = _trusted(_generate_instructions)
+filter_instructions = _trusted(_filter_instructions)
+generate_responses = _trusted(_generate_responses)
+filter_pairs = _trusted(_filter_pairs)
+
+
 @task(name="qc", task_run_name=_name("qc"), **_PHASE_OPTS)
-def qc_gate(call: dict[str, Any]) -> dict[str, Any]:
-    """Phase 5: metrics, gate, the iteration's files; publishes the QC table and the preview."""
-    manifest = _run(call)
-    publish_qc(manifest)
-    return manifest
+def _qc_gate(call: dict[str, Any]) -> dict[str, Any]:
+    """Phase 5: metrics, the iteration's gate, the iteration's files. Publishes no artifact: an
+    iteration's gate is not the run's decision (finalize, approval and exhausted iterations change
+    it), and a cached task would publish nothing; the flow publishes them (`publish_final`)."""
+    return _run(call)
 
 
-def publish_qc(manifest: dict[str, Any]) -> None:
-    """Prefect artifacts of a QC result: the metrics table and a markdown preview."""
-    summary = manifest["summary"]
-    create_table_artifact(reports.qc_table(summary), key="stage1-qc",
-                          description=f"QC — gate: {summary['gate']['decision']}")
-    create_markdown_artifact(reports.preview_markdown(manifest), key="stage1-preview",
-                             description="Kept and rejected samples")
+qc_gate = _trusted(_qc_gate)
+
+
+def publish_final(result: dict[str, Any], last_qc: dict[str, Any]) -> None:
+    """The run's artifacts, published by the flow once the decision is final (so each one shows the
+    decision the run is tagged with, also when every phase was a cache hit): the decision with its
+    reasons and output folder, the QC table of the final qc_summary.json, and a preview."""
+    summary = storage.read_json(Path(result["output"]) / "qc_summary.json")
+    decision = summary["gate"]["decision"]
+    create_markdown_artifact(reports.decision_markdown(result, summary), key="stage1-decision",
+                             description=f"Final decision: {decision}")
+    create_table_artifact(reports.qc_table(summary), key="stage1-qc", description=f"QC — final decision: {decision}")
+    create_markdown_artifact(reports.preview_markdown({**last_qc, "summary": summary}), key="stage1-preview",
+                             description=f"Kept and rejected samples — final decision: {decision}")
 
 
 @task(name="prepare_run", persist_result=False)

@@ -5,6 +5,7 @@ scale command."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 from stage1_core import approval
@@ -53,7 +54,13 @@ def test_approved_prints_the_scale_command_and_no_question_without_scale(tmp_pat
     result = pilot(count=3, output=str(tmp_path / "a"), model="fake:1", config=str(cfg), require_approval=True,
                    scale_count=10)
     assert result["decision"] == "scale" and result["exit_code"] == 0
-    assert result["scale_run"]["command"] == f"python -m flows.scale --from-pilot {tmp_path / 'a'} --count 10"
+    cmd = shlex.split(result["scale_run"]["command"])
+    assert cmd[:3] == ["python", "-m", "flows.scale"]
+    assert cmd[3:] == ["--from-pilot", str(tmp_path / "a"), "--output", str(tmp_path / "a-scale"), "--count", "10"]
+    # The printed command runs as printed (it once lacked the required --output).
+    from flows.scale import main as scale_main
+
+    assert scale_main(cmd[3:]) == 0 and (tmp_path / "a-scale" / "scale_data.jsonl").exists()
 
     def must_not_ask(*a, **k):
         raise AssertionError("asked although the gate did not say scale")

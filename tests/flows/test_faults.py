@@ -64,3 +64,58 @@ def test_ctrl_c_stops_cleanly(api_url, tmp_path):
     assert "interrupted" in err and "half-written" in err
     assert not [q for q in (tmp_path / "o").rglob("*") if ".tmp-" in q.name]
     assert not (tmp_path / "o" / "pilot_data.jsonl").exists()
+
+
+def test_second_pilot_on_a_locked_folder_exits_5_and_touches_nothing(run_cli, tmp_path):
+    import os
+
+    from stage1_core.locks import LOCK_NAME, hold_lock
+
+    out = tmp_path / "o"
+    first = run_cli(*ARGS, "--output", "o")
+    assert first.returncode in (0, 3, 4), first.stderr[-3000:]
+    in_flight = out / "instructions" / "round-01.generated.jsonl.tmp-4242"  # as a running writer leaves it
+    in_flight.write_text("being written")
+    marker = (out / ".stage1_run.json").read_text()
+    with hold_lock(out / LOCK_NAME):  # another run holds the folder
+        second = run_cli(*ARGS, "--output", "o")
+    assert second.returncode == 5, second.stderr[-3000:]
+    assert "is locked by another run" in second.stderr and f"pid {os.getpid()}" in second.stderr
+    assert in_flight.read_text() == "being written" and (out / ".stage1_run.json").read_text() == marker
+    # Once the holder is gone (the kernel drops a dead holder's lock too) the same command resumes and
+    # cleans the temp file up.
+    third = run_cli(*ARGS, "--output", "o")
+    assert third.returncode == first.returncode and not in_flight.exists()
+
+
+def test_overwrite_killed_midway_leaves_no_files_of_the_old_run(run_cli, tmp_path):
+    import json
+
+    out = tmp_path / "o"
+    first = run_cli(*ARGS, "--output", "o")
+    assert first.returncode in (0, 3, 4) and (out / "pilot_data.jsonl").exists()
+    old_identity = json.loads((out / ".stage1_run.json").read_text())["identity"]
+    other = [a if a != "5" else "6" for a in ARGS]  # another seed: another run identity
+    r = run_cli(*other, "--output", "o", "--overwrite", env={"STAGE1_FAULT": "generate:1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    new_identity = json.loads((out / ".stage1_run.json").read_text())["identity"]
+    assert new_identity != old_identity
+    left = [n for n in ("pilot_data.jsonl", "rejected.jsonl", "qc_summary.json", "session_manifest.json",
+                        "suggested_config.yaml") if (out / n).exists()]
+    assert not left, f"files of the overwritten run are still there: {left}"
+    r = run_cli(*other, "--output", "o")
+    assert r.returncode in (0, 3, 4), r.stderr[-3000:]
+    assert json.loads((out / "session_manifest.json").read_text())["identity"] == new_identity
+
+
+def test_out_of_memory_is_not_retried_a_timeout_is():
+    import torch
+    from prefect.states import Failed
+
+    from stage1_core.errors import DeviceOOM
+    from tasks.phases import transient_only
+
+    assert transient_only(None, None, Failed(data=TimeoutError("read timed out")))
+    # The engine and the critic halve their batch themselves; retrying the same call would only fail again.
+    assert not transient_only(None, None, Failed(data=torch.OutOfMemoryError("CUDA out of memory")))
+    assert not transient_only(None, None, Failed(data=DeviceOOM("out of device memory with a single slot")))

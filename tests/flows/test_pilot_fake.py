@@ -171,6 +171,31 @@ class TestCacheMatrix:
         assert responses.read_text() == original
 
 
+def test_an_edited_phase_file_reruns_with_remote_result_storage(tmp_path):
+    """Remote result storage (an fsspec memory filesystem here): a record cannot be deleted from the
+    client, yet an edited phase file still makes its phase rerun (it used to be a stale hit)."""
+    from prefect.filesystems import RemoteFileSystem
+
+    from flows.pilot import pilot
+
+    storage = RemoteFileSystem(basepath=f"memory://stage1/{tmp_path.name}")
+    storage.save("stage1-remote-results", overwrite=True)
+    remote = pilot.with_options(result_storage=storage)
+    out = tmp_path / "r"
+    params = dict(count=12, output=str(out), seed=7, model=FAKE, max_iterations=0)
+    remote(**params)
+    remote(**params)
+    assert phases_of(cached(out)) == ALL
+    responses = out / "iterations" / "01" / "responses.jsonl"
+    original = responses.read_text()
+    responses.write_text(original.replace('"', "'", 1))
+    remote(**params)
+    assert phases_of(cached(out)) == ALL - {"generate_responses"}
+    assert responses.read_text() == original
+    remote(**params)  # the rerun's record was stored under the same key: a hit again
+    assert phases_of(cached(out)) == ALL
+
+
 def test_sample_too_small_stops_without_pointless_reruns(tmp_path):
     out = tmp_path / "small"
     result = run_pilot(out, count=6, max_iterations=2)  # 6 < min_n: the gate can never say scale
@@ -191,3 +216,26 @@ def test_seed_file_edit_in_place_invalidates(tmp_path):
     seeds.write_text("\n".join(lines[1:]) + "\n")  # same path, new content
     run_pilot(out, seeds=str(seeds), overwrite=True)
     assert cached(out) == set()
+
+
+def test_artifacts_show_the_final_decision_also_when_every_phase_is_cached(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    out = tmp_path / "a"
+    for attempt in range(2):  # the second run: every phase a cache hit
+        state = run_pilot(out, count=3, max_iterations=1, return_state=True)
+    result = state.result()
+    manifest = json.loads((out / "session_manifest.json").read_text())
+    # count 3 < min_n: iteration 1 says iterate, the exhausted iterations make the run's decision halt
+    assert manifest["iterations"][0]["decision"]["decision"] == "iterate" and result["decision"] == "halt"
+    assert {n.split("-")[0] for n in manifest["timings"]["cached_phases"]} >= {"generate_instructions", "qc"}
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in arts if a.key}
+    assert set(by_key) >= {"stage1-decision", "stage1-qc", "stage1-preview"}
+    assert by_key["stage1-decision"].description == "Final decision: halt"
+    assert by_key["stage1-qc"].description == "QC — final decision: halt"
+    assert "**Gate: halt**" in by_key["stage1-preview"].data and str(out) in by_key["stage1-decision"].data
+    assert not [a for a in arts if "iterate" in (a.description or "")]
