@@ -8,8 +8,13 @@ the deployments of deployments/prefect.yaml.
 
 State (pid files, logs, SQLite database, result storage, run outputs) lives in `--state-dir`
 (default `.stage1-stack/` in the repo root). Every process gets telemetry off, the shared result
-storage and output root, and the API URL. docs/deploy.md has the multi-machine setup (Postgres,
-shared storage) and the settings.
+storage and output root, the API URL and the API auth string. docs/deploy.md has the multi-machine
+setup (Postgres, shared storage) and the settings.
+
+The server requires HTTP basic auth (`PREFECT_SERVER_API_AUTH_STRING`): `up` generates a random
+`stage1:<token>` into `STATE/auth` (mode 0600) unless `--auth-string` or `$STAGE1_API_AUTH` gives
+one, and every stack process gets it as `PREFECT_API_AUTH_STRING`. `--no-auth` is refused unless the
+server listens on loopback only.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -36,10 +42,36 @@ def _prefect() -> list[str]:
     return [sys.executable, "-m", "prefect"]
 
 
+AUTH_FILE = "auth"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def read_auth(state: Path) -> str | None:
+    """The stack's API auth string (`user:password`), or None for a stack started with --no-auth."""
+    path = state / AUTH_FILE
+    return path.read_text().strip() or None if path.is_file() else None
+
+
+def write_auth(state: Path, auth: str | None) -> None:
+    """Store the auth string readable by the owner only (an empty file means no auth)."""
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / AUTH_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(auth or "")
+    os.chmod(path, 0o600)
+
+
 def stack_env(state: Path, port: int, *, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of every stack process (server, workers, deploy): telemetry off, one API,
-    one result storage and one output root that every worker reaches."""
+    its auth string, one result storage and one output root that every worker reaches."""
     env = dict(os.environ if base is None else base)
+    auth = read_auth(state)
+    for key in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"):
+        if auth:
+            env[key] = auth
+        else:
+            env.pop(key, None)
     env.update({
         "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -107,15 +139,28 @@ def wait_healthy(port: int, timeout: float = 180.0) -> None:
     raise TimeoutError(f"Prefect server on port {port} not healthy after {timeout:.0f} s")
 
 
-def up(state: Path, port: int, *, cpu_limit: int = 4) -> dict[str, Any]:
-    """Start the server, create the pools, start the workers. Returns the process table."""
+def up(state: Path, port: int, *, cpu_limit: int = 4, host: str = "127.0.0.1", auth: str | None = None,
+       no_auth: bool = False) -> dict[str, Any]:
+    """Start the server, create the pools, start the workers. Returns the process table.
+
+    Args:
+        host: the server's listen address (loopback by default).
+        auth: the API auth string `user:password`; default: the one in STATE/auth, else a new random one.
+        no_auth: no API auth (refused unless `host` is loopback).
+    Raises:
+        SystemExit: a stack already runs from `state`, or auth is off on a non-loopback host.
+    """
+    if no_auth and host not in LOOPBACK:
+        raise SystemExit(f"refusing to serve the Prefect API on {host} without auth: anyone who reaches it could "
+                         "create deployments whose pull steps run on the GPU workers (drop --no-auth, or --host 127.0.0.1)")
     state.mkdir(parents=True, exist_ok=True)
-    env = stack_env(state, port)
     running = {n: p for n, p in _read_procs(state).items() if _alive(p["pid"])}
     if running:
         raise SystemExit(f"a stack already runs from {state}: {', '.join(running)} (python -m deployments.stack down)")
+    write_auth(state, None if no_auth else (auth or read_auth(state) or f"stage1:{secrets.token_urlsafe(24)}"))
+    env = stack_env(state, port)
     (state / "procs.json").unlink(missing_ok=True)
-    _start("server", [*_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, state)
+    _start("server", [*_prefect(), "server", "start", "--host", host, "--port", str(port)], env, state)
     wait_healthy(port)
     for pool in ("gpu", "cpu"):
         subprocess.run([*_prefect(), "work-pool", "create", pool, "--type", "process", "--overwrite"], env=env,
@@ -135,20 +180,31 @@ def up(state: Path, port: int, *, cpu_limit: int = 4) -> dict[str, Any]:
     return _read_procs(state)
 
 
-def deploy(state: Path, port: int, names: list[str] | None = None) -> None:
-    """Deploy deployments/prefect.yaml (all, or the named deployments) and create the automation
-    that crashes silent runs."""
+def deploy(state: Path, port: int, names: list[str] | None = None, silence_s: int | None = None) -> None:
+    """Deploy deployments/prefect.yaml (all, or the named deployments) and create or update the
+    automation that crashes silent runs (`silence_s`, default $STAGE1_ZOMBIE_SILENCE_S or 600)."""
     env = stack_env(state, port)
     which = [a for n in names for a in ("--name", n)] if names else ["--all"]
     subprocess.run([*_prefect(), "--no-prompt", "deploy", *which, "--prefect-file", str(PREFECT_FILE)],
                    env=env, cwd=REPO, check=True)
     subprocess.run([sys.executable, "-c", "from deployments.stack import ensure_zombie_automation; "
-                                          "ensure_zombie_automation()"], env=env, cwd=REPO, check=True)
+                                          f"print('zombie-run automation:', ensure_zombie_automation({silence_s!r}))"],
+                   env=env, cwd=REPO, check=True)
 
 
-def ensure_zombie_automation(silence_s: int = 600) -> None:
+ZOMBIE_SILENCE_S = 600
+"""Default silence window of the zombie-run automation (`STAGE1_ZOMBIE_SILENCE_S` or `deploy --silence-s`)."""
+ZOMBIE_EXPECT = frozenset({"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                           "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed",
+                           # a run that waits for a human stops heartbeating on purpose: not a zombie
+                           "prefect.flow-run.Suspended", "prefect.flow-run.Paused"})
+
+
+def ensure_zombie_automation(silence_s: int | None = None) -> str:
     """Mark a flow run Crashed when it sends no heartbeat for `silence_s` (flow heartbeats every
-    180 s by default), as in Prefect's "detect zombie flows" recipe. Idempotent."""
+    180 s by default), as in Prefect's "detect zombie flows" recipe, except for runs that suspended or
+    paused (waiting for approval is not death). Creates the automation, or replaces one whose trigger
+    differs (an older stack's, or another window). Returns "created", "updated" or "unchanged"."""
     from datetime import timedelta
 
     from prefect.automations import Automation
@@ -157,17 +213,27 @@ def ensure_zombie_automation(silence_s: int = 600) -> None:
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
+    if silence_s is None:
+        silence_s = int(os.environ.get("STAGE1_ZOMBIE_SILENCE_S", ZOMBIE_SILENCE_S))
+    if silence_s < 10:
+        raise SystemExit(f"zombie silence window {silence_s} s: must be at least 10 s (and above the heartbeat interval)")
+    outcome = "created"
     try:
-        Automation.read(name=ZOMBIE_AUTOMATION)
-        return
+        existing = Automation.read(name=ZOMBIE_AUTOMATION)
     except ValueError:
-        pass
+        existing = None
+    if existing is not None:
+        trig = existing.trigger
+        if (isinstance(trig, EventTrigger) and set(trig.expect) == ZOMBIE_EXPECT
+                and trig.within == timedelta(seconds=silence_s)):
+            return "unchanged"
+        existing.delete()
+        outcome = "updated"
     Automation(
         name=ZOMBIE_AUTOMATION,
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect=set(ZOMBIE_EXPECT),
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
@@ -177,6 +243,7 @@ def ensure_zombie_automation(silence_s: int = 600) -> None:
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
                                     message=f"No heartbeat for {silence_s} s: marked Crashed by '{ZOMBIE_AUTOMATION}'")],
     ).create()
+    return outcome
 
 
 def down(state: Path) -> list[str]:
@@ -212,7 +279,9 @@ def status(state: Path) -> str:
     info = state / "stack.json"
     if info.is_file():
         port = json.loads(info.read_text())["port"]
-        lines.insert(0, f"API: http://127.0.0.1:{port}/api   UI: http://127.0.0.1:{port}")
+        auth = f"   auth: basic, {read_auth(state).split(':')[0]} / the password in {state / AUTH_FILE}" if read_auth(state) else \
+            "   auth: none (loopback only)"
+        lines.insert(0, f"API: http://127.0.0.1:{port}/api   UI: http://127.0.0.1:{port}{auth}")
     return "\n".join(lines)
 
 
@@ -224,18 +293,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=4200, help="Prefect server port (default 4200)")
     ap.add_argument("--name", action="append", default=None, help="deploy only this deployment (repeatable)")
     ap.add_argument("--cpu-limit", type=int, default=4, help="concurrent runs of the cpu worker (default 4)")
+    ap.add_argument("--host", default="127.0.0.1", help="server listen address (default 127.0.0.1: this machine only)")
+    ap.add_argument("--auth-string", default=os.environ.get("STAGE1_API_AUTH"),
+                    help="API basic auth 'user:password' (default $STAGE1_API_AUTH, else a random one kept in STATE/auth)")
+    ap.add_argument("--no-auth", action="store_true", help="no API auth (loopback host only)")
+    ap.add_argument("--silence-s", type=int, default=None,
+                    help="deploy: mark a run Crashed after this many seconds without a heartbeat, unless it is "
+                         "suspended or paused (default $STAGE1_ZOMBIE_SILENCE_S or 600)")
     args = ap.parse_args(argv)
     state = args.state_dir.resolve()
     if args.command != "up" and (state / "stack.json").is_file():
         args.port = json.loads((state / "stack.json").read_text())["port"]
     if args.command == "up":
-        up(state, args.port, cpu_limit=args.cpu_limit)
+        up(state, args.port, cpu_limit=args.cpu_limit, host=args.host, auth=args.auth_string, no_auth=args.no_auth)
         print(status(state))
         print(f"\nnext: python -m deployments.stack deploy --state-dir {state} --port {args.port}")
-        print(f"then: export PREFECT_API_URL=http://127.0.0.1:{args.port}/api; "
+        auth = f"; export PREFECT_API_AUTH_STRING=\"$(cat {state / AUTH_FILE})\"" if read_auth(state) else ""
+        print(f"then: export PREFECT_API_URL=http://127.0.0.1:{args.port}/api{auth}; "
               "prefect deployment run stage1/pilot --param count=100 --watch")
     elif args.command == "deploy":
-        deploy(state, args.port, args.name)
+        deploy(state, args.port, args.name, args.silence_s)
     elif args.command == "status":
         print(status(state))
     else:

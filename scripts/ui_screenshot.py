@@ -57,7 +57,7 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="stage1-ui-"))
     port = _free_port()
     os.environ["PREFECT_WORKER_QUERY_SECONDS"] = "1"
-    stack.up(state, port)
+    stack.up(state, port, no_auth=True)  # a throwaway loopback stack: the browser needs no login
     try:
         stack.deploy(state, port, ["pilot", "approval-timeout"])
         env = stack.stack_env(state, port)

@@ -37,9 +37,11 @@ def live_stack(tmp_path_factory):
         stack.deploy(state, port)
         env = stack.stack_env(state, port)
         env["STAGE1_TEST_STATE"] = str(state)
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        assert env["PREFECT_API_AUTH_STRING"]  # the stack runs with API auth on, as users get it
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
+                                         PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}):
             yield env
     finally:
         stack.down(state)
@@ -73,10 +75,10 @@ def wait_state(flow_run_id, done, timeout: float = 240):
             time.sleep(1.0)
 
 
-def start_run(deployment: str, parameters: dict):
+def start_run(deployment: str, parameters: dict, job_variables: dict | None = None):
     from prefect.deployments import run_deployment
 
-    return run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
+    return run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False, job_variables=job_variables)
 
 
 def output_of(env: dict, fr) -> Path:

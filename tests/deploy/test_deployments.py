@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
+
+import pytest
 
 from tasks.scale import cancel_flow_run
 from tests.deploy.conftest import output_of, prefect_cli, start_run, wait_state
@@ -62,6 +65,13 @@ def test_pilot_deployment_run_watch_artifacts_and_tag(live_stack):
     out = output_of(live_stack, fr)
     summary = json.loads((out / "qc_summary.json").read_text())
     assert f"gate:{summary['gate']['decision']}" in fr.tags  # 3 < min_n 20: iterate -> halt, still Completed
+    # Every artifact shows the final decision (the per-iteration gate said iterate; it used to be shown).
+    final = summary["gate"]["decision"]
+    (decision,) = [a for a in arts["markdown"] if a.key == "stage1-decision"]
+    assert decision.description == f"Final decision: {final}" and f"final decision: {final}" in decision.data
+    assert str(out) in decision.data and all(r[:40] in decision.data for r in summary["gate"]["reasons"])
+    assert table.description == f"QC — final decision: {final}"
+    assert all(f"Gate: {final}" in a.data for a in arts["markdown"] if a.key == "stage1-preview")
     assert (out / "pilot_data.jsonl").is_file()
 
 
@@ -122,12 +132,25 @@ def test_approval_resume_reruns_from_cache_and_hands_off_to_scale(live_stack, sc
     assert timers and all(t.state.is_cancelled() for t in timers)
 
 
-def test_approval_reject_halts(live_stack, scale_config):
+def test_approval_reject_halts_and_a_suspension_longer_than_the_silence_window_is_no_zombie(live_stack, scale_config):
+    import time
+
     from prefect.flow_runs import resume_flow_run
 
-    fr = start_run("stage1/pilot", {"count": 3, "model": "fake:1", "config": scale_config, "seed": 5,
-                                    "require_approval": True, "scale_count": 4})
-    wait_state(fr.id, lambda s: s.is_paused())
+    from deployments.stack import ensure_zombie_automation
+
+    # The run heartbeats as it starts, then suspends; with a 12 s window, a run that waits longer than
+    # that for its human must stay Suspended (the automation used to expect only heartbeats and end
+    # states, and crashed it). Shrinking the window also checks that deploy updates an existing automation.
+    assert ensure_zombie_automation(12) == "updated"
+    try:
+        fr = start_run("stage1/pilot", {"count": 3, "model": "fake:1", "config": scale_config, "seed": 5,
+                                        "require_approval": True, "scale_count": 4})
+        wait_state(fr.id, lambda s: s.is_paused())
+        time.sleep(25)
+        assert wait_state(fr.id, lambda s: True).state.is_paused()
+    finally:
+        assert ensure_zombie_automation() == "updated"
     resume_flow_run(fr.id, run_input={"decision": "reject", "note": "too few"})
     done = wait_state(fr.id, lambda s: s.is_final())
     assert done.state.is_completed()
@@ -147,3 +170,66 @@ def test_approval_timeout_records_rejected_timeout(live_stack, scale_config):
     manifest = json.loads((output_of(live_stack, done) / "session_manifest.json").read_text())
     assert manifest["approval"]["decision"] == "rejected (timeout)"
     assert manifest["decision"]["decision"] == "halt" and "gate:halt" in done.tags
+
+
+def test_deploy_without_stage1_repo_pins_the_checkout_and_a_wrong_one_fails_at_deploy(live_stack, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from deployments import stack
+
+    env = {k: v for k, v in live_stack.items() if k != "STAGE1_REPO"}
+    r = prefect_cli(env, "--no-prompt", "deploy", "--name", "pilot", "--prefect-file", str(stack.PREFECT_FILE))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("stage1/pilot")
+    (step,) = dep.pull_steps
+    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == str(stack.REPO)
+    # A path that holds no checkout fails the deploy itself (it used to deploy and crash every run).
+    r = prefect_cli(dict(env, STAGE1_REPO=str(tmp_path)), "--no-prompt", "deploy", "--name", "pilot",
+                    "--prefect-file", str(stack.PREFECT_FILE))
+    assert r.returncode != 0 and "holds no flows/pilot.py" in r.stdout + r.stderr
+    with get_client(sync_client=True) as client:
+        again = client.read_deployment_by_name("stage1/pilot")
+    assert again.pull_steps == dep.pull_steps  # the deployment is left as it was
+
+
+def test_the_stack_api_refuses_a_client_without_its_auth_string(live_stack, tmp_path):
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from deployments import stack
+
+    url = live_stack["PREFECT_API_URL"] + "/deployments/filter"
+    plain = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(plain, timeout=10)  # noqa: S310 - local URL
+    assert refused.value.code == 401
+    token = base64.b64encode(live_stack["PREFECT_API_AUTH_STRING"].encode()).decode()
+    plain.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(plain, timeout=10) as ok:  # noqa: S310 - local URL
+        assert ok.status == 200 and any(d["name"] == "pilot" for d in json.loads(ok.read()))
+    state = Path(live_stack["STAGE1_TEST_STATE"])
+    assert (state / stack.AUTH_FILE).stat().st_mode & 0o077 == 0  # the secret is readable by its owner only
+    # Serving beyond this machine without auth is refused before anything starts.
+    with pytest.raises(SystemExit, match="without auth"):
+        stack.up(tmp_path / "open", 4999, host="0.0.0.0", no_auth=True)
+    assert not (tmp_path / "open").exists()
+
+
+def test_a_crashed_deployment_run_resumes_under_its_run_key(live_stack):
+    from pathlib import Path
+
+    params = {"count": 3, "model": "fake:1", "seed": 11, "run_key": "nightly-11"}
+    # Killed in its second generation batch (the phase-1 files of round 1 are written by then).
+    fr = start_run("stage1/pilot", params, job_variables={"env": {"STAGE1_FAULT": "phase_end:2"}})
+    crashed = wait_state(fr.id, lambda s: s.is_final())
+    assert not crashed.state.is_completed()
+    out = Path(live_stack["STAGE1_OUTPUT_ROOT"]) / "pilot" / "nightly-11"
+    assert (out / "instructions" / "round-01.generated.jsonl").is_file() and not (out / "session_manifest.json").exists()
+    again = wait_state(start_run("stage1/pilot", params).id, lambda s: s.is_final())
+    assert again.state.is_completed(), again.state.message
+    manifest = json.loads((out / "session_manifest.json").read_text())
+    assert "generate_instructions-round-01" in manifest["timings"]["cached_phases"]  # resumed, not from zero
+    r = prefect_cli(live_stack, "deployment", "run", "stage1/pilot", "--param", "run_key=../escape")
+    assert r.returncode != 0 and "run_key" in r.stdout + r.stderr  # one folder name, refused at submission

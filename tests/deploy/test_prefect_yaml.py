@@ -25,7 +25,7 @@ def test_prefect_yaml_declares_the_deployments_on_their_pools():
     assert schedule["cron"] and schedule["active"] is False
     doc = yaml.safe_load(stack.PREFECT_FILE.read_text())
     (pull,) = doc["pull"]
-    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $STAGE1_REPO }}"
+    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ stage1-repo.stdout }}"
 
 
 def test_every_entrypoint_imports_and_default_parameters_validate(monkeypatch):
