@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from contextlib import redirect_stdout
 
 import pytest
@@ -39,8 +38,9 @@ def test_real_critic_eval_pass(tmp_path, real_backend) -> None:
     assert out["critic"]["labels"] == ["A", "B"] and out["critic"]["instruction_examples"] == 8
     for kind in ("instruction", "pair"):
         r = out[kind]
-        assert r["n"] == 2 and r["auc"] in (0.0, 0.5, 1.0)
-        assert math.isfinite(r["mean_margin_good"]) and math.isfinite(r["mean_margin_bad"])
+        # One item per class: the shipped critic ranks the good one above the bad one (measured margins:
+        # instruction 0.75 vs 0.46, pair -0.15 vs -2.32), so the AUC is exactly 1.
+        assert r["n"] == 2 and r["mean_margin_good"] > r["mean_margin_bad"] and r["auc"] == 1.0
         # few-shot examples teach the answer format: most of the mass lands on the two labels
         # (zero-shot on this model: 3-6 %)
         assert r["mean_ab_mass"] > 0.5

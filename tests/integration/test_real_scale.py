@@ -1,4 +1,4 @@
-"""A 2-shard scale run (2 examples per shard) on the real embedded gemma-3-270m base model through
+"""A 2-shard scale run (1 example per shard) on the real embedded gemma-3-270m base model through
 the CLI, killed once after shard 1's files were written but before its manifest, then resumed:
 shard 0 is not recomputed, shard 1 is recomputed identically (same hardware and software), and the
 merged data has every row once, with no temp file left."""
@@ -15,7 +15,7 @@ import pytest
 
 from tests.flows.conftest import REPO, read_jsonl
 
-# About 4 minutes on 2 idle cores; the timeout leaves room for a machine shared with other work.
+# About 2.5 minutes on 2 idle cores; the timeout leaves room for a machine shared with other work.
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(2400)]
 
 # Small enough for 2 cores: two short list prompts per round, short responses, no dev-set pass (the
@@ -31,7 +31,7 @@ scale:
   max_rounds_per_shard: 2
   measure_critic_dev: false
 """
-ARGS = ("--count", "4", "--shard-size", "2", "--seed", "42", "--config", "small.yaml", "--output", "o")
+ARGS = ("--count", "2", "--shard-size", "1", "--seed", "42", "--config", "small.yaml", "--output", "o")
 
 
 def cli(api_url, cwd, env=None):
@@ -66,7 +66,8 @@ def test_two_shard_run_on_the_embedded_model_survives_a_kill(api_url, tmp_path):
     data = read_jsonl(out / "scale_data.jsonl")
     shard_ids = [x["id"] for i in (0, 1) for x in read_jsonl(out / "shards" / f"shard-0000{i}.jsonl")]
     merged_out = [x["id"] for x in read_jsonl(out / "rejected.jsonl") if x["phase"] == "merge"]
-    assert sorted(x["id"] for x in data) == sorted(set(shard_ids) - set(merged_out)) and len(shard_ids) <= 4
+    assert sorted(x["id"] for x in data) == sorted(set(shard_ids) - set(merged_out)) and len(shard_ids) <= 2
+    assert len(data) >= 1, "the run kept no pairs: nothing above was checked on real rows"
     for x in data:
         assert "Instruction:" not in x["response"] and x["provenance"]["model"]["id"] == "embedded:gemma-3-270m"
     summary = json.loads((out / "qc_summary.json").read_text())
