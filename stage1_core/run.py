@@ -29,9 +29,11 @@ OVERWRITE_REMOVES = (*FINAL_FILES, "session_manifest.json", "suggested_config.ya
 """The top-level files of a finished pilot that `--overwrite` deletes when it claims the folder."""
 EXIT_CODES = {"scale": 0, "iterate": 3, "halt": 4}
 REPO_DIR = Path(__file__).resolve().parent.parent
-# CPU throughput measured on 2 cores with the embedded model (bench/pilot_cpu.py): used by --dry-run.
-CPU_SAMPLED_TOK_S = 45.0
-CPU_CRITIC_PROMPTS_S = 10.0
+# CPU rates measured on 2 cores with the embedded model by bench/pilot_cpu.py, copied from its JSON
+# (bench/results/pilot_cpu-2026-12-02.json: generation_tokens_per_second, critic_prompts_per_second;
+# a test keeps them equal to the newest bench result). --dry-run estimates from them.
+CPU_SAMPLED_TOK_S = 42.7
+CPU_CRITIC_PROMPTS_S = 9.6
 
 
 def build_overrides(*, count: int | None = None, seed: int | None = None, seeds: str | None = None,
@@ -330,15 +332,20 @@ def dry_run_text(plan: dict[str, Any]) -> str:
     """The plan printed by --dry-run: phases, prompts per phase, estimated tokens and CPU time."""
     cfg = PilotConfig.model_validate(plan["config"])
     ig, rg, cr = cfg.instruction_generation, cfg.response_generation, cfg.critic
-    per_item = 2 if cr.label_swap else 1
+
+    def prompts_per_item(rub: Any) -> int:  # a rubric's own swaps, else the critic's
+        label = cr.label_swap if rub.label_swap is None else rub.label_swap
+        order = cr.order_swap if rub.order_swap is None else rub.order_swap
+        return (2 if label else 1) * (2 if order else 1)
+
     # ~4 parsed items per list prompt, ~half survive filtering (measured on the embedded model).
     est_generated = math.ceil(cfg.count / 0.5)
     rounds = min(ig.max_instruction_rounds, max(1, math.ceil(est_generated / (ig.prompts_per_round * 4))))
     p1 = rounds * ig.prompts_per_round
     t1 = p1 * ig.max_new_tokens
-    p2 = est_generated * per_item
+    p2 = est_generated * prompts_per_item(cr.instruction_rubric)
     t3 = cfg.count * rg.max_new_tokens
-    p4 = cfg.count * per_item
+    p4 = cfg.count * prompts_per_item(cr.pair_rubric)
     iters = cfg.max_iterations + 1
     sec = t1 / CPU_SAMPLED_TOK_S + p2 / CPU_CRITIC_PROMPTS_S + iters * (t3 / CPU_SAMPLED_TOK_S + p4 / CPU_CRITIC_PROMPTS_S)
     lines = [
