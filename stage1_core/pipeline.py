@@ -299,7 +299,10 @@ def filter_pairs(call: dict[str, Any], key: str | None = None, progress: Progres
             rejected.append({"phase": "pair_filter", "id": r["id"], "instruction": r["instruction"],
                              "response": r["response"], "stop_reason": r["stop_reason"], "reason": "critic",
                              "critique": crit.model_dump()})
-    dev = critic_dev_accuracy(critic, p.get("instruction_filter")) if p.get("measure_dev", True) else None
+    dev = None
+    if p.get("measure_dev", True):
+        t0 = time.perf_counter()
+        dev = {**critic_dev_accuracy(critic, p.get("instruction_filter")), "seconds": round(time.perf_counter() - t0, 2)}
     storage.write_jsonl_atomic(out / "pairs.kept.jsonl", kept)
     storage.write_jsonl_atomic(out / "pairs.rejected.jsonl", rejected)
     return _finish(call, key, {"kept": storage.file_manifest(out / "pairs.kept.jsonl", len(kept)),

@@ -194,3 +194,20 @@ def test_credentials_never_reach_output_files(run_cli, tmp_path):
         text = f.read_text(errors="replace")
         for secret in ("SECRETTOKEN123", "SECRETTOKEN456", "SECRETKEY789", "SECRETPW"):
             assert secret not in text, f"{secret} leaked into {f}"
+
+
+def test_progress_is_visible_with_sane_rates_and_timed_loads(run_cli):
+    import re
+
+    r = run_cli("--count", "20", "--output", "p", "--model", "fake:1",
+                env={"STAGE1_FAKE_DELAY": "0.05", "PREFECT_LOGGING_LEVEL": "INFO"})  # the suite runs at WARNING
+    assert r.returncode in (0, 3, 4), r.stderr[-3000:]
+    err = r.stderr.replace("\r", "\n")
+    rates = [float(x) for x in re.findall(r"([0-9.]+)(?:prompt|item)/s", err)]
+    # Bars start with their phase: the fake takes 0.05 s per batch of 8, so no honest rate is in the
+    # thousands (a bar made at the first finished batch showed rates like 1,766,022 prompt/s).
+    assert rates and max(rates) < 1000, sorted(rates)[-5:]
+    assert re.search(r"generate_responses \(iteration 1\):\s+\d+%\|.*\| 8/20", err)  # it moves before the end
+    logs = r.stdout + err  # Prefect's log lines
+    assert re.search(r"model fake:1 ready in [0-9.]+ s", logs)
+    assert re.search(r"critic dev set: \d+ items scored in [0-9.]+ s", logs)
