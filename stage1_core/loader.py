@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from stage1_core.config import EMBEDDED_MODEL, ModelConfig
 from stage1_core.errors import InputError
 from stage1_core.guards import BOS_POLICY_BY_FAMILY, resolve_bos_policy
 from stage1_core.storage import sha256_file
+
+log = logging.getLogger("stage1.loader")
 
 ModelKind = Literal["embedded", "gguf", "hf_folder", "hub_cache", "fake", "random"]
 
@@ -463,9 +466,13 @@ def _gguf_as_hf_folder(r: ResolvedModel, dtype: str) -> Path:
     sha = _weights_sha256(r)
     name = f"{r.family}-{sha[:16]}-tf{transformers.__version__}" + ("" if dtype == "bfloat16" else f"-{dtype}")
     final = cache_dir() / "models" / name
-    if (final / "config.json").is_file():
-        return final
     gguf = Path(r.path or "")
+    if (final / "config.json").is_file():
+        problem = cached_folder_problem(final)
+        if problem is None:
+            return final
+        log.warning("cached model folder %s is damaged (%s); rebuilding it from %s", final, problem, gguf)
+        shutil.rmtree(final, ignore_errors=True)
     tmp = final.with_name(f"{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -477,7 +484,8 @@ def _gguf_as_hf_folder(r: ResolvedModel, dtype: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        _write_json(tmp / "stage1_source.json", {"gguf": str(gguf), "gguf_sha256": sha, "dtype": dtype})
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_json(tmp / SOURCE_RECORD, {"gguf": str(gguf), "gguf_sha256": sha, "dtype": dtype, "files": files})
         try:
             os.rename(tmp, final)
         except OSError:
@@ -486,6 +494,33 @@ def _gguf_as_hf_folder(r: ResolvedModel, dtype: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+SOURCE_RECORD = "stage1_source.json"
+"""What a cached HF folder was built from, and the sha256 of every file in it."""
+
+
+def cached_folder_problem(folder: Path) -> str | None:
+    """Why a cached HF model folder cannot be trusted (a file missing, truncated or edited; no record
+    of its files), or None when every recorded file has its recorded sha256 (memoized by size and
+    mtime, so a later check costs a stat per file).
+
+    Args:
+        folder: a folder written by `_gguf_as_hf_folder`.
+    Returns:
+        A short reason naming the file, or None.
+    """
+    try:
+        files = json.loads((folder / SOURCE_RECORD).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{SOURCE_RECORD} missing or unreadable"
+    for name, digest in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if cached_sha256(path) != digest:
+            return f"{name} does not match its recorded sha256"
+    return None
 
 
 def resolve_batch_size(batch_size: int | str, device: str) -> int:

@@ -199,3 +199,24 @@ def test_gate_always_halts_a_random_weight_run() -> None:
     assert d.decision == "halt" and d.reasons[0] == "random-weight model (benchmark only): random:gemma3-4b"
     assert qc.gate(metrics, th, pairs_generated=10_000, iteration=1, max_iterations=2,
                    model_id="embedded:gemma-3-270m").decision == "scale"
+
+
+def test_a_damaged_cached_model_folder_is_detected(tmp_path, monkeypatch) -> None:
+    import json
+
+    from stage1_core.storage import sha256_file
+
+    monkeypatch.setenv("STAGE1_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "models" / "gemma3-abc-float32"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights" * 1000)
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+    (folder / loader.SOURCE_RECORD).write_text(json.dumps({"files": files}))
+    assert loader.cached_folder_problem(folder) is None
+    (folder / "model.safetensors").write_bytes(b"weights" * 500)  # truncated
+    assert "model.safetensors does not match" in loader.cached_folder_problem(folder)
+    (folder / "model.safetensors").unlink()
+    assert loader.cached_folder_problem(folder) == "model.safetensors missing"
+    (folder / loader.SOURCE_RECORD).unlink()  # a folder of an older version, or a half-copied one
+    assert "missing or unreadable" in loader.cached_folder_problem(folder)

@@ -119,3 +119,22 @@ def test_out_of_memory_is_not_retried_a_timeout_is():
     # The engine and the critic halve their batch themselves; retrying the same call would only fail again.
     assert not transient_only(None, None, Failed(data=torch.OutOfMemoryError("CUDA out of memory")))
     assert not transient_only(None, None, Failed(data=DeviceOOM("out of device memory with a single slot")))
+
+
+def test_a_garbled_result_record_is_recomputed_not_trusted(run_cli, tmp_path):
+    import json
+
+    env = {"PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
+    first = run_cli(*ARGS, "--output", "o", env=env)
+    assert first.returncode in (0, 3, 4), first.stderr[-3000:]
+    rows = comparable(read_jsonl(tmp_path / "o" / "pilot_data.jsonl"))
+    records = sorted((tmp_path / "results").glob("stage1-generate_instructions-*"))
+    assert records
+    for rec in records:
+        rec.write_text("garbled{")
+    second = run_cli(*ARGS, "--output", "o", env=env)
+    assert second.returncode == first.returncode, second.stderr[-3000:]
+    cached = json.loads((tmp_path / "o" / "session_manifest.json").read_text())["timings"]["cached_phases"]
+    assert not [c for c in cached if c.startswith("generate_instructions")] and cached  # only those recomputed
+    assert comparable(read_jsonl(tmp_path / "o" / "pilot_data.jsonl")) == rows
+    assert all(json.loads(rec.read_text())["metadata"] for rec in records)  # rewritten whole
