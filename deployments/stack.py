@@ -8,7 +8,10 @@ the deployments of deployments/prefect.yaml.
 
 State (pid files, logs, SQLite database, result storage, run outputs) lives in `--state-dir`
 (default `.stage1-stack/` in the repo root). Every process gets telemetry off, the shared result
-storage and output root, the API URL and the API auth string. docs/deploy.md has the multi-machine
+storage and output root, the API URL and the API auth string.
+`up --database postgresql://USER:PASSWORD@HOST:5432/DB` puts the server on PostgreSQL instead (asyncpg
+driver; only the server gets the URL): `up` connects first and starts nothing when it cannot, and
+`status` names the database with its password masked. docs/deploy.md has the multi-machine
 setup (Postgres, shared storage) and the settings.
 
 The server requires HTTP basic auth (`PREFECT_SERVER_API_AUTH_STRING`): `up` generates a random
@@ -125,6 +128,82 @@ def _alive(pid: int) -> bool:
         return True
 
 
+DATABASE_ENV = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+"""Both names of the server's database setting (the second wins when both are set): the stack sets the first."""
+DATABASE_SCHEMES = ("postgresql", "postgresql+asyncpg")
+
+
+def database_url(url: str) -> str:
+    """`url` with the asyncpg driver the Prefect server needs: `postgresql://` becomes `postgresql+asyncpg://`.
+
+    Raises:
+        SystemExit: not a PostgreSQL URL, or no database name in it.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        parsed = None
+    if parsed is None or parsed.drivername not in DATABASE_SCHEMES or not parsed.host or not parsed.database:
+        shown = redact_url(url) if parsed is not None else "(not a URL)"
+        raise SystemExit(f"--database {shown}: expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE (or "
+                         "postgresql+asyncpg://...) with a host and a database name; leave --database out for SQLite "
+                         "in the state folder")
+    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by ***, for logs, errors and `status`."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - never echo an unparseable URL: it may hold a password
+        return "(unparseable URL)"
+
+
+def check_database(url: str, timeout: float = 10.0) -> None:
+    """Connect to the PostgreSQL database of `url` and run `SELECT 1`.
+
+    Raises:
+        SystemExit: it cannot connect (the message names the URL without its password, the error, the fix).
+    """
+    import asyncio
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+        try:
+            await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as e:  # noqa: BLE001 - every failure gets the same message; asyncpg raises many kinds
+        reason = f"{type(e).__name__}: {e}"
+        if parsed.password:
+            reason = reason.replace(parsed.password, "***")
+        raise SystemExit(f"--database {redact_url(url)}: cannot connect ({reason}). Nothing was started. "
+                         f"fix: check that PostgreSQL listens on {parsed.host}:{parsed.port or 5432}, that the "
+                         f"database '{parsed.database}' exists (createdb {parsed.database}) and that the user and "
+                         "password are right") from None
+
+
+def database_label(state: Path) -> str:
+    """Which database the stack in `state` uses, without a password."""
+    info = state / "stack.json"
+    db = json.loads(info.read_text()).get("database") if info.is_file() else None
+    return db or f"SQLite {state / 'prefect-home' / 'prefect.db'}"
+
+
 def wait_healthy(port: int, timeout: float = 180.0) -> None:
     url = f"http://127.0.0.1:{port}/api/health"
     deadline = time.monotonic() + timeout
@@ -140,27 +219,38 @@ def wait_healthy(port: int, timeout: float = 180.0) -> None:
 
 
 def up(state: Path, port: int, *, cpu_limit: int = 4, host: str = "127.0.0.1", auth: str | None = None,
-       no_auth: bool = False) -> dict[str, Any]:
+       no_auth: bool = False, database: str | None = None) -> dict[str, Any]:
     """Start the server, create the pools, start the workers. Returns the process table.
 
     Args:
         host: the server's listen address (loopback by default).
         auth: the API auth string `user:password`; default: the one in STATE/auth, else a new random one.
         no_auth: no API auth (refused unless `host` is loopback).
+        database: a `postgresql://` or `postgresql+asyncpg://` URL for the server's database; default
+            SQLite in STATE/prefect-home (an inherited PREFECT_API_DATABASE_CONNECTION_URL is ignored).
+            Only the server gets it; STATE/stack.json keeps it without the password.
     Raises:
-        SystemExit: a stack already runs from `state`, or auth is off on a non-loopback host.
+        SystemExit: a stack already runs from `state`, auth is off on a non-loopback host, or `database`
+            is not a PostgreSQL URL or cannot be connected to (checked before anything starts).
     """
     if no_auth and host not in LOOPBACK:
         raise SystemExit(f"refusing to serve the Prefect API on {host} without auth: anyone who reaches it could "
                          "create deployments whose pull steps run on the GPU workers (drop --no-auth, or --host 127.0.0.1)")
+    db_url = database_url(database) if database else None
     state.mkdir(parents=True, exist_ok=True)
     running = {n: p for n, p in _read_procs(state).items() if _alive(p["pid"])}
     if running:
         raise SystemExit(f"a stack already runs from {state}: {', '.join(running)} (python -m deployments.stack down)")
+    if db_url:
+        check_database(db_url)
     write_auth(state, None if no_auth else (auth or read_auth(state) or f"stage1:{secrets.token_urlsafe(24)}"))
     env = stack_env(state, port)
     (state / "procs.json").unlink(missing_ok=True)
-    _start("server", [*_prefect(), "server", "start", "--host", host, "--port", str(port)], env, state)
+    (state / "stack.json").unlink(missing_ok=True)
+    senv = {k: v for k, v in env.items() if k not in DATABASE_ENV}  # the server alone gets the database
+    if db_url:
+        senv[DATABASE_ENV[0]] = db_url
+    _start("server", [*_prefect(), "server", "start", "--host", host, "--port", str(port)], senv, state)
     wait_healthy(port)
     for pool in ("gpu", "cpu"):
         subprocess.run([*_prefect(), "work-pool", "create", pool, "--type", "process", "--overwrite"], env=env,
@@ -174,6 +264,7 @@ def up(state: Path, port: int, *, cpu_limit: int = 4, host: str = "127.0.0.1", a
     _start("worker-cpu", [*_prefect(), "worker", "start", "--pool", "cpu", "--name", "cpu-0",
                           "--limit", str(cpu_limit), "--install-policy", "never"], dict(env, CUDA_VISIBLE_DEVICES=""), state)
     (state / "stack.json").write_text(json.dumps({"port": port, "api_url": env["PREFECT_API_URL"],
+                                                  "database": redact_url(db_url) if db_url else None,
                                                   "gpus": gpus, "env": {k: env[k] for k in (
                                                       "PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH",
                                                       "STAGE1_OUTPUT_ROOT", "STAGE1_REPO")}}, indent=2))
@@ -282,6 +373,7 @@ def status(state: Path) -> str:
         auth = f"   auth: basic, {read_auth(state).split(':')[0]} / the password in {state / AUTH_FILE}" if read_auth(state) else \
             "   auth: none (loopback only)"
         lines.insert(0, f"API: http://127.0.0.1:{port}/api   UI: http://127.0.0.1:{port}{auth}")
+        lines.insert(1, f"database: {database_label(state)}")
     return "\n".join(lines)
 
 
@@ -297,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--auth-string", default=os.environ.get("STAGE1_API_AUTH"),
                     help="API basic auth 'user:password' (default $STAGE1_API_AUTH, else a random one kept in STATE/auth)")
     ap.add_argument("--no-auth", action="store_true", help="no API auth (loopback host only)")
+    ap.add_argument("--database", metavar="URL", default=None,
+                    help="up: the server's database, postgresql://USER:PASSWORD@HOST:5432/DB (asyncpg driver; checked "
+                         "before anything starts); default SQLite in the state folder")
     ap.add_argument("--silence-s", type=int, default=None,
                     help="deploy: mark a run Crashed after this many seconds without a heartbeat, unless it is "
                          "suspended or paused (default $STAGE1_ZOMBIE_SILENCE_S or 600)")
@@ -305,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "up" and (state / "stack.json").is_file():
         args.port = json.loads((state / "stack.json").read_text())["port"]
     if args.command == "up":
-        up(state, args.port, cpu_limit=args.cpu_limit, host=args.host, auth=args.auth_string, no_auth=args.no_auth)
+        up(state, args.port, cpu_limit=args.cpu_limit, host=args.host, auth=args.auth_string, no_auth=args.no_auth,
+           database=args.database)
         print(status(state))
         print(f"\nnext: python -m deployments.stack deploy --state-dir {state} --port {args.port}")
         auth = f"; export PREFECT_API_AUTH_STRING=\"$(cat {state / AUTH_FILE})\"" if read_auth(state) else ""
