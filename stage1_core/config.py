@@ -19,6 +19,12 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PILOT_CONFIG = CONFIGS_DIR / "pilot.yaml"
 EMBEDDED_MODEL = "embedded:gemma-3-270m"
 
+MAX_ALIAS_NODES = 100_000
+"""Most YAML nodes that aliases (*name) may add beyond the file's own: more is an alias bomb."""
+
+MAX_ALIAS_CHARS = 1_000_000
+"""Most scalar characters that aliases may add beyond the file's own (a repeated prompt is a few KB)."""
+
 
 def _check_batch_size(v: int | str) -> int | str:
     if isinstance(v, int) and not 0 < v <= 4096:
@@ -287,17 +293,96 @@ def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
         raise InputError("config file is not UTF-8", file=str(path), expected="UTF-8 YAML", fix="re-save the file as UTF-8") from e
     try:
         node = yaml.compose(text)
+        _check_nodes(node, str(path))
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise InputError(f"invalid YAML: {getattr(e, 'problem', e)}", file=str(path), line=(mark.line + 1) if mark else None,
-                         expected="valid YAML", fix="fix the syntax at that line") from e
+        line = (mark.line + 1) if mark else None
+        if isinstance(e, yaml.reader.ReaderError):  # a forbidden character (NUL, C1 controls): no mark, a position
+            line = text.count("\n", 0, e.position) + 1
+        raise InputError(f"invalid YAML: {getattr(e, 'problem', e)}", file=str(path), line=line,
+                         expected="valid YAML", fix="fix the syntax at that line") from None
+    except RecursionError:
+        raise InputError("YAML is nested too deeply to read", file=str(path), expected="the layout of configs/pilot.yaml "
+                         "(a few levels of key: value)", fix="check that this is a config file") from None
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as e:
+        # PyYAML's constructors fail on some tagged or huge scalars (`!!int ` empty, `!!float x`,
+        # `!!bool x`, `!!timestamp x`, an integer of more than 4,300 digits) with plain Python errors.
+        line = _bad_scalar_line(node)
+        raise InputError(f"invalid YAML value: {e}", file=str(path), line=line, expected="a value of the type its tag "
+                         "(!!int, !!float, !!timestamp...) or its digits say, of at most 4,300 digits",
+                         fix="correct the value, or quote it to make it a string") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise InputError("config must be a YAML mapping of keys to values", file=str(path), line=1,
                          expected="key: value pairs at the top level", fix="see configs/pilot.yaml for the layout")
     return data, node
+
+
+def _bad_scalar_line(root: yaml.Node | None) -> int | None:
+    """1-based line of the first scalar that PyYAML's safe constructor cannot build, if any."""
+    stack, seen = ([root] if root is not None else []), set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                yaml.constructor.SafeConstructor().construct_object(node)
+            except Exception:  # noqa: BLE001 -- any failure locates the value
+                return node.start_mark.line + 1
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(x for pair in reversed(node.value) for x in reversed(pair))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    return None
+
+
+def _check_nodes(root: yaml.Node | None, file: str) -> None:
+    """Reject repeated keys in a mapping and alias bombs, walking the composed tree without recursion.
+
+    PyYAML keeps the last of two equal keys silently, and composes an alias as the anchored node
+    itself, so nine aliases of a list of nine aliases... expand to millions of values (or, for an
+    alias inside its own anchor, forever) when the config is later dumped or hashed.
+    """
+    seen: set[int] = set()
+    extra_nodes = extra_chars = 0
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    while stack:
+        node, where = stack.pop()
+        again = id(node) in seen
+        if again:  # reached again through an alias (its expansion is reported at the alias's place)
+            extra_nodes += 1
+            extra_chars += len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+            if extra_nodes > MAX_ALIAS_NODES or extra_chars > MAX_ALIAS_CHARS:
+                raise InputError("YAML aliases expand too much (an alias bomb, or an alias inside its own anchor)",
+                                 file=file, line=node.start_mark.line + 1, field=where or None,
+                                 expected=f"aliases (*name) that add at most {MAX_ALIAS_NODES:,} values and "
+                                          f"{MAX_ALIAS_CHARS:,} characters",
+                                 fix="write the values out, or remove the aliases") from None
+        else:
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                first: dict[tuple[str, str], int] = {}
+                for k, _ in node.value:
+                    if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                        line = k.start_mark.line + 1
+                        if (k.tag, k.value) in first:
+                            field = f"{where}.{k.value}" if where else str(k.value)
+                            raise InputError(f"key '{k.value}' appears twice (lines {first[k.tag, k.value]} and {line}); "
+                                             "YAML would silently keep the last", file=file, line=line, field=field,
+                                             expected="each key at most once per mapping", fix="remove one of the two")
+                        first[k.tag, k.value] = line
+        if isinstance(node, yaml.MappingNode):
+            for k, v in reversed(node.value):
+                label = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+                stack.append((v, where if again else f"{where}.{label}" if where else label))
+                stack.append((k, where))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, where if again else f"{where}.{i}" if where else str(i))
+                         for i, v in reversed(list(enumerate(node.value))))
 
 
 def validate_pilot_config(data: dict[str, Any], source: str, node: yaml.Node | None = None) -> PilotConfig:

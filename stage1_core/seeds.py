@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,8 +70,10 @@ class Seed(BaseModel):
     @field_validator("id", "instruction")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be only whitespace")
+        # Control (NUL...) and format characters (zero-width space, BOM, RTL marks) are invisible too:
+        # a seed made of them would be an empty-looking line in the few-shot list.
+        if all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in value):
+            raise ValueError("must not be only whitespace, control or zero-width characters")
         return value
 
     def list_text(self) -> str | None:
@@ -241,13 +244,36 @@ def _decode_line(raw: bytes, file: str, line_no: int) -> str:
     return text
 
 
+class _DuplicateKey(Exception):
+    """A JSON object on one line repeats a key (json.loads would silently keep the last value)."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def _parse_line(text: str, file: str, line_no: int) -> dict[str, Any]:
+    expected = f"one JSON object per line, e.g. {_OUR_EXAMPLE}"
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=file, line=line_no,
-                         expected=f"one JSON object per line, e.g. {_OUR_EXAMPLE}",
+        raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=file, line=line_no, expected=expected,
                          fix="fix the JSON on this line (a seed must not span several lines)") from None
+    except _DuplicateKey as e:
+        key = _printable(e.args[0])
+        raise InputError(f"key {key!r} appears twice in this object", file=file, line=line_no, field=key,
+                         expected="each key at most once per object", fix="remove one of the two") from None
+    except RecursionError:
+        raise InputError("JSON is nested too deeply to read", file=file, line=line_no, expected=expected,
+                         fix="check that this is a seed file; a seed's fields are strings") from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits (sys.get_int_max_str_digits)
+        raise InputError(f"invalid JSON: {e}", file=file, line=line_no, expected=expected,
+                         fix="check that this is a seed file; a seed's fields are strings") from None
     if not isinstance(obj, dict):
         raise InputError(f"line is a JSON {_json_type(obj)}, not an object", file=file, line=line_no,
                          expected=f"one JSON object per line, e.g. {_OUR_EXAMPLE}",
@@ -261,7 +287,7 @@ def _our_fields(obj: dict[str, Any], file: str, line_no: int) -> dict[str, Any]:
         if key not in _OUR_KEYS:
             hint = (" (this file's first seed has no 'instances', so it is read in the Stage 1 format; "
                     "Self-Instruct files must have 'instances' on every line)") if key == "instances" else ""
-            raise InputError(f"unknown key {key!r}{hint}", file=file, line=line_no, field=key,
+            raise InputError(f"unknown key {key!r}{hint}", file=file, line=line_no, field=_printable(key),
                              expected=f"only the keys {', '.join(_OUR_KEYS)}", fix="remove or rename the key")
     _require(obj, "id", str, file, line_no, "id")
     _require(obj, "instruction", str, file, line_no, "instruction")
@@ -277,7 +303,8 @@ def _self_instruct_fields(obj: dict[str, Any], file: str, line_no: int) -> dict[
     """Check a Self-Instruct line; returns the Seed fields (instances[0] -> input/output)."""
     for key in obj:
         if key not in _SELF_INSTRUCT_KEYS:
-            raise InputError(f"unknown key {key!r} in a Self-Instruct seed", file=file, line=line_no, field=key,
+            raise InputError(f"unknown key {key!r} in a Self-Instruct seed", file=file, line=line_no,
+                             field=_printable(key),
                              expected=f"only the keys {', '.join(_SELF_INSTRUCT_KEYS)} (format decided by the "
                                       "first seed, which has 'instances')",
                              fix="remove or rename the key")
@@ -298,7 +325,7 @@ def _self_instruct_fields(obj: dict[str, Any], file: str, line_no: int) -> dict[
     for key in first:
         if key not in _INSTANCE_KEYS:
             raise InputError(f"unknown key {key!r} in instances[0]", file=file, line=line_no,
-                             field=f"instances[0].{key}", expected="only the keys input, output",
+                             field=f"instances[0].{_printable(key)}", expected="only the keys input, output",
                              fix="remove or rename the key")
     _require(first, "input", str, file, line_no, "instances[0].input")
     _require(first, "output", str, file, line_no, "instances[0].output")
@@ -332,6 +359,20 @@ def _check_type(value: Any, typ: type, file: str, line_no: int, field_name: str,
         want = _TYPE_NAMES[typ] + (" or null" if nullable else "")
         raise InputError(f"field {field_name!r} is a JSON {_json_type(value)}, expected a {want}", file=file,
                          line=line_no, field=field_name, expected=f"a {want}", fix="correct the value's type")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"field {field_name!r} holds a lone UTF-16 surrogate ({ascii(value[e.start])[1:-1]} at "
+                             f"character {e.start + 1}), which is not text", file=file, line=line_no, field=field_name,
+                             expected="a string of Unicode characters (a \\uD800-\\uDFFF escape only as half of a pair)",
+                             fix="remove the escape, or write the character it was meant to be") from None
+
+
+def _printable(text: str) -> str:
+    """`text` as it can be shown in an error block: escaped when it holds unprintable characters
+    (a newline would break the block, a lone surrogate cannot be written to the terminal)."""
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 _TYPE_NAMES: dict[type, str] = {str: "string", bool: "boolean (true/false)", list: "list", dict: "object"}
