@@ -3,6 +3,7 @@ folder under a deployment, its tags, and the approval form of a suspended run.""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any, Literal
 from prefect.input import RunInput
 
 from stage1_core import run
-from stage1_core.errors import InputError
+from stage1_core.errors import InputError, WriteError
 from stage1_core.locks import LockedError
 
 OUTPUT_ROOT_ENV = "STAGE1_OUTPUT_ROOT"
@@ -60,13 +61,23 @@ def add_tags(*tags: str) -> None:
         client.update_flow_run(flow_run.id, tags=sorted({*current, *tags}))
 
 
+class _HideWriteErrorTraceback(logging.Filter):
+    """On the console only: run_cli prints a WriteError's block itself, and Prefect's traceback of the
+    failed flow run would bury it. Prefect's API handler (the run's logs in the UI) sits on the
+    `prefect.flow_runs` logger and still gets the full record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], WriteError))
+
+
 def run_cli(prepare: Callable[[], dict[str, Any]], *, dry_run: bool, dry_text: Callable[[dict[str, Any]], str],
             start: Callable[[dict[str, Any]], dict[str, Any]],
             load: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any] | int:
     """The path every CLI shares: validate (bad input: exit 2, nothing written), `--dry-run` (print
     the plan, exit 0), load and check the model (`load`, e.g. `run.load_model`: a model that fails its
     guards is bad input, exit 2, and the output folder is left as it was), then run the flow, turning
-    a locked folder into 5, Ctrl-C into 130 and bad input found later into 2.
+    a locked folder into 5, Ctrl-C into 130, bad input found later into 2 and a file the operating
+    system refused to write (disk full, permissions: `WriteError`) into 1 with its error block.
 
     Returns:
         The flow's result, or the exit code when it did not get one.
@@ -80,6 +91,11 @@ def run_cli(prepare: Callable[[], dict[str, Any]], *, dry_run: bool, dry_text: C
     if dry_run:
         print(dry_text(plan))
         return 0
+    consoles = [h for h in logging.getLogger().handlers + logging.getLogger("prefect").handlers
+                if isinstance(h, logging.StreamHandler)]
+    quiet = _HideWriteErrorTraceback()
+    for h in consoles:
+        h.addFilter(quiet)
     try:
         if load is not None:
             try:
@@ -98,6 +114,12 @@ def run_cli(prepare: Callable[[], dict[str, Any]], *, dry_run: bool, dry_text: C
     except InputError as e:
         print(e.render(), file=sys.stderr)
         return 2
+    except WriteError as e:
+        print(e.render(), file=sys.stderr)
+        return 1
+    finally:
+        for h in consoles:
+            h.removeFilter(quiet)
 
 
 class ScaleApproval(RunInput):

@@ -1,6 +1,9 @@
 """Atomic file writers and hashing: a run never leaves a half-written final file.
 
 Every writer writes `NAME.tmp-<pid>` in the same folder, fsyncs, then `os.replace`s it onto NAME.
+An OSError on the way (disk full, quota, permissions, read-only file system) becomes one
+`errors.WriteError` naming the file, the errno and the fix; the temp file is removed and NAME keeps
+its previous bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, Iterable
 import yaml
 
 from stage1_core import faults
+from stage1_core.errors import WriteError
 
 
 def sha256_file(path: str | Path) -> str:
@@ -35,18 +39,38 @@ def canonical_json(obj: Any) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` to `path` through `NAME.tmp-<pid>`, fsync and `os.replace`.
+
+    Raises:
+        WriteError: the operating system refused a step (ENOSPC, EACCES, EROFS, EDQUOT, ...); the
+            temp file is removed and `path` is as it was.
+    """
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    step = "creating its folder"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        step = "writing the temp file"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        faults.maybe_fault("write", path.name)
+        faults.maybe_fault("write", str(path))
+        step = "renaming the temp file onto it"
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(str(path), e.errno or 0, e.strerror or str(e), step, temp_left=_remove(tmp),
+                         existed=os.path.lexists(path)) from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
+
+
+def _remove(tmp: Path) -> str | None:
+    """Delete a temp file if it is there. Returns its path if it is there and cannot be deleted."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        return str(tmp) if os.path.lexists(tmp) else None
+    return None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
