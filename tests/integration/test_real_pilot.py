@@ -69,6 +69,8 @@ def test_three_example_pilot_on_the_embedded_model(tmp_path, real_backend):
     assert {"table", "markdown", "progress"} <= set(by_type), set(by_type)
     table = json.loads(by_type["table"][0].data) if isinstance(by_type["table"][0].data, str) else by_type["table"][0].data
     assert {row["metric"] for row in table} >= {"runaway_rate", "pair_acceptance"}
-    md = by_type["markdown"][0].data
-    assert "Gate:" in md and "Kept pairs" in md and "Rejected" in md
+    md = {a.key: a.data for a in by_type["markdown"]}
+    final = summary["gate"]["decision"]
+    assert f"**Gate: {final}**" in md["stage1-preview"] and "Kept pairs" in md["stage1-preview"]
+    assert "Rejected" in md["stage1-preview"] and f"final decision: {final}" in md["stage1-decision"]
     assert all(a.data == 100.0 for a in by_type["progress"])
