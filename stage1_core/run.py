@@ -179,8 +179,7 @@ def claim_output(plan: dict[str, Any], run_id: str) -> None:
     ours = (out / RUN_MARKER).is_file()
     out.mkdir(parents=True, exist_ok=True)
     if ours:  # only files of an earlier stage1 run of this folder are cleaned up
-        (out / "suggested_config.yaml").unlink(missing_ok=True)
-        remove_stale_temp_files(out)
+        remove_stale_temp_files(out)  # a resume keeps suggested_config.yaml until finalize decides
         if plan.get("folder_state") == "overwrite":
             for name in OVERWRITE_REMOVES:
                 (out / name).unlink(missing_ok=True)
@@ -276,6 +275,8 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
     if decision == "iterate":
         suggested = dict(plan["config"], response_generation=last.get("next_settings") or plan["config"]["response_generation"])
         storage.write_yaml_atomic(out / "suggested_config.yaml", suggested)
+    else:  # an earlier run's suggestion no longer applies (removed only now: a failed rerun keeps it)
+        (out / "suggested_config.yaml").unlink(missing_ok=True)
     storage.write_yaml_atomic(out / "config.yaml", plan["config"])
     tokens = {"instructions": 0, "responses": 0}
     timings: dict[str, float] = {}

@@ -66,3 +66,14 @@ def test_a_refused_write_is_not_retried():
 
     e = WriteError("/o/pilot_data.jsonl", errno.ENOSPC, "No space left on device", "writing the temp file")
     assert not transient_only(None, None, Failed(data=e))
+
+
+def test_a_refused_rerun_of_an_iterate_folder_keeps_its_suggested_config(run_cli, tmp_path):
+    iterate = ("--count", "6", "--seed", "7", "--model", "fake:1", "--max-iterations", "0")  # exit 3
+    assert run_cli(*iterate, "--output", "o").returncode == 3
+    suggested = tmp_path / "o" / "suggested_config.yaml"
+    before = suggested.read_bytes()
+    r = run_cli(*iterate, "--output", "o", env={"STAGE1_FAULT": "write@*/o/pilot_data.jsonl:ENOSPC"})
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert suggested.read_bytes() == before  # it used to be deleted as the rerun started
+    assert run_cli(*iterate, "--output", "o").returncode == 3 and suggested.read_bytes() == before
