@@ -54,11 +54,9 @@ def timed_load(cache_dir: str | None) -> dict:
 def critic_prompts(out: Path, config: dict) -> tuple[int, int]:
     """(instruction items the critic judged, prompts per item) of a finished pilot folder."""
     from stage1_core.config import PilotConfig
+    from stage1_core.critic import rubric_variants
 
-    cfg = PilotConfig.model_validate(config)
-    rub = cfg.critic.instruction_rubric
-    swaps = (2 if (cfg.critic.label_swap if rub.label_swap is None else rub.label_swap) else 1) * \
-        (2 if (cfg.critic.order_swap if rub.order_swap is None else rub.order_swap) else 1)
+    swaps = len(rubric_variants(PilotConfig.model_validate(config).critic, "instruction"))
     judged = 0
     for kept in sorted((out / "instructions").glob("round-*.kept.jsonl")):
         rejected = kept.with_name(kept.name.replace(".kept.", ".rejected."))

@@ -144,6 +144,25 @@ def pair_reject_reason(response: str, heuristics: bool = True, instruction: str 
     return None
 
 
+def rubric_variants(cfg: CriticConfig, kind: Kind) -> list[tuple[bool, bool]]:
+    """(swap, reverse) of each prompt an item of `kind` is scored under: the rubric's label_swap /
+    order_swap, else the critic's (order swap only with 2+ examples). Its length is the rubric prompts
+    per item (the dry-run estimate and bench/pilot_cpu.py count with it).
+
+    Args:
+        cfg: the critic config.
+        kind: "instruction" or "pair".
+    Returns:
+        One (label swapped, examples reversed) per prompt.
+    """
+    rub = cfg.instruction_rubric if kind == "instruction" else cfg.pair_rubric
+    label_swap = cfg.label_swap if rub.label_swap is None else rub.label_swap
+    order_swap = cfg.order_swap if rub.order_swap is None else rub.order_swap
+    swaps = (False, True) if label_swap else (False,)
+    orders = (False, True) if order_swap and len(rub.examples) > 1 else (False,)
+    return [(s, r) for s in swaps for r in orders]
+
+
 class ABCritic:
     """Scores instructions or (instruction, response) pairs.
 
@@ -167,14 +186,8 @@ class ABCritic:
         return self.cfg.labels if own is None else own
 
     def variants(self, kind: Kind) -> list[tuple[bool, bool]]:
-        """(swap, reverse) of each prompt an item is scored under (the rubric's label_swap /
-        order_swap, else the critic's)."""
-        rub = self._rubric(kind)
-        label_swap = self.cfg.label_swap if rub.label_swap is None else rub.label_swap
-        order_swap = self.cfg.order_swap if rub.order_swap is None else rub.order_swap
-        swaps = (False, True) if label_swap else (False,)
-        orders = (False, True) if order_swap and len(rub.examples) > 1 else (False,)
-        return [(s, r) for s in swaps for r in orders]
+        """(swap, reverse) of each prompt an item is scored under (`rubric_variants`)."""
+        return rubric_variants(self.cfg, kind)
 
     def prompts(self, kind: Kind, instruction: str, response: str | None) -> list[str]:
         """The rubric prompts of one item, in `variants(kind)` order."""

@@ -19,6 +19,7 @@ from stage1_core import approval as approval_mod
 from stage1_core import pipeline, provenance, qc, storage
 from stage1_core.backend import Backend
 from stage1_core.config import PilotConfig, ResponseGenerationConfig, load_pilot_config
+from stage1_core.critic import rubric_variants
 from stage1_core.errors import InputError, ModelGuardError
 from stage1_core.locks import LOCK_NAME
 from stage1_core.seeds import load_seeds, require_usable
@@ -333,20 +334,14 @@ def dry_run_text(plan: dict[str, Any]) -> str:
     """The plan printed by --dry-run: phases, prompts per phase, estimated tokens and CPU time."""
     cfg = PilotConfig.model_validate(plan["config"])
     ig, rg, cr = cfg.instruction_generation, cfg.response_generation, cfg.critic
-
-    def prompts_per_item(rub: Any) -> int:  # a rubric's own swaps, else the critic's
-        label = cr.label_swap if rub.label_swap is None else rub.label_swap
-        order = cr.order_swap if rub.order_swap is None else rub.order_swap
-        return (2 if label else 1) * (2 if order else 1)
-
     # ~4 parsed items per list prompt, ~half survive filtering (measured on the embedded model).
     est_generated = math.ceil(cfg.count / 0.5)
     rounds = min(ig.max_instruction_rounds, max(1, math.ceil(est_generated / (ig.prompts_per_round * 4))))
     p1 = rounds * ig.prompts_per_round
     t1 = p1 * ig.max_new_tokens
-    p2 = est_generated * prompts_per_item(cr.instruction_rubric)
+    p2 = est_generated * len(rubric_variants(cr, "instruction"))
     t3 = cfg.count * rg.max_new_tokens
-    p4 = cfg.count * prompts_per_item(cr.pair_rubric)
+    p4 = cfg.count * len(rubric_variants(cr, "pair"))
     iters = cfg.max_iterations + 1
     sec = t1 / CPU_SAMPLED_TOK_S + p2 / CPU_CRITIC_PROMPTS_S + iters * (t3 / CPU_SAMPLED_TOK_S + p4 / CPU_CRITIC_PROMPTS_S)
     lines = [
