@@ -491,6 +491,9 @@ def _gguf_as_hf_folder(r: ResolvedModel, dtype: str) -> Path:
         except OSError:
             if not (final / "config.json").is_file():  # someone else finished first, or a real failure
                 raise
+        else:  # the rename keeps size and mtime: the next load's check is a stat per file, not a re-hash
+            for fname, digest in files.items():
+                _record_hash(final / fname, digest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
