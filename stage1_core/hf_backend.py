@@ -356,13 +356,23 @@ class HFBackend:
         scorer = self.__dict__.get("_scorer")
         if scorer is None or scorer.model is not self.model:
             scorer = self._scorer = PrefixScorer(self.model, self.pad_id, self.device, self._lock)
+        reported = 0  # prompts already reported to `progress`: a rerun after an OOM does not count them twice
+
+        def once(n: int) -> None:
+            nonlocal done, reported
+            done += n
+            if progress is not None and done > reported:
+                progress(done - reported)
+                reported = done
+
         while True:  # out of device memory: halve the batch (scores do not depend on it), never retry as is
             out: list[dict[str, float]] = [{} for _ in prompts]
+            done = 0
             try:
-                scored, rest = scorer.score(encoded, list(cand_ids.values()), bs, progress)
+                scored, rest = scorer.score(encoded, list(cand_ids.values()), bs, once)
                 for i, row in scored.items():
                     out[i] = dict(zip(cand_ids, row))
-                self._score_plain(encoded, rest, cand_ids, out, bs, progress)
+                self._score_plain(encoded, rest, cand_ids, out, bs, once)
                 return out
             except torch.OutOfMemoryError as e:
                 if bs <= 1:

@@ -314,6 +314,23 @@ def test_real_out_of_memory_halves_the_critic_batch_then_fails_clearly(real_back
     got = real_backend.next_token_logprobs(prompts, _AB, batch_size=8)
     assert _max_diff(got, reference) < 1e-5  # every prompt scored, in input order
     assert 5 in rows and 4 in rows and max(rows[rows.index(4) + 1:]) <= 2  # batch 8 (5 rows) -> 4 -> 2
+    # An OOM after some rows were reported (the second group's batch): the rerun at half the batch does
+    # not report those rows again.
+    limit, multi = 8, []
+
+    def second_batch_fails(*args, **kwargs):
+        n = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]
+        multi.extend([n] if n > 1 else [])
+        if len(multi) == 2:
+            raise torch.OutOfMemoryError("fake: the second batch does not fit")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(real_backend.model, "forward", second_batch_fails)
+    finished: list[int] = []
+    got = real_backend.next_token_logprobs(prompts, _AB, batch_size=8, progress=finished.append)
+    assert _max_diff(got, reference) < 1e-4 and multi[:2] == [5, 5]  # mixed batch sizes: float rounding
+    assert sum(finished) == len(prompts), finished
+    monkeypatch.setattr(real_backend.model, "forward", limited)
     limit = 0
     with pytest.raises(DeviceOOM, match="one at a time"):
         real_backend.next_token_logprobs(prompts, _AB, batch_size=4)
