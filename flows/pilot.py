@@ -55,7 +55,10 @@ def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
           scale_count: Annotated[int, Field(ge=0, le=10_000_000)] = 0,
           require_approval: bool = False,
           approval_timeout_s: Annotated[int, Field(gt=0)] = 86_400,
-          run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None) -> dict[str, Any]:
+          run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None,
+          then: str | None = None,
+          sft_config: str | None = None,
+          eval_config: str | None = None) -> dict[str, Any]:
     """Stage 1 pilot: generate and filter instructions, generate and filter responses, QC + gate.
 
     Args:
@@ -70,7 +73,13 @@ def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
         approval_timeout_s: no answer within this many seconds records `rejected (timeout)`.
         run_key: under a deployment without `output`: write to ${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key},
             so rerunning a crashed run with the same key resumes it (phases reused from the cache).
+        then: "sft" or "sft,eval": when the final decision is scale, train a LoRA adapter on the kept
+            pairs (flows.sft, into {output}-sft) and evaluate it (flows.eval, into {output}-eval), in
+            this run; any other decision stops the chain with the gate's reasons.
+        sft_config: --config of the chained SFT (YAML over configs/sft.yaml).
+        eval_config: --config of the chained eval (YAML over configs/eval.yaml).
     """
+    steps = check_chain(then, sft_config, eval_config)
     t0, started, run_id = time.perf_counter(), provenance.utc_now(), provenance.run_id()
     deployment = runtime.deployment_name()
     if require_approval and deployment is None and not sys.stdin.isatty():
@@ -87,7 +96,76 @@ def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
                              require_approval=require_approval, approval_timeout_s=approval_timeout_s)
     runtime.add_tags(f"gate:{result['decision']}")
     result["scale_run"] = hand_off(result, scale_count, deployment)
+    result["chain"] = run_chain(result, steps, sft_config, eval_config)
     return result
+
+
+THEN_STEPS = ("sft", "sft,eval")
+
+
+def parse_then(value: str | None) -> list[str]:
+    """The chained flows of `--then`: [] (none), ["sft"] or ["sft", "eval"] (eval needs the adapter sft writes).
+
+    Raises:
+        InputError: any other value.
+    """
+    if value is None or not value.strip():
+        return []
+    steps = [s.strip() for s in value.split(",")]
+    if ",".join(steps) not in THEN_STEPS:
+        raise InputError(f"--then {value!r} is not a chain this pilot can run", field="then",
+                         expected="sft, or sft,eval (eval evaluates the adapter that sft trains)",
+                         fix="pass --then sft,eval")
+    return steps
+
+
+def check_chain(then: str | None, sft_config: str | None, eval_config: str | None) -> list[str]:
+    """parse_then, and the chained flows' configs validated before the pilot starts (a bad SFT config
+    must not surface after the pilot's minutes of generation)."""
+    from stage1_core import evaluation, sft
+
+    steps = parse_then(then)
+    if "sft" in steps:
+        sft.load_sft_config(sft_config)
+    if "eval" in steps:
+        evaluation.load_eval_config(eval_config)
+    return steps
+
+
+def run_chain(result: dict[str, Any], steps: list[str], sft_config: str | None,
+              eval_config: str | None) -> dict[str, Any] | None:
+    """Run the chained flows of `--then` when the final decision is scale: flows.sft into
+    `{output}-sft`, then flows.eval into `{output}-eval` (subflows of this run, on its worker). Any
+    other decision stops the chain; the reason is printed and returned. The chain's outcome is
+    recorded in session_manifest.json under `chain`."""
+    if not steps:
+        return None
+    out = Path(result["output"])
+    if result["decision"] != "scale":
+        reasons = "; ".join(str(r) for r in result.get("reasons") or [])
+        chain: dict[str, Any] = {"steps": steps, "stopped": f"the gate said {result['decision']}"
+                                 + (f" ({reasons})" if reasons else "") + f": {', '.join(steps)} not run"}
+        print(f"--then {','.join(steps)}: {chain['stopped']}")
+    else:
+        from flows.eval import eval_flow
+        from flows.sft import sft_flow
+
+        trained = sft_flow(data=str(out), output=str(out.with_name(out.name + "-sft")), config=sft_config)
+        s = trained["summary"]
+        chain = {"steps": steps, "sft": {"output": trained["output"], "steps": s["steps"], "train_loss": s["train_loss"],
+                                         "eval_loss": s["eval_loss"]}}
+        print(f"--then: adapter in {trained['output']} (train loss {s['train_loss']:.4f}, eval loss {s['eval_loss']:.4f})")
+        if "eval" in steps:
+            ev = eval_flow(adapter=trained["output"], output=str(out.with_name(out.name + "-eval")), config=eval_config)
+            r = ev["report"]
+            chain["eval"] = {"output": ev["output"], "stop_rate": {"base": r["base"]["stop_rate"],
+                                                                   "tuned": r["tuned"]["stop_rate"]},
+                             "win_rate": r["win_rate"]["tuned_over_base"]}
+            print(f"--then: eval report in {ev['output']}: stop rate base {r['base']['stop_rate']:.3f} -> tuned "
+                  f"{r['tuned']['stop_rate']:.3f}, win rate tuned over base {r['win_rate']['tuned_over_base']:.3f}")
+    manifest_path = out / "session_manifest.json"
+    storage.write_json_atomic(manifest_path, {**storage.read_json(manifest_path), "chain": chain})
+    return chain
 
 
 def _run_locked(plan: dict[str, Any], *, run_id: str, started: str, t0: float, count: int, deployment: str | None,
@@ -263,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no answer within this many seconds records 'rejected (timeout)' (default 86400)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an output folder that belongs to another run (different config, seeds or model)")
+    ap.add_argument("--then", default=None, metavar="STEPS",
+                    help="sft or sft,eval: when the final decision is scale, train a LoRA adapter on the kept pairs "
+                         "(into OUTPUT-sft) and evaluate it (into OUTPUT-eval); any other decision stops the chain")
+    ap.add_argument("--sft-config", metavar="PATH", default=None, help="with --then: YAML over configs/sft.yaml")
+    ap.add_argument("--eval-config", metavar="PATH", default=None, help="with --then: YAML over configs/eval.yaml")
     return ap
 
 
@@ -280,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
             print(InputError(f"{flag} must be >= {low}, got {value}", field=flag, expected=f"an integer >= {low}",
                              fix=f"pass {flag} {max(low, 1)} or more").render(), file=sys.stderr)
             return 2
+    try:
+        check_chain(args.then, args.sft_config, args.eval_config)
+    except InputError as e:
+        print(e.render(), file=sys.stderr)
+        print("nothing was written.", file=sys.stderr)
+        return 2
     params = {"count": args.count, "seed": args.seed, "seeds": args.seeds, "model": args.model,
               "max_iterations": args.max_iterations, "bos_policy": args.bos_policy,
               "allow_pickle": args.allow_pickle or None}
@@ -289,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         return pilot(count=cfg["count"], output=args.output, seed=cfg["seed"], seeds=args.seeds, config=args.config,
                      model=args.model, max_iterations=cfg["max_iterations"], bos_policy=args.bos_policy,
                      allow_pickle=args.allow_pickle or None, overwrite=args.overwrite, scale_count=args.scale_count,
-                     require_approval=args.require_approval, approval_timeout_s=args.approval_timeout)
+                     require_approval=args.require_approval, approval_timeout_s=args.approval_timeout,
+                     then=args.then, sft_config=args.sft_config, eval_config=args.eval_config)
 
     result = runtime.run_cli(lambda: run.prepare_pilot(output=args.output, config=args.config, overwrite=args.overwrite,
                                                        **params),
@@ -302,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         a = result["approval"]
         print(f"approval: {a['decision']}" + (f" ({a['note']})" if a.get("note") else ""))
     print(f"{result['kept']} kept pairs in {result['output']}/pilot_data.jsonl — exit {result['exit_code']}")
+    if (result.get("chain") or {}).get("stopped"):
+        print(f"--then: {result['chain']['stopped']}")
     return result["exit_code"]
 
 

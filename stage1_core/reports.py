@@ -100,3 +100,38 @@ def preview_markdown(manifest: dict[str, Any], n_kept: int = 10, n_rejected: int
         item = r.get("instruction", "") + (f" → {r['response']}" if r.get("response") else "")
         lines.append(f"| {r['phase']} | {r['reason']} | {_md_escape(item)} |")
     return "\n".join(lines) + "\n"
+
+
+def sft_text(summary: dict[str, Any]) -> str:
+    """A few lines on a finished SFT run (the CLI prints them)."""
+    d = summary["dataset"]
+    gate = d["gate"]
+    lines = [f"SFT of {summary['base_model']['id']} on {d['train_pairs']} pairs ({d['eval_pairs']} held out) from "
+             f"{d['run_dir']} (gate: {gate['decision']}{', forced' if gate['forced'] else ''})",
+             f"  {summary['steps']} steps over {summary['epochs']:.2f} epochs; train loss {_fmt(summary['train_loss'])}, "
+             f"eval loss {_fmt(summary['eval_loss'])} (per epoch: "
+             + ", ".join(_fmt(e["eval_loss"]) for e in summary["eval_loss_per_epoch"]) + ")",
+             f"  {_fmt(summary['tokens_per_s'])} tokens/s on {summary['device']}; "
+             + (f"resumed from step {summary['resumed_from_step']}; " if summary.get("resumed_from_step") else "")
+             + f"adapter in {summary['adapter']}"]
+    if d["left_out_too_long"]:
+        lines.append(f"  {len(d['left_out_too_long'])} pairs left out: longer than max_seq_len")
+    return "\n".join(lines)
+
+
+def sft_markdown(summary: dict[str, Any]) -> str:
+    """The SFT summary as a Prefect markdown artifact."""
+    d, h = summary["dataset"], summary["hyperparameters"]
+    evals = " | ".join(f"{_fmt(e['eval_loss'])}" for e in summary["eval_loss_per_epoch"])
+    return "\n".join([
+        f"# SFT: {summary['base_model']['id']} + LoRA", "",
+        f"- data: `{d['path']}` (sha256 `{d['sha256'][:16]}…`), {d['train_pairs']} train / {d['eval_pairs']} eval pairs; "
+        f"gate **{d['gate']['decision']}**" + (" (forced)" if d["gate"]["forced"] else ""),
+        f"- LoRA r={h['lora']['r']}, alpha={h['lora']['alpha']}, dropout={h['lora']['dropout']}, "
+        f"modules {h['lora']['target_modules']}; lr {h['learning_rate']} ({h['lr_scheduler']}), "
+        f"batch {h['batch_size']}x{h['gradient_accumulation_steps']}, {h['epochs']} epochs",
+        f"- steps: {summary['steps']}; final train loss {_fmt(summary['train_loss'])}; eval loss per epoch: {evals}",
+        f"- {_fmt(summary['tokens_per_s'])} tokens/s on {summary['device']}, "
+        f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_kind']})",
+        f"- adapter: `{summary['adapter']}`; git `{(summary.get('git_sha') or 'n/a')[:12]}`",
+    ])

@@ -151,13 +151,17 @@ def load_model(plan: dict[str, Any]) -> Backend:
     try:
         return load_backend(cfg)
     except ModelGuardError as e:
-        raise InputError(f"the model failed its guards at load: {e}", file=(plan.get("model") or {}).get("path"),
-                         field="model.id (--model)",
-                         expected="a base model that loads in completion mode and passes its sentinels",
-                         fix=f"check (1) transformers >= {GUARD_FIX_TRANSFORMERS} is installed (older releases misread "
-                             f"Gemma 3 GGUF files; installed: {_installed('transformers')}), (2) the model files "
-                             "(complete, uncorrupted, tokenizer matching the weights, the intended revision), "
-                             "(3) --bos-policy (try always or never; auto follows the per-family table)") from None
+        raise guard_error(e, (plan.get("model") or {}).get("path")) from None
+
+
+def guard_error(e: ModelGuardError, path: str | None) -> InputError:
+    """A guard or sentinel failure at load as bad input: the error block names what to check."""
+    return InputError(f"the model failed its guards at load: {e}", file=path, field="model.id (--model)",
+                      expected="a base model that loads in completion mode and passes its sentinels",
+                      fix=f"check (1) transformers >= {GUARD_FIX_TRANSFORMERS} is installed (older releases misread "
+                          f"Gemma 3 GGUF files; installed: {_installed('transformers')}), (2) the model files "
+                          "(complete, uncorrupted, tokenizer matching the weights, the intended revision), "
+                          "(3) --bos-policy (try always or never; auto follows the per-family table)")
 
 
 def _installed(dist: str) -> str:

@@ -92,6 +92,38 @@ def test_bad_input_fails_before_the_model_with_the_field_named(live_stack, tmp_p
     assert set(tasks) <= {next(iter(tasks))} and next(iter(tasks)).startswith("prepare_run")  # no phase ran
 
 
+def test_sft_and_eval_deployments_refuse_a_halted_run_then_train_and_evaluate(live_stack, tmp_path):
+    from tests.sft_support import make_run_dir
+
+    run = make_run_dir(tmp_path / "run", model="random:gemma3-tiny", decision="halt")
+    refused = wait_state(start_run("stage1/sft", {"data": str(run), "output": str(tmp_path / "refused")}).id,
+                         lambda s: s.is_final())
+    assert refused.state.is_failed() and "'halt'" in refused.state.message and "--force" in refused.state.message
+    assert not (tmp_path / "refused").exists()
+
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text("epochs: 1\nbatch_size: 8\n")
+    fr = wait_state(start_run("stage1/sft", {"data": str(run), "output": str(tmp_path / "sft"), "config": str(cfg),
+                                             "force": True}).id, lambda s: s.is_final())
+    assert fr.state.is_completed(), fr.state.message
+    summary = json.loads((tmp_path / "sft" / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["dataset"]["gate"]["forced"] is True
+    assert any(a.key == "stage1-sft-loss" for a in _artifacts(fr.id)["table"])
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p1", "instruction": "Name a fruit.", "check": {"type": "one_word"}}) + "\n")
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text(json.dumps({"id": "r1", "instruction": "What color is grass?", "response": "Green."}) + "\n")
+    ecfg = tmp_path / "eval.yaml"
+    ecfg.write_text(f"max_new_tokens: 8\nreference: {ref}\nbootstrap_samples: 100\n")
+    fe = wait_state(start_run("stage1/eval", {"adapter": str(tmp_path / "sft"), "output": str(tmp_path / "eval"),
+                                              "prompts": str(prompts), "config": str(ecfg)}).id, lambda s: s.is_final())
+    assert fe.state.is_completed(), fe.state.message
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    assert report["base"]["n"] == report["tuned"]["n"] == 1
+    assert any(a.key == "stage1-eval" for a in _artifacts(fe.id)["table"])
+
+
 def test_approval_resume_reruns_from_cache_and_hands_off_to_scale(live_stack, scale_config):
     from prefect.flow_runs import resume_flow_run
 

@@ -7,7 +7,7 @@ import yaml
 
 from deployments import stack
 
-EXPECTED = {"pilot": "gpu", "scale": "cpu", "scale-shard": "gpu", "approval-timeout": "cpu"}
+EXPECTED = {"pilot": "gpu", "scale": "cpu", "scale-shard": "gpu", "approval-timeout": "cpu", "sft": "gpu", "eval": "gpu"}
 
 
 def _deployments() -> dict[str, dict]:

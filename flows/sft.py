@@ -1,0 +1,102 @@
+"""The SFT flow: LoRA on the kept pairs of a finished pilot or scale run.
+
+Run locally (rerunning the same command resumes from the newest checkpoint):
+    python -m flows.sft --data artifacts/pilot --output artifacts/pilot-sft
+Under a deployment: `prefect deployment run stage1/sft --param data=... ` (deployments/prefect.yaml,
+docs/sft.md). Exit codes: 0 adapter written (or already there), 2 bad input (a run whose gate did
+not say scale without --force, a bad config, 4-bit quantization on the CPU; nothing written), 5
+output folder locked by another run, 1 unexpected error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+from prefect import flow
+from pydantic import Field
+
+from flows import runtime
+from stage1_core import provenance, reports, sft
+from stage1_core.errors import InputError
+from stage1_core.locks import LOCK_NAME, hold_lock
+from tasks import sft as t
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    name = f"sft-{Path(str(p.get('data') or 'run')).name}"
+    return f"{name}-{str(flow_run.id)[:8]}" if runtime.deployment_name() else name
+
+
+@flow(name="stage1", flow_run_name=_run_name, log_prints=True)
+def sft_flow(data: str, output: str | None = None, config: str | None = None,
+             seed: Annotated[int, Field(ge=0)] | None = None, force: bool = False, overwrite: bool = False,
+             run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None) -> dict[str, Any]:
+    """Stage 1 SFT: a LoRA adapter trained on a finished run's kept pairs (loss on response tokens only).
+
+    Args:
+        data: the pilot's or scale run's output folder.
+        output: the adapter's folder; under a deployment defaults to ${STAGE1_OUTPUT_ROOT}/{deployment}/{flow_run_name}.
+        config: YAML merged over configs/sft.yaml.
+        seed: the training seed (default: the config's).
+        force: train on a run whose gate did not say scale (recorded in training_summary.json).
+        overwrite: replace an output folder of another SFT identity.
+        run_key: under a deployment without `output`: write to ${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key},
+            so rerunning a crashed run with the same key resumes from its checkpoints.
+    """
+    run_id = provenance.run_id()
+    output = runtime.run_output(output, None, run_key)
+    if output is None:
+        raise InputError("no output folder", field="output", expected="a folder path", fix="pass --output DIR")
+    plan = t.prepare_sft({"data": data, "output": output, "config": config, "seed": seed, "force": force,
+                          "overwrite": overwrite})
+    if plan["done"]:
+        summary = sft.read_summary(plan["output"])
+        print(f"{plan['output']} already holds this run's adapter: nothing to do")
+    else:
+        backend = t.load_base(plan)  # guards and sentinels first: a model that fails them leaves the folder as it was
+        with hold_lock(Path(plan["output"]) / LOCK_NAME):
+            t.claim(plan, run_id)
+            summary = t.train_adapter(plan, backend)
+    t.publish(summary)
+    return {"exit_code": 0, "output": plan["output"], "summary": summary}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m flows.sft",
+        description="Stage 1 SFT: train a LoRA adapter on the kept pairs of a finished pilot or scale run "
+                    "(completion format, loss on response tokens only); rerun the same command to resume.",
+        epilog="Exit codes: 0 adapter written (or already there), 2 bad input (nothing written), 5 output folder "
+               "locked by another run, 1 unexpected error, 130 interrupted. Docs: docs/sft.md.")
+    ap.add_argument("--data", required=True, metavar="RUN_DIR", help="a finished pilot's or scale run's output folder")
+    ap.add_argument("--output", required=True, metavar="DIR", help="the adapter's folder; rerunning with it resumes")
+    ap.add_argument("--config", metavar="PATH", default=None, help="YAML merged over configs/sft.yaml")
+    ap.add_argument("--seed", type=int, default=None, help="training seed (default 42)")
+    ap.add_argument("--force", action="store_true",
+                    help="train on a run whose gate did not say scale (recorded as forced in training_summary.json)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an output folder of another SFT run")
+    ap.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit 0; loads and writes nothing")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    params = {"data": a.data, "output": a.output, "config": a.config, "seed": a.seed, "force": a.force,
+              "overwrite": a.overwrite}
+    result = runtime.run_cli(lambda: sft.prepare_sft(**params), dry_run=a.dry_run, dry_text=sft.dry_run_text,
+                             start=lambda plan: sft_flow(**params))
+    if isinstance(result, int):
+        return result
+    print(reports.sft_text(result["summary"]))
+    print(f"adapter in {result['output']} — exit {result['exit_code']}")
+    return result["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Prefect tasks of the eval flow: validate, load both models, evaluate, publish."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from stage1_core import evaluation
+
+
+@task(name="prepare_eval", persist_result=False, cache_policy=NO_CACHE)
+def prepare_eval(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate the adapter folder, prompts, config, model and output folder."""
+    return evaluation.prepare_eval(**params)
+
+
+@task(name="load_models", persist_result=False, cache_policy=NO_CACHE)
+def load_models(plan: dict[str, Any]) -> tuple[Any, Any]:
+    """The base backend (cached per process, guards and sentinels) and the tuned one (the base
+    loaded again, adapter merged). A model that fails its guards is bad input (exit 2)."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    base, tuned = evaluation.load_models(plan)
+    logger.info(f"base and tuned models ready in {time.perf_counter() - t0:.1f} s ({base.fingerprint.get('device')})")
+    return base, tuned
+
+
+@task(name="evaluate", persist_result=False, cache_policy=NO_CACHE)
+def evaluate(plan: dict[str, Any], base: Any, tuned: Any) -> dict[str, Any]:
+    """Generate with both models, score, judge; writes the report files. A bar per stage."""
+    artifact = create_progress_artifact(0.0, description="eval: starting")
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            for b in bars.values():
+                b.close()
+            bar = bars[stage] = tqdm(desc=f"eval {stage}", total=total, unit="prompt", file=sys.stderr,
+                                     dynamic_ncols=True)
+        bar.update(done - bar.n)
+        update_progress_artifact(artifact, 100.0 * done / total if total else 100.0,
+                                 description=f"eval {stage}: {done}/{total}")
+
+    try:
+        report = evaluation.evaluate(plan, base=base, tuned=tuned, progress=progress)
+    finally:
+        for b in bars.values():
+            b.close()
+    update_progress_artifact(artifact, 100.0, description="eval: done")
+    return report
+
+
+def publish(report: dict[str, Any]) -> None:
+    """The metric table and the markdown report as Prefect artifacts."""
+    w = report["win_rate"]["tuned_over_base"]
+    create_table_artifact(evaluation.report_table(report), key="stage1-eval",
+                          description=f"Eval base vs tuned (win rate tuned over base: {w})")
+    create_markdown_artifact(evaluation.report_markdown(report), key="stage1-eval-report", description="Eval report")
