@@ -18,6 +18,9 @@ Points:
 - `critic`: after a critic batch.
 - `phase_end`: a pilot phase's output is written, before its cache sidecar and before its task returns.
 - `shard_write`: a scale shard's data files are written, before its manifest (name: `shard-NNNNN`).
+- `sft_step`: an SFT optimizer step has finished (name: the step number).
+- `sft_save`: an SFT checkpoint is written and fsynced in its staging folder, before its rename to
+  `checkpoint-N` (name: `checkpoint-N`).
 - `merge`: the scale merge has written `scale_data.jsonl` and `rejected.jsonl`, before
   `qc_summary.json`, the dataset card and `session_manifest.json`.
 """
