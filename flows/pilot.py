@@ -176,7 +176,8 @@ def _run_locked(plan: dict[str, Any], *, run_id: str, started: str, t0: float, c
     cfg, manifests = plan["config"], []
     generated, rejected, kept = [], [], None
     for rnd in range(1, cfg["instruction_generation"]["max_instruction_rounds"] + 1):
-        g = t.generate_instructions(run.make_call(plan, "generate_instructions", meta=meta, round=rnd))
+        g = t.generate_instructions(run.make_call(plan, "generate_instructions", meta=meta, round=rnd,
+                                                  inputs=run.instruction_inputs(cfg, kept)))
         f = t.filter_instructions(run.make_call(plan, "filter_instructions", meta=meta, round=rnd, inputs={
             "generated": g["outputs"]["generated"], "kept_before": kept}))
         manifests += [g, f]

@@ -57,6 +57,9 @@ class ModelConfig(StrictModel):
 class InstructionGenerationConfig(StrictModel):
     header: str = Field(min_length=1)
     few_shot_k: int = Field(default=8, gt=0, le=64)
+    machine_examples: int = Field(default=0, ge=0, le=64, description="of the few_shot_k examples of a prompt, how "
+                                  "many are drawn from the instructions kept in earlier rounds (Self-Instruct: 2 of 8); "
+                                  "round 1 and a smaller pool use seeds for the rest")
     prompts_per_round: int = Field(default=16, gt=0)
     max_instruction_rounds: int = Field(default=12, gt=0)
     max_new_tokens: int = Field(default=160, gt=0)
@@ -64,6 +67,12 @@ class InstructionGenerationConfig(StrictModel):
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     stop_sequences: list[str] = Field(default_factory=lambda: ["\n\n"])
+
+    @model_validator(mode="after")
+    def _machine(self) -> "InstructionGenerationConfig":
+        if self.machine_examples > self.few_shot_k:
+            raise ValueError(f"machine_examples ({self.machine_examples}) exceeds few_shot_k ({self.few_shot_k})")
+        return self
 
 
 class InstructionFilterConfig(StrictModel):

@@ -171,12 +171,19 @@ def generate_instructions(call: dict[str, Any], key: str | None = None, progress
     seedset = load_seeds(p["seeds_path"])
     usable = seedset.usable_seeds()
     rnd = p["round"]
+    pool = storage.read_jsonl(call["inputs"]["kept_before"]["path"]) \
+        if ig.machine_examples and call["inputs"].get("kept_before") else []
     prompt_rows = []
     for i in range(ig.prompts_per_round):
         rng = random.Random(_derive_seed(p["seed"], "instructions", rnd, i))
-        chosen = rng.sample(usable, ig.few_shot_k)
-        prompt_rows.append({"seed_ids": [s.id for s in chosen],
-                            "prompt": prompts.build_instruction_prompt(ig.header, [s.list_text() or "" for s in chosen])})
+        m = min(ig.machine_examples, len(pool))
+        chosen = rng.sample(usable, ig.few_shot_k - m)
+        lines = [(s.list_text() or "", None) for s in chosen]
+        if m:  # Self-Instruct's mix: machine instructions kept so far among the human seeds, in a random order
+            lines += [(pool[j]["instruction"], pool[j]["id"]) for j in rng.sample(range(len(pool)), m)]
+            rng.shuffle(lines)
+        prompt_rows.append({"seed_ids": [s.id for s in chosen], "machine_ids": [mid for _, mid in lines if mid],
+                            "prompt": prompts.build_instruction_prompt(ig.header, [t for t, _ in lines])})
     params = GenerationParams(max_new_tokens=ig.max_new_tokens, temperature=ig.temperature, top_p=ig.top_p,
                               top_k=ig.top_k, stop_sequences=ig.stop_sequences)
     step = _counter(progress, len(prompt_rows))
@@ -185,7 +192,8 @@ def generate_instructions(call: dict[str, Any], key: str | None = None, progress
     completions, generated = [], []
     for i, (row, comp) in enumerate(zip(prompt_rows, comps)):
         items = prompts.parse_instruction_list(comp.text, ig.few_shot_k + 1, comp.stop_reason == "token_limit")
-        completions.append({"round": rnd, "prompt_index": i, "seed_ids": row["seed_ids"], "raw": comp.text,
+        completions.append({"round": rnd, "prompt_index": i, "seed_ids": row["seed_ids"],
+                            "machine_ids": row["machine_ids"], "raw": comp.text,
                             "stop_reason": comp.stop_reason, "n_tokens": comp.n_tokens, "n_items": len(items)})
         for j, text in enumerate(items):
             generated.append({"id": f"r{rnd:02d}-p{i:03d}-i{j:02d}", "instruction": text, "round": rnd,

@@ -235,6 +235,12 @@ def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iterati
             "model": cfg["model"], "model_sha": plan["model"]["weights_sha256"], "meta": meta}
 
 
+def instruction_inputs(cfg: dict[str, Any], kept: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Phase 1's inputs: the kept pool of the rounds so far when prompts mix in machine instructions
+    (`instruction_generation.machine_examples` > 0; the pool then enters the cache key), else none."""
+    return {"kept_before": kept} if cfg["instruction_generation"].get("machine_examples") and kept else None
+
+
 def _gen_params(section: dict[str, Any]) -> dict[str, Any]:
     return {k: section[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "stop_sequences")}
 

@@ -298,7 +298,8 @@ def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path) -> dict[
                 break
             counts["rounds"] += 1
             rnd = counts["rounds"]
-            g = pipeline.run_phase(run.make_call(work_plan, "generate_instructions", meta=meta, round=rnd))
+            g = pipeline.run_phase(run.make_call(work_plan, "generate_instructions", meta=meta, round=rnd,
+                                                 inputs=run.instruction_inputs(work_plan["config"], kept_pool)))
             f = pipeline.run_phase(run.make_call(work_plan, "filter_instructions", meta=meta, round=rnd, inputs={
                 "generated": g["outputs"]["generated"], "kept_before": kept_pool}))
             kept_pool = f["outputs"]["kept"]

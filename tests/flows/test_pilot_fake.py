@@ -239,3 +239,21 @@ def test_artifacts_show_the_final_decision_also_when_every_phase_is_cached(tmp_p
     assert by_key["stage1-qc"].description == "QC — final decision: halt"
     assert "**Gate: halt**" in by_key["stage1-preview"].data and str(out) in by_key["stage1-decision"].data
     assert not [a for a in arts if "iterate" in (a.description or "")]
+
+
+def test_machine_examples_mix_kept_instructions_into_later_rounds_deterministically(tmp_path):
+    cfg = tmp_path / "mix.yaml"
+    cfg.write_text("instruction_generation:\n  machine_examples: 2\n  prompts_per_round: 4\n")
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_pilot(a, config=str(cfg), count=40)
+    run_pilot(b, config=str(cfg), count=40)
+    first = read_jsonl(a / "instructions" / "round-01.completions.jsonl")
+    assert all(c["machine_ids"] == [] and len(c["seed_ids"]) == 8 for c in first)  # nothing kept before round 1
+    second = read_jsonl(a / "instructions" / "round-02.completions.jsonl")
+    kept_ids = {k["id"] for k in read_jsonl(a / "instructions" / "round-01.kept.jsonl")}
+    assert second and all(len(c["machine_ids"]) == 2 and set(c["machine_ids"]) <= kept_ids and len(c["seed_ids"]) == 6
+                          for c in second)
+    assert len({tuple(c["machine_ids"]) for c in second}) > 1  # drawn per prompt
+    for name in ("round-01.completions.jsonl", "round-02.completions.jsonl"):
+        pick = lambda rows: [(r["seed_ids"], r["machine_ids"], r["raw"]) for r in rows]  # noqa: E731
+        assert pick(read_jsonl(a / "instructions" / name)) == pick(read_jsonl(b / "instructions" / name))
