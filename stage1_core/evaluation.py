@@ -343,7 +343,6 @@ def evaluate(plan: dict[str, Any], *, base: Any = None, tuned: Any = None,
     decided = [w for w in wins if not w["equal"]]
     win = {"tuned_over_base": statistics.fmean(scores) if scores else None,
            "tuned_over_base_ci": list(ci) if ci else None, "n": len(scores), "equal_responses": len(wins) - len(decided),
-           "judge": "base model, both orders averaged",
            "judge_order_agreement": (sum(1 for w in decided if (w["p_tuned_as_a"] > 0.5) == (w["p_tuned_as_b"] > 0.5))
                                      / len(decided)) if decided else None,
            "judge_mean_p_first": (statistics.fmean([(w["p_tuned_as_a"] + 1 - w["p_tuned_as_b"]) / 2 for w in decided])
@@ -356,7 +355,7 @@ def evaluate(plan: dict[str, Any], *, base: Any = None, tuned: Any = None,
                      "max_new_tokens": settings.max_new_tokens, "stop_sequences": list(settings.stop_sequences),
                      "seed": settings.seed, "bootstrap_samples": settings.bootstrap_samples,
                      "intervals": "Wilson 95% for rates; percentile bootstrap 95% over items otherwise",
-                     "judge_template": settings.judge.template, "judge_labels": list(settings.judge.labels)},
+                     "judge": "the base model, both orders averaged", "judge_template": settings.judge.template, "judge_labels": list(settings.judge.labels)},
         "prompts": {"path": plan["prompts"], "n": len(items), "with_checker": sum(1 for i in items if i.check is not None),
                     "sha256": plan["identity"]["prompts_sha256"]},
         "reference": {"path": plan["reference"], "n": len(reference), "sha256": plan["identity"]["reference_sha256"]},

@@ -98,6 +98,11 @@ def test_sft_then_eval_on_the_embedded_model(tmp_path, real_backend):
         assert m["n"] == 3 and m["verifiable_n"] == 1
     w = report["win_rate"]
     assert 0.0 <= w["tuned_over_base"] <= 1.0 and len(w["tuned_over_base_ci"]) == 2
+    for section in ("base", "tuned", "win_rate"):  # every value a plain number or null, intervals [lo, hi]
+        for key, value in report[section].items():
+            ok = value is None or isinstance(value, (int, float)) or (
+                key.endswith("_ci") and len(value) == 2 and all(isinstance(x, float) for x in value))
+            assert ok and not isinstance(value, bool), (section, key, value)
     assert report["settings"]["temperature"] == 0.0 and report["settings"]["zero_shot"] is True
     assert report["base_model"]["fingerprint"]["weights_sha256"] == s["base_model"]["fingerprint"]["weights_sha256"]
     rows = read_jsonl(tmp_path / "eval" / "responses.jsonl")
