@@ -429,6 +429,50 @@ def _expected_from(err: dict[str, Any]) -> str:
     return err["msg"].removeprefix("Value error, ")
 
 
+def load_settings(model: type[BaseModel], default: Path, config: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None, *, docs: str) -> Any:
+    """A flow's settings: `default` (a shipped YAML) <- the user's YAML <- `overrides`, validated by
+    `model`; the first error becomes an InputError naming the file, line and key (configs/sft.yaml,
+    configs/eval.yaml; the pilot's config has its own loader, `load_pilot_config`).
+
+    Args:
+        docs: where the keys are documented, for the error's `expected`.
+    """
+    base, _ = read_yaml_mapping(default)
+    data, node, source = base, None, str(default)
+    if config is not None:
+        user, node = read_yaml_mapping(Path(config))
+        data, source = deep_merge(base, user), str(config)
+    data = {**data, **(overrides or {})}
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        unknown = err["type"] == "extra_forbidden"
+        raise InputError(f"unknown config key '{field}'" if unknown else
+                         f"invalid value for '{field}': {err['msg'].removeprefix('Value error, ')}",
+                         file=source, line=_yaml_line(node, tuple(err["loc"])) if node is not None else None, field=field,
+                         expected=f"only the keys of {default.relative_to(CONFIGS_DIR.parent)} ({docs})" if unknown
+                         else _expected_from(err),
+                         fix="remove or rename the key" if unknown else "correct the value") from None
+
+
+def model_with(base: dict[str, Any], over: dict[str, Any], source: str) -> ModelConfig:
+    """A ModelConfig from `base` (a run's model section) with `over` (a flow config's `model:` keys) on top.
+
+    Raises:
+        InputError: naming `model.<key>` and `source`.
+    """
+    try:
+        return ModelConfig.model_validate({**base, **over})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = "model." + ".".join(str(p) for p in err["loc"])
+        raise InputError(f"invalid value for '{field}': {err['msg']}", field=field,
+                         expected="a key of the pilot's model section (docs/config.md)", fix=f"correct {source}") from None
+
+
 def load_pilot_config(user_config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PilotConfig:
     """Defaults (configs/pilot.yaml) <- user YAML <- CLI overrides, validated.
 

@@ -35,7 +35,7 @@ from stage1_core.backend import Backend
 from stage1_core.config import CriticConfig, InstructionFilterConfig, PilotConfig, load_pilot_config
 from stage1_core.critic import ABCritic, Kind, instruction_reject_reason, pair_reject_reason
 from stage1_core.errors import InputError
-from stage1_core.seeds import _decode_line, _json_type, _parse_line, load_seeds
+from stage1_core.seeds import _decode_line, json_type, _parse_line, load_seeds
 
 log = logging.getLogger("stage1.critic_eval")
 KINDS: tuple[Kind, ...] = ("instruction", "pair")
@@ -86,7 +86,7 @@ def _item(obj: dict[str, Any], file: str, line_no: int) -> dict[str, Any]:
         if key not in obj:
             raise bad(key, f"missing required field {key!r}", f"a line like {_EXAMPLE}", f"add {key!r}")
         if not isinstance(obj[key], str):
-            raise bad(key, f"field {key!r} is a JSON {_json_type(obj[key])}, expected a string", "a string",
+            raise bad(key, f"field {key!r} is a JSON {json_type(obj[key])}, expected a string", "a string",
                       "quote the value")
     if obj["kind"] not in KINDS:
         raise bad("kind", f"invalid kind {obj['kind']!r}", "instruction or pair", "use one of the two kinds")
@@ -99,14 +99,14 @@ def _item(obj: dict[str, Any], file: str, line_no: int) -> dict[str, Any]:
         if response is None:
             raise bad("response", "a pair item needs a 'response'", "a string (may be empty)", "add the response")
         if not isinstance(response, str):
-            raise bad("response", f"field 'response' is a JSON {_json_type(response)}, expected a string", "a string",
+            raise bad("response", f"field 'response' is a JSON {json_type(response)}, expected a string", "a string",
                       "quote the value")
     elif response is not None:
         raise bad("response", "an instruction item must not have a 'response'", "no response key (or kind pair)",
                   "remove the response or set kind to pair")
     for key in ("note", "split"):
         if key in obj and not isinstance(obj[key], str):
-            raise bad(key, f"field {key!r} is a JSON {_json_type(obj[key])}, expected a string", "a string", "quote it")
+            raise bad(key, f"field {key!r} is a JSON {json_type(obj[key])}, expected a string", "a string", "quote it")
     return {"kind": obj["kind"], "instruction": obj["instruction"], "response": response, "label": obj["label"],
             "line": line_no}
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from stage1_core import checkers
 from stage1_core.errors import InputError
+from stage1_core.seeds import json_type
 
 SHIPPED_PROMPTS = Path(__file__).parent / "data" / "eval_prompts.jsonl"
 SHIPPED_REFERENCE = Path(__file__).parent / "data" / "eval_reference.jsonl"
@@ -160,7 +161,7 @@ def _objects(p: Path, what: str, example: str) -> list[tuple[int, dict[str, Any]
                              expected=f"one JSON object per line, e.g. {example}",
                              fix="fix the JSON on this line (an object must not span several lines)") from None
         if not isinstance(obj, dict):
-            raise InputError(f"line is a JSON {_json_type(obj)}, not an object", file=name, line=line_no,
+            raise InputError(f"line is a JSON {json_type(obj)}, not an object", file=name, line=line_no,
                              expected=f"one JSON object per line, e.g. {example}",
                              fix="put each item on its own line as a {...} object")
         out.append((line_no, obj))
@@ -178,7 +179,7 @@ def _require_text(obj: dict[str, Any], key: str, file: str, line_no: int, exampl
                          expected=f"a non-empty string, as in {example}", fix=f"add {key!r} to this line")
     value = obj[key]
     if not isinstance(value, str):
-        raise InputError(f"field {key!r} is a JSON {_json_type(value)}, expected a string", file=file, line=line_no,
+        raise InputError(f"field {key!r} is a JSON {json_type(value)}, expected a string", file=file, line=line_no,
                          field=key, expected="a non-empty string", fix="quote the value")
     if not value.strip():
         raise InputError(f"field {key!r} is empty", file=file, line=line_no, field=key,
@@ -193,17 +194,3 @@ def _no_duplicate_ids(ids: list[tuple[str, int]], file: str) -> None:
                              line=line_no, field="id", expected="a unique id per line",
                              fix=f"rename one of the two (lines {first[item_id]} and {line_no})")
         first[item_id] = line_no
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from stage1_core import checkers, eval_data, provenance, qc, sft, stats, storage
-from stage1_core.config import CONFIGS_DIR, ModelConfig, StrictModel, deep_merge, read_yaml_mapping
+from stage1_core.config import CONFIGS_DIR, ModelConfig, StrictModel, load_settings, model_with
 from stage1_core.errors import InputError
 from stage1_core.generation import cut_at_stop
 from stage1_core.schemas import Completion, GenerationParams
@@ -74,24 +74,7 @@ class EvalSettings(StrictModel):
 
 def load_eval_config(config: str | Path | None = None) -> EvalSettings:
     """configs/eval.yaml <- the user's YAML, validated (InputError naming file, line and field)."""
-    from stage1_core.config import _expected_from, _yaml_line
-
-    base, _ = read_yaml_mapping(DEFAULT_EVAL_CONFIG)
-    data, node, source = base, None, str(DEFAULT_EVAL_CONFIG)
-    if config is not None:
-        user, node = read_yaml_mapping(Path(config))
-        data, source = deep_merge(base, user), str(config)
-    try:
-        return EvalSettings.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        unknown = err["type"] == "extra_forbidden"
-        raise InputError(f"unknown config key '{field}'" if unknown else
-                         f"invalid value for '{field}': {err['msg'].removeprefix('Value error, ')}",
-                         file=source, line=_yaml_line(node, tuple(err["loc"])) if node is not None else None, field=field,
-                         expected="only the keys of configs/eval.yaml (docs/eval.md)" if unknown else _expected_from(err),
-                         fix="remove or rename the key" if unknown else "correct the value") from None
+    return load_settings(EvalSettings, DEFAULT_EVAL_CONFIG, config, docs="docs/eval.md")
 
 
 def prepare_eval(*, adapter: str, output: str, prompts: str | None = None, config: str | None = None,
@@ -111,12 +94,7 @@ def prepare_eval(*, adapter: str, output: str, prompts: str | None = None, confi
 
     summary = sft.read_summary(adapter)
     settings = load_eval_config(config)
-    try:
-        cfg = ModelConfig.model_validate({**summary["base_model"]["model_config"], **settings.model})
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"invalid model setting: {err['msg']}", field="model." + ".".join(str(p) for p in err["loc"]),
-                         expected="a key of the pilot's model section", fix="correct the eval config") from None
+    cfg = model_with(summary["base_model"]["model_config"], settings.model, "the eval config")
     r = resolve_model(cfg)
     check_quantize(cfg, r)
     fingerprint = model_fingerprint(cfg)

@@ -275,7 +275,7 @@ def _parse_line(text: str, file: str, line_no: int) -> dict[str, Any]:
         raise InputError(f"invalid JSON: {e}", file=file, line=line_no, expected=expected,
                          fix="check that this is a seed file; a seed's fields are strings") from None
     if not isinstance(obj, dict):
-        raise InputError(f"line is a JSON {_json_type(obj)}, not an object", file=file, line=line_no,
+        raise InputError(f"line is a JSON {json_type(obj)}, not an object", file=file, line=line_no,
                          expected=f"one JSON object per line, e.g. {_OUR_EXAMPLE}",
                          fix="put each seed on its own line as a {...} object")
     return obj
@@ -357,7 +357,7 @@ def _check_type(value: Any, typ: type, file: str, line_no: int, field_name: str,
     ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
     if not ok:
         want = _TYPE_NAMES[typ] + (" or null" if nullable else "")
-        raise InputError(f"field {field_name!r} is a JSON {_json_type(value)}, expected a {want}", file=file,
+        raise InputError(f"field {field_name!r} is a JSON {json_type(value)}, expected a {want}", file=file,
                          line=line_no, field=field_name, expected=f"a {want}", fix="correct the value's type")
     if isinstance(value, str):
         try:
@@ -378,7 +378,7 @@ def _printable(text: str) -> str:
 _TYPE_NAMES: dict[type, str] = {str: "string", bool: "boolean (true/false)", list: "list", dict: "object"}
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):

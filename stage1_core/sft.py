@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from stage1_core import faults, provenance, storage
-from stage1_core.config import (CONFIGS_DIR, ModelConfig, StrictModel, deep_merge, read_yaml_mapping,
-                                validate_pilot_config)
+from stage1_core.config import (CONFIGS_DIR, ModelConfig, StrictModel, load_settings, model_with,
+                                read_yaml_mapping, validate_pilot_config)
 from stage1_core.errors import InputError
 
 log = logging.getLogger("stage1.sft")
@@ -177,37 +177,13 @@ def split_pairs(rows: Sequence[dict[str, str]], eval_fraction: float, seed: int)
 
 def load_sft_config(config: str | Path | None = None, seed: int | None = None) -> SFTSettings:
     """configs/sft.yaml <- the user's YAML <- --seed, validated (InputError naming file, line and field)."""
-    base, _ = read_yaml_mapping(DEFAULT_SFT_CONFIG)
-    data, node, source = base, None, str(DEFAULT_SFT_CONFIG)
-    if config is not None:
-        user, node = read_yaml_mapping(Path(config))
-        data, source = deep_merge(base, user), str(config)
-    if seed is not None:
-        data = {**data, "seed": seed}
-    try:
-        return SFTSettings.model_validate(data)
-    except ValidationError as e:
-        from stage1_core.config import _expected_from, _yaml_line
-
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        unknown = err["type"] == "extra_forbidden"
-        raise InputError(f"unknown config key '{field}'" if unknown else
-                         f"invalid value for '{field}': {err['msg'].removeprefix('Value error, ')}",
-                         file=source, line=_yaml_line(node, tuple(err["loc"])) if node is not None else None, field=field,
-                         expected="only the keys of configs/sft.yaml (docs/sft.md)" if unknown else _expected_from(err),
-                         fix="remove or rename the key" if unknown else "correct the value") from None
+    return load_settings(SFTSettings, DEFAULT_SFT_CONFIG, config, {} if seed is None else {"seed": seed},
+                         docs="docs/sft.md")
 
 
 def model_config(run_model: dict[str, Any], settings: SFTSettings) -> ModelConfig:
     """The run's model, with the SFT config's `model:` keys over it."""
-    try:
-        return ModelConfig.model_validate({**run_model, **settings.model})
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = "model." + ".".join(str(p) for p in err["loc"])
-        raise InputError(f"invalid value for '{field}': {err['msg']}", field=field,
-                         expected="a key of the pilot's model section (docs/config.md)", fix="correct the SFT config") from None
+    return model_with(run_model, settings.model, "the SFT config")
 
 
 def prepare_sft(*, data: str, output: str, config: str | None = None, seed: int | None = None, force: bool = False,
