@@ -77,7 +77,7 @@ def stack_env(state: Path, port: int, *, base: dict[str, str] | None = None) -> 
             env.pop(key, None)
     env.update({
         "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HUB_KERNELS": "0",
         "PREFECT_HOME": str(state / "prefect-home"),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_LOCAL_STORAGE_PATH": str(state / "results"),

@@ -77,6 +77,48 @@ def load_eval_config(config: str | Path | None = None) -> EvalSettings:
     return load_settings(EvalSettings, DEFAULT_EVAL_CONFIG, config, docs="docs/eval.md")
 
 
+def check_dequantized(trained: dict[str, Any], current: dict[str, Any] | None, *, file: str,
+                      installed: dict[str, str | None] | None = None) -> None:
+    """A GGUF base must load as the same float weights the adapter was trained on.
+
+    The GGUF's sha256 can match while an upgraded transformers / gguf / torch dequantizes it into
+    other weights. When this install's cached folder exists, its weights' sha256 must equal the one
+    recorded at training; when it is not built yet, the versions that would build it must equal
+    those that built the trained-on weights.
+
+    Args:
+        trained: the training summary's base_model.fingerprint.
+        current: cached_dequantized(cfg) of this install (None: no GGUF, or not built yet).
+        file: the training summary's path, for the error.
+        installed: versions of transformers / gguf / torch here (default: looked up).
+    Raises:
+        InputError: the weights (or the versions that make them) differ.
+    """
+    from stage1_core.loader import builder_versions
+
+    recorded = trained.get("dequantized") or None
+    if not recorded or not recorded.get("weights_sha256"):
+        return  # not a GGUF base, or a summary from before this check
+    fix = ("evaluate in the environment the adapter was trained in (scripts/setup.sh installs "
+           "requirements/lock.txt; the summary's environment names its lock_sha256), or retrain the adapter here")
+    if current is not None:
+        if current["weights_sha256"] != recorded["weights_sha256"]:
+            raise InputError("the base model dequantizes to other weights than the adapter was trained on", file=file,
+                             field="base_model.fingerprint.dequantized.weights_sha256",
+                             expected=(f"{recorded['weights_sha256'][:16]}… (built with {recorded.get('built_with')}), "
+                                       f"found {current['weights_sha256'][:16]}… (built with {current.get('built_with')})"),
+                             fix=fix)
+        return
+    here = installed if installed is not None else builder_versions()
+    built = recorded.get("built_with") or {}
+    moved = {k: (built.get(k), here.get(k)) for k in ("transformers", "gguf", "torch") if built.get(k) != here.get(k)}
+    if moved:
+        what = ", ".join(f"{k} {a} → {b}" for k, (a, b) in sorted(moved.items()))
+        raise InputError("the base model would be dequantized by other package versions than the adapter was trained on",
+                         file=file, field="base_model.fingerprint.dequantized.built_with",
+                         expected=f"the versions that built the trained-on weights; changed: {what}", fix=fix)
+
+
 def prepare_eval(*, adapter: str, output: str, prompts: str | None = None, config: str | None = None,
                  overwrite: bool = False) -> dict[str, Any]:
     """Validate the adapter folder, prompts, reference set, config, model and output folder. Writes
@@ -89,7 +131,7 @@ def prepare_eval(*, adapter: str, output: str, prompts: str | None = None, confi
     Raises:
         InputError: any bad input (exit 2).
     """
-    from stage1_core.loader import check_quantize, model_fingerprint, resolve_model
+    from stage1_core.loader import cached_dequantized, check_quantize, model_fingerprint, resolve_model
     from stage1_core.run import check_output_dir
 
     summary = sft.read_summary(adapter)
@@ -104,6 +146,8 @@ def prepare_eval(*, adapter: str, output: str, prompts: str | None = None, confi
                          file=str(Path(adapter) / sft.SUMMARY), field="base_model.fingerprint.weights_sha256",
                          expected=f"weights with sha256 {trained[:16]}…, found {fingerprint['weights_sha256'][:16]}…",
                          fix="evaluate with the base model the adapter was trained on")
+    check_dequantized(summary["base_model"].get("fingerprint") or {}, cached_dequantized(cfg),
+                      file=str(Path(adapter) / sft.SUMMARY))
     prompts = prompts or settings.prompts
     items = eval_data.load_eval_prompts(prompts)
     reference = eval_data.load_reference(settings.reference)
@@ -171,7 +215,14 @@ def load_models(plan: dict[str, Any]) -> tuple[Any, Any]:
 
     cfg = ModelConfig.model_validate(plan["model_config"])
     try:
-        return load_backend(cfg), load_tuned(cfg, plan["adapter"])
+        base = load_backend(cfg)
+    except ModelGuardError as e:
+        raise guard_error(e, (plan.get("model") or {}).get("path")) from None
+    summary = sft.read_summary(plan["adapter"])  # the folder was just built: its weights are known now
+    check_dequantized(summary["base_model"].get("fingerprint") or {}, base.fingerprint.get("dequantized"),
+                      file=str(Path(plan["adapter"]) / sft.SUMMARY))
+    try:
+        return base, load_tuned(cfg, plan["adapter"])
     except ModelGuardError as e:
         raise guard_error(e, (plan.get("model") or {}).get("path")) from None
 

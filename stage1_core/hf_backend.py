@@ -23,7 +23,7 @@ from stage1_core.config import ModelConfig
 from stage1_core.errors import DeviceOOM, InputError
 from stage1_core.generation import classify_stop, find_stop
 from stage1_core.guards import Sentinel, check_control_tokens, find_control_token_ids, run_sentinels
-from stage1_core.loader import (RANDOM_SENTINELS_NOTE, ResolvedModel, _fingerprint_of, load_hf_model, resolve_batch_size,
+from stage1_core.loader import (RANDOM_SENTINELS_NOTE, ResolvedModel, _fingerprint_of, cached_dequantized, load_hf_model, resolve_batch_size,
                                 resolve_device, resolve_model)
 from stage1_core.schemas import Completion, GenerationParams
 
@@ -151,6 +151,8 @@ class HFBackend:
             "had_chat_template": had_template, "bos_token": tok.bos_token if self.bos_id is not None else None,
             "control_token_ids": {str(k): v for k, v in sorted(self.control_ids.items())}, "sentinels": sentinel_results,
         }
+        if r.gguf_file:  # the float weights actually loaded, and which versions dequantized them
+            self.fingerprint["dequantized"] = cached_dequantized(cfg.model_copy(update={"device": self.device}))
 
     # -- encoding ---------------------------------------------------------------------------
 

@@ -71,6 +71,10 @@ NOMINAL_CONTEXT_TOKENS = 1024
 """Tokens per batch row the fits-in-memory check reserves KV cache for (prompt + completion)."""
 AUTO_BATCH = {"cpu": 16, "cuda": 64}
 """batch_size "auto": rows per batch on the CPU and on a GPU (HFBackend.batch_size, the KV estimate)."""
+OFFLINE_LOAD: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "use_kernels": False}
+"""Keywords of every model `from_pretrained` the project makes: local files only, no remote code, and no
+hub kernels (transformers >= 5.25 otherwise swaps layers for kernels fetched from the hub on CUDA,
+which fails offline and changes numerics between installs)."""
 _DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 _QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5}
 
@@ -458,17 +462,48 @@ def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- GGUF as an HF folder
 
+def builder_versions() -> dict[str, str | None]:
+    """Versions of the packages that turn a GGUF into float weights (a change may change the weights)."""
+    import importlib.metadata
+
+    out: dict[str, str | None] = {}
+    for dist in ("transformers", "gguf", "torch"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _gguf_folder_path(r: ResolvedModel, dtype: str, sha: str) -> Path:
+    import transformers
+
+    name = f"{r.family}-{sha[:16]}-tf{transformers.__version__}" + ("" if dtype == "bfloat16" else f"-{dtype}")
+    return cache_dir() / "models" / name
+
+
+def _safetensors_digest(files: Mapping[str, str]) -> str:
+    """sha256 over the name-sorted *.safetensors digests of a folder's file record (as _weights_sha256)."""
+    shas = [digest for name, digest in sorted(files.items()) if name.endswith(".safetensors")]
+    return hashlib.sha256("".join(shas).encode("ascii")).hexdigest()
+
+
 def _gguf_as_hf_folder(r: ResolvedModel, dtype: str) -> Path:
-    """The GGUF dequantized once into an HF folder under `{cache}/models/` (atomic; reused afterwards)."""
+    """The GGUF dequantized once into an HF folder under `{cache}/models/` (atomic; reused afterwards).
+
+    The folder records what it was built for (SOURCE_RECORD): the GGUF's sha256, the dtype, the
+    versions of transformers, gguf and torch that dequantized it, the sha256 of every file and of
+    its weights. A folder whose record does not match this GGUF and dtype, or whose files changed,
+    is rebuilt."""
     import torch
     import transformers
 
     sha = _weights_sha256(r)
-    name = f"{r.family}-{sha[:16]}-tf{transformers.__version__}" + ("" if dtype == "bfloat16" else f"-{dtype}")
-    final = cache_dir() / "models" / name
+    final = _gguf_folder_path(r, dtype, sha)
+    name = final.name
     gguf = Path(r.path or "")
     if (final / "config.json").is_file():
-        problem = cached_folder_problem(final)
+        problem = cached_folder_problem(final, gguf_sha256=sha, dtype=dtype)
         if problem is None:
             return final
         log.warning("cached model folder %s is damaged (%s); rebuilding it from %s", final, problem, gguf)
@@ -478,14 +513,17 @@ def _gguf_as_hf_folder(r: ResolvedModel, dtype: str) -> Path:
     try:
         kw = {"gguf_file": gguf.name, "local_files_only": True, "trust_remote_code": False}
         tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=getattr(torch, dtype), **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=getattr(torch, dtype),
+                                                                  gguf_file=gguf.name, **OFFLINE_LOAD)
         model.hf_quantizer = None  # save_pretrained refuses a gguf-dequantized model otherwise
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json(tmp / SOURCE_RECORD, {"gguf": str(gguf), "gguf_sha256": sha, "dtype": dtype, "files": files})
+        _write_json(tmp / SOURCE_RECORD, {"gguf": str(gguf), "gguf_sha256": sha, "dtype": dtype, "files": files,
+                                          "weights_sha256": _safetensors_digest(files),
+                                          "built_with": builder_versions()})
         try:
             os.rename(tmp, final)
         except OSError:
@@ -500,23 +538,29 @@ def _gguf_as_hf_folder(r: ResolvedModel, dtype: str) -> Path:
 
 
 SOURCE_RECORD = "stage1_source.json"
-"""What a cached HF folder was built from, and the sha256 of every file in it."""
+"""What a cached HF folder was built from and with, and the sha256 of every file in it."""
 
 
-def cached_folder_problem(folder: Path) -> str | None:
-    """Why a cached HF model folder cannot be trusted (a file missing, truncated or edited; no record
-    of its files), or None when every recorded file has its recorded sha256 (memoized by size and
-    mtime, so a later check costs a stat per file).
+def cached_folder_problem(folder: Path, *, gguf_sha256: str | None = None, dtype: str | None = None) -> str | None:
+    """Why a cached HF model folder cannot be trusted (built from another GGUF or dtype; a file
+    missing, truncated or edited; no record of its files), or None when every recorded file has its
+    recorded sha256 (memoized by size and mtime, so a later check costs a stat per file).
 
     Args:
         folder: a folder written by `_gguf_as_hf_folder`.
+        gguf_sha256: the GGUF it must have been built from (unchecked when None).
+        dtype: the dtype it must have been built in (unchecked when None).
     Returns:
-        A short reason naming the file, or None.
+        A short reason naming the file or field, or None.
     """
     try:
-        files = json.loads((folder / SOURCE_RECORD).read_text())["files"]
+        record = json.loads((folder / SOURCE_RECORD).read_text())
+        files = record["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{SOURCE_RECORD} missing or unreadable"
+    for key, want in (("gguf_sha256", gguf_sha256), ("dtype", dtype)):
+        if want is not None and record.get(key) != want:
+            return f"{SOURCE_RECORD} {key} is {record.get(key)!r}, expected {want!r}"
     for name, digest in sorted(files.items()):
         path = folder / name
         if not path.is_file():
@@ -524,6 +568,41 @@ def cached_folder_problem(folder: Path) -> str | None:
         if cached_sha256(path) != digest:
             return f"{name} does not match its recorded sha256"
     return None
+
+
+def dequantized_record(folder: Path) -> dict[str, Any] | None:
+    """What a loaded GGUF's cached folder holds: {folder, weights_sha256, built_with}, for provenance.
+
+    Args:
+        folder: a folder written by `_gguf_as_hf_folder`.
+    Returns:
+        The record, or None when the folder has no readable SOURCE_RECORD.
+    """
+    try:
+        record = json.loads((folder / SOURCE_RECORD).read_text())
+        weights = record.get("weights_sha256") or _safetensors_digest(record["files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return {"folder": str(folder), "weights_sha256": weights, "built_with": record.get("built_with")}
+
+
+def cached_dequantized(cfg: ModelConfig) -> dict[str, Any] | None:
+    """The dequantized record of `cfg`'s GGUF as this install would load it, without loading or
+    building anything: None when the model is no GGUF or its folder is not built yet.
+
+    Args:
+        cfg: the model config.
+    Returns:
+        dequantized_record of the folder this install's transformers would use, or None.
+    """
+    r = resolve_model(cfg)
+    if not r.gguf_file:
+        return None
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    folder = _gguf_folder_path(r, dtype, _weights_sha256(r))
+    if cached_folder_problem(folder, gguf_sha256=_weights_sha256(r), dtype=dtype) is not None:
+        return None
+    return dequantized_record(folder)
 
 
 def resolve_batch_size(batch_size: int | str, device: str) -> int:
@@ -865,10 +944,11 @@ def load_hf_model(r: ResolvedModel, cfg: ModelConfig, device: str) -> tuple[Any,
     dtype = getattr(torch, dtype_name)
     folder = _gguf_as_hf_folder(r, dtype_name) if r.gguf_file else Path(r.path or "")
     check_memory(r, cfg, device, folder)
+    if r.gguf_file:
+        log.info("loading %s dequantized in %s", r.id, folder)
     safes, _ = _weight_files(folder)
     tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    kw: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False,
-                          "use_safetensors": bool(safes)}
+    kw: dict[str, Any] = {"dtype": dtype, "use_safetensors": bool(safes), **OFFLINE_LOAD}
     if device.startswith("cuda"):
         kw["device_map"] = {"": device}
         if cfg.quantize != "none":

@@ -15,6 +15,7 @@ torch is imported lazily inside `environment_info` only; this module imports nei
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import os
@@ -36,6 +37,7 @@ ENV_ALLOWLIST: tuple[str, ...] = (
     "PYTORCH_CUDA_ALLOC_CONF",
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
+    "USE_HUB_KERNELS",
     "HF_HOME",
     "HF_HUB_CACHE",
     "OMP_NUM_THREADS",
@@ -50,8 +52,13 @@ ENV_ALLOWLIST: tuple[str, ...] = (
 """Environment variables recorded in the manifest; nothing else is read into it. No name may match
 TOKEN/KEY/SECRET/PASSWORD (so not even TOKENIZERS_PARALLELISM): such names are skipped at runtime."""
 
-PACKAGES: tuple[str, ...] = ("torch", "transformers", "accelerate", "peft", "pydantic", "prefect", "gguf", "stage1")
-"""Distributions whose versions are recorded (None when not installed)."""
+PACKAGES: tuple[str, ...] = ("torch", "transformers", "tokenizers", "kernels", "accelerate", "peft", "bitsandbytes",
+                             "huggingface_hub", "numpy", "gguf", "safetensors", "pydantic", "prefect", "stage1")
+"""Distributions whose versions are recorded (None when not installed): every package on the generation
+and training path, so a manifest can explain a drift between two runs."""
+
+LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements" / "lock.txt"
+"""The dependency lock scripts/setup.sh installs (present in a checkout, absent in a wheel install)."""
 
 GIT_TIMEOUT_S = 10.0
 
@@ -142,7 +149,8 @@ def environment_info() -> dict[str, Any]:
     """The software and hardware a run used.
 
     Returns:
-        {python, platform, machine, cpu_count, packages: {name: version or None},
+        {python, platform, machine, cpu_count, packages: {name: version or None}, lock_sha256 (of
+        requirements/lock.txt, None outside a checkout),
         torch: {version, cuda_available, cuda_version, gpus} or None when torch is absent,
         env: {name: value or None} for `ENV_ALLOWLIST` names only, values credential-stripped}.
     """
@@ -152,9 +160,24 @@ def environment_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "packages": {name: _version(name) for name in PACKAGES},
+        "lock_sha256": lock_sha256(),
         "torch": _torch_info(),
         "env": allowed_env(),
     }
+
+
+def lock_sha256(path: Path = LOCK_FILE) -> str | None:
+    """sha256 of the dependency lock the checkout installs, or None when there is none.
+
+    Args:
+        path: the lock file (default: requirements/lock.txt of this checkout).
+    Returns:
+        64 hex characters, or None when the file cannot be read.
+    """
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def allowed_env() -> dict[str, str | None]:

@@ -9,6 +9,7 @@ import tempfile
 _TMP = tempfile.mkdtemp(prefix="stage1-tests-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_TMP, "prefect-results")

@@ -220,3 +220,63 @@ def test_a_damaged_cached_model_folder_is_detected(tmp_path, monkeypatch) -> Non
     assert loader.cached_folder_problem(folder) == "model.safetensors missing"
     (folder / loader.SOURCE_RECORD).unlink()  # a folder of an older version, or a half-copied one
     assert "missing or unreadable" in loader.cached_folder_problem(folder)
+
+
+def test_a_cached_folder_built_for_another_gguf_or_dtype_is_not_trusted(tmp_path) -> None:
+    from stage1_core.storage import sha256_file
+
+    folder = tmp_path / "gemma3-abc"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"w" * 100)
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+    (folder / loader.SOURCE_RECORD).write_text(json.dumps({"files": files, "gguf_sha256": "a" * 64, "dtype": "float32"}))
+    assert loader.cached_folder_problem(folder, gguf_sha256="a" * 64, dtype="float32") is None
+    assert "gguf_sha256" in loader.cached_folder_problem(folder, gguf_sha256="b" * 64, dtype="float32")
+    assert "dtype" in loader.cached_folder_problem(folder, gguf_sha256="a" * 64, dtype="bfloat16")
+    record = loader.dequantized_record(folder)
+    assert record["weights_sha256"] == hashlib.sha256(files["model.safetensors"].encode()).hexdigest()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_every_model_load_passes_use_kernels_false(tmp_path, monkeypatch, device: str) -> None:
+    """transformers >= 5.25 fetches hub kernels on CUDA unless told not to (issue 19): the keyword must
+    reach from_pretrained on the CUDA branch (device_map, quantization) as on the CPU one, and for
+    the GGUF dequantization too."""
+    import transformers
+
+    calls: list[dict] = []
+
+    class FakeModel:
+        def eval(self):
+            return self
+
+        def to(self, *a, **k):
+            return self
+
+    def fake_model_from_pretrained(path, **kw):
+        calls.append(kw)
+        return FakeModel()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake_model_from_pretrained))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: object()))
+    monkeypatch.setattr(loader, "check_quantize", lambda cfg, r: None)
+    monkeypatch.setattr(loader, "check_memory", lambda *a, **k: None)
+    monkeypatch.setattr(loader, "_quantization_config", lambda q: object())
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x")
+    r = loader.ResolvedModel(kind="hf_folder", id=str(folder), path=str(folder), gguf_file=None, family="gemma3_text",
+                             bos_policy="always")
+    for quantize in ("none", "4bit") if device != "cpu" else ("none",):
+        loader.load_hf_model(r, ModelConfig(id=str(folder), quantize=quantize), device)
+    gguf = loader.ResolvedModel(kind="gguf", id="x.gguf", path=str(tmp_path / "x.gguf"), gguf_file="x.gguf",
+                                family="gemma3", bos_policy="always")
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("STAGE1_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(Exception):  # the fake model cannot be saved; the load call is what is checked
+        loader._gguf_as_hf_folder(gguf, "float32")
+    assert calls and all(kw.get("use_kernels") is False for kw in calls), calls
+    assert all(kw.get("local_files_only") is True for kw in calls)
+    if device != "cpu":
+        assert any("device_map" in kw for kw in calls) and any("quantization_config" in kw for kw in calls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -64,8 +65,16 @@ def test_environment_info_allowlist_only(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_environment_info_shape() -> None:
     info = environment_info()
-    assert set(info) == {"python", "platform", "machine", "cpu_count", "packages", "torch", "env"}
-    assert set(info["packages"]) == {"torch", "transformers", "accelerate", "peft", "pydantic", "prefect", "gguf", "stage1"}
+    assert set(info) == {"python", "platform", "machine", "cpu_count", "packages", "lock_sha256", "torch", "env"}
+    # every package on the generation path (issue 19: a manifest must be able to explain a drift)
+    assert {"torch", "transformers", "tokenizers", "kernels", "accelerate", "peft", "bitsandbytes", "huggingface_hub",
+            "numpy", "gguf"} <= set(info["packages"])
+    import transformers
+
+    assert info["packages"]["transformers"] == transformers.__version__
+    lock = Path(__file__).resolve().parents[2] / "requirements" / "lock.txt"
+    assert info["lock_sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert provenance.lock_sha256(lock.with_name("absent.txt")) is None
     import pydantic
 
     assert info["packages"]["pydantic"] == pydantic.VERSION
