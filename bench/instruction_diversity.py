@@ -6,8 +6,9 @@
 For each option (a config overlay over configs/pilot.yaml) and each seed, runs `--rounds` instruction
 rounds (generate + filter, exactly the pilot's phase functions, one process, the model loaded once)
 into a fresh folder and counts, over every instruction generated: the near-duplicate share
-(`instruction_filter` rejections with reason `near_duplicate`), instruction acceptance (kept /
-generated) and every rejection reason. The table in docs/metrics.md comes from its JSON (means over
+(`instruction_filter` rejections with reason `near_duplicate`), instruction acceptance (yield: kept /
+generated), the instruction critic's acceptance (kept / judged by the critic, the gate's quality bar)
+and every rejection reason. Runs on the device `model.device: auto` picks (the H200 with the device tool). The table in docs/metrics.md comes from its JSON (means over
 the seeds). Acceptance and near-duplicates do not depend on the machine's load; the seconds do.
 
 Writes JSON (default bench/results/instruction_diversity-<date>.json) and prints one line per run.
@@ -34,7 +35,10 @@ for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HUB_KERNEL
     os.environ.setdefault(k, v)
 
 OPTIONS = {
-    "baseline": {},
+    "baseline": {"instruction_generation": {"temperature": 0.7, "top_p": 0.9, "machine_examples": 0}},
+    "temp0.9": {"instruction_generation": {"temperature": 0.9}},
+    "temp1.1": {"instruction_generation": {"temperature": 1.1}},
+    "temp1.0+top_p0.95": {"instruction_generation": {"temperature": 1.0, "top_p": 0.95}},
     "machine2": {"instruction_generation": {"machine_examples": 2}},
     "temp1.0": {"instruction_generation": {"temperature": 1.0}},
     "machine2+temp1.0": {"instruction_generation": {"machine_examples": 2, "temperature": 1.0}},
@@ -61,8 +65,10 @@ def run_option(name: str, seed: int, rounds: int, root: Path) -> dict:
         tokens += g["tokens"]
         reasons.update(r["reason"] for r in storage.read_jsonl(f["outputs"]["rejected"]["path"]))
     n_kept = f["kept_total"]
+    judged = n_kept + reasons.get("critic", 0)
     return {"option": name, "overlay": OPTIONS[name], "seed": seed, "rounds": rounds, "generated": generated,
             "kept": n_kept, "acceptance": round(n_kept / generated, 4) if generated else None,
+            "critic_judged": judged, "critic_acceptance": round(n_kept / judged, 4) if judged else None,
             "near_duplicates": reasons.get("near_duplicate", 0),
             "near_duplicate_share": round(reasons.get("near_duplicate", 0) / generated, 4) if generated else None,
             "rejections": dict(reasons.most_common()), "tokens": tokens,
@@ -71,8 +77,8 @@ def run_option(name: str, seed: int, rounds: int, root: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--options", default="baseline,machine2,temp1.0")
-    ap.add_argument("--seeds", default="42,1,2")
+    ap.add_argument("--options", default="baseline,temp0.9,temp1.0,temp1.1")
+    ap.add_argument("--seeds", default="42,1,2,3,4")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--note", default="nothing else running")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / f"instruction_diversity-{date.today().isoformat()}.json"))
@@ -83,16 +89,22 @@ def main() -> int:
         for seed in (int(s) for s in a.seeds.split(",")):
             r = run_option(name, seed, a.rounds, root)
             runs.append(r)
-            print(json.dumps({k: r[k] for k in ("option", "seed", "generated", "kept", "acceptance",
+            print(json.dumps({k: r[k] for k in ("option", "seed", "generated", "kept", "acceptance", "critic_acceptance",
                                                 "near_duplicate_share", "seconds")}), flush=True)
     means = {}
     for name in a.options.split(","):
         rs = [r for r in runs if r["option"] == name]
         means[name] = {"acceptance": round(statistics.fmean(r["acceptance"] for r in rs), 4),
+                       "critic_acceptance": round(statistics.fmean(r["critic_acceptance"] for r in rs), 4),
+                       "critic_acceptance_min": min(r["critic_acceptance"] for r in rs),
+                       "acceptance_min": min(r["acceptance"] for r in rs),
                        "near_duplicate_share": round(statistics.fmean(r["near_duplicate_share"] for r in rs), 4),
                        "generated_per_run": round(statistics.fmean(r["generated"] for r in rs), 1),
                        "seconds_per_run": round(statistics.fmean(r["seconds"] for r in rs), 1)}
+    import torch
+
     result = {"benchmark": "instruction_diversity", "date": date.today().isoformat(), "note": a.note,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
               "model": "embedded:gemma-3-270m", "rounds_per_run": a.rounds, "seeds": a.seeds, "means": means,
               "runs": runs}
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
