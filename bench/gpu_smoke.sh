@@ -64,7 +64,7 @@ rec = {"kind": "gpu_smoke", "lock_sha256": hashlib.sha256(lock.read_bytes()).hex
                                             "bitsandbytes", "huggingface_hub", "numpy", "gguf", "prefect", "pydantic")},
        "steps": steps, "pilot_gate": (qc.get("gate") or {}).get("decision"),
        "pilot_pairs_kept": (qc.get("counts") or {}).get("pairs_kept"),
-       "eval_stop_rate": {k: ((report.get(k) or {}).get("stop_rate") or {}).get("value") if isinstance((report.get(k) or {}).get("stop_rate"), dict) else (report.get(k) or {}).get("stop_rate") for k in ("base", "tuned")},
+       "eval_stop_rate": {k: (report.get(k) or {}).get("stop_rate") for k in ("base", "tuned")},
        "engine_4b": engine[0] if engine else None}
 result.parent.mkdir(parents=True, exist_ok=True)
 tmp = result.with_name(result.name + ".tmp")

@@ -29,6 +29,7 @@ from typing import Any, Literal, Mapping, NamedTuple, Sequence
 from stage1_core.config import EMBEDDED_MODEL, ModelConfig
 from stage1_core.errors import InputError
 from stage1_core.guards import BOS_POLICY_BY_FAMILY, resolve_bos_policy
+from stage1_core.provenance import package_version
 from stage1_core.storage import sha256_file
 
 log = logging.getLogger("stage1.loader")
@@ -464,15 +465,7 @@ def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
 
 def builder_versions() -> dict[str, str | None]:
     """Versions of the packages that turn a GGUF into float weights (a change may change the weights)."""
-    import importlib.metadata
-
-    out: dict[str, str | None] = {}
-    for dist in ("transformers", "gguf", "torch"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return {dist: package_version(dist) for dist in ("transformers", "gguf", "torch")}
 
 
 def _gguf_folder_path(r: ResolvedModel, dtype: str, sha: str) -> Path:
@@ -598,9 +591,9 @@ def cached_dequantized(cfg: ModelConfig) -> dict[str, Any] | None:
     r = resolve_model(cfg)
     if not r.gguf_file:
         return None
-    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
-    folder = _gguf_folder_path(r, dtype, _weights_sha256(r))
-    if cached_folder_problem(folder, gguf_sha256=_weights_sha256(r), dtype=dtype) is not None:
+    dtype, sha = resolve_dtype(cfg.dtype, resolve_device(cfg.device)), _weights_sha256(r)
+    folder = _gguf_folder_path(r, dtype, sha)
+    if cached_folder_problem(folder, gguf_sha256=sha, dtype=dtype) is not None:
         return None
     return dequantized_record(folder)
 

@@ -159,7 +159,7 @@ def environment_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: package_version(name) for name in PACKAGES},
         "lock_sha256": lock_sha256(),
         "torch": _torch_info(),
         "env": allowed_env(),
@@ -195,7 +195,14 @@ def allowed_env() -> dict[str, str | None]:
     return out
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """The installed version of a distribution, or None when it is absent or its metadata is broken.
+
+    Args:
+        dist: a distribution name ("transformers", "huggingface_hub", ...).
+    Returns:
+        The version string, or None.
+    """
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

@@ -514,22 +514,13 @@ def train(plan: dict[str, Any], *, backend: Any = None,
         "wall_seconds_this_run": None, "peak_memory_bytes": _peak_memory_bytes(backend.device),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if backend.device.startswith("cuda") else "process max RSS",
         "device": backend.device, "environment": provenance.environment_info(),
-        "versions": {"transformers": transformers.__version__, "peft": _version("peft"), "torch": torch.__version__},
+        "versions": {"transformers": transformers.__version__, "peft": provenance.package_version("peft"), "torch": torch.__version__},
     }
     write_loss_png(summary, out / LOSS_PNG)
     summary["wall_seconds_this_run"] = round(time.perf_counter() - t0, 3)
     storage.write_json_atomic(out / SUMMARY, summary)  # last: its presence means the run is done
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     return summary
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 def _write_adapter(model: Any, out: Path) -> None:
