@@ -174,37 +174,33 @@ def _run_locked(plan: dict[str, Any], *, run_id: str, started: str, t0: float, c
     run.claim_output(plan, run_id)
     meta = {"run_id": run_id, "git_sha": provenance.git_info(run.REPO_DIR)["sha"], "config_hash": plan["config_hash"]}
     cfg, manifests = plan["config"], []
-    generated, rejected, kept = [], [], None
-    for rnd in range(1, cfg["instruction_generation"]["max_instruction_rounds"] + 1):
-        g = t.generate_instructions(run.make_call(plan, "generate_instructions", meta=meta, round=rnd,
-                                                  inputs=run.instruction_inputs(cfg, kept)))
-        f = t.filter_instructions(run.make_call(plan, "filter_instructions", meta=meta, round=rnd, inputs={
-            "generated": g["outputs"]["generated"], "kept_before": kept}))
-        manifests += [g, f]
-        generated.append(g["outputs"]["generated"])
-        rejected.append(f["outputs"]["rejected"])
-        kept = f["outputs"]["kept"]
-        if f["kept_total"] >= count:
-            break
-    settings, iterations = cfg["response_generation"], []
+    ig, rg, iterations = cfg["instruction_generation"], cfg["response_generation"], []
+    since, instructions = 1, None
     for it in range(1, cfg["max_iterations"] + 2):
+        if instructions is None:  # the first iteration, or the iterate step changed an instruction setting
+            instructions = _instruction_rounds(plan, meta, ig, since, count)
+            manifests += instructions["manifests"]
+        generated, rejected, kept = instructions["generated"], instructions["rejected"], instructions["kept"]
         r = t.generate_responses(run.make_call(plan, "generate_responses", meta=meta, iteration=it,
-                                               response_generation=settings, inputs={"kept": kept}))
+                                               response_generation=rg, inputs={"kept": kept}))
         p = t.filter_pairs(run.make_call(plan, "filter_pairs", meta=meta, iteration=it,
                                          inputs={"responses": r["outputs"]["responses"]}))
-        q = t.qc_gate(run.make_call(plan, "qc", meta=meta, iteration=it, response_generation=settings,
-                                    extra={"critic_dev": p.get("critic_dev")}, inputs={
+        q = t.qc_gate(run.make_call(plan, "qc", meta=meta, iteration=it, response_generation=rg,
+                                    instruction_generation=ig, extra={"critic_dev": p.get("critic_dev")}, inputs={
             "generated": generated, "instruction_rejected": rejected, "kept": kept,
             "responses": r["outputs"]["responses"], "pairs_kept": p["outputs"]["kept"],
             "pairs_rejected": p["outputs"]["rejected"]}))
         manifests += [r, p, q]
-        iterations.append({"qc": q, "settings": settings})
+        iterations.append({"qc": q, "settings": rg, "instruction_settings": ig, "instructions_since": since})
         if q["decision"]["decision"] != "iterate":
             break
-        settings, iterations[-1]["changes"], changed = run.next_response_settings(settings, q)
-        iterations[-1]["next_settings"] = settings
-        if it > cfg["max_iterations"] or not changed:
+        new_ig, new_rg, iterations[-1]["changes"] = run.next_settings(ig, rg, q)
+        iterations[-1]["next_settings"], iterations[-1]["next_instruction_settings"] = new_rg, new_ig
+        if it > cfg["max_iterations"] or (new_ig == ig and new_rg == rg):
             break
+        if new_ig != ig:  # an instruction setting changed: phases 1-5 rerun with it, in iterations/NN/instructions
+            since, instructions = it + 1, None
+        ig, rg = new_ig, new_rg
     decision = None
     if require_approval and iterations[-1]["qc"]["decision"]["decision"] == "scale":
         decision = ask_approval(plan, iterations[-1]["qc"]["summary"], approval_timeout_s, deployment)
@@ -212,6 +208,28 @@ def _run_locked(plan: dict[str, Any], *, run_id: str, started: str, t0: float, c
                             flow_seconds=round(time.perf_counter() - t0, 3), approval=decision)
     t.publish_final(result, iterations[-1]["qc"])
     return result
+
+
+def _instruction_rounds(plan: dict[str, Any], meta: dict[str, Any], ig: dict[str, Any], since: int,
+                        count: int) -> dict[str, Any]:
+    """Phases 1-2 with instruction settings `ig`: rounds of generation and filtering until `count`
+    instructions are kept or `max_instruction_rounds` run out. Returns the per-round generated and
+    rejected file manifests, the kept pool's manifest and the phase manifests."""
+    generated, rejected, kept, manifests = [], [], None, []
+    for rnd in range(1, ig["max_instruction_rounds"] + 1):
+        g = t.generate_instructions(run.make_call(plan, "generate_instructions", meta=meta, round=rnd,
+                                                  instruction_generation=ig, instructions_since=since,
+                                                  inputs=run.instruction_inputs(ig, kept)))
+        f = t.filter_instructions(run.make_call(plan, "filter_instructions", meta=meta, round=rnd,
+                                                instructions_since=since, inputs={
+            "generated": g["outputs"]["generated"], "kept_before": kept}))
+        manifests += [g, f]
+        generated.append(g["outputs"]["generated"])
+        rejected.append(f["outputs"]["rejected"])
+        kept = f["outputs"]["kept"]
+        if f["kept_total"] >= count:
+            break
+    return {"generated": generated, "rejected": rejected, "kept": kept, "manifests": manifests}
 
 
 def ask_approval(plan: dict[str, Any], summary: dict[str, Any], timeout_s: int, deployment: str | None) -> dict[str, Any]:

@@ -64,6 +64,8 @@ class InstructionGenerationConfig(StrictModel):
     max_instruction_rounds: int = Field(default=12, gt=0)
     max_new_tokens: int = Field(default=160, gt=0)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    temperature_cap: float = Field(default=1.2, gt=0.0, le=2.0, description="the iterate step never raises "
+                                   "temperature above this (a higher temperature set by hand is left alone)")
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     stop_sequences: list[str] = Field(default_factory=lambda: ["\n\n"])
@@ -230,14 +232,19 @@ def _check_labels(labels: tuple[str, str]) -> tuple[str, str]:
 
 
 class QCThresholds(StrictModel):
-    """Operators are binding: *_max are strict (<), *_min inclusive (>=); leakage_max is <=."""
+    """Operators are binding: *_max are strict (<), *_min inclusive (>=); leakage_max is <=.
+    The critics' acceptance (*_critic_acceptance_min) is the quality bar and halts; yield
+    (instruction_acceptance_min, pair_acceptance_min) and near_duplicate_share_max iterate."""
 
     runaway_rate_max: float = Field(default=0.05, gt=0.0, le=1.0)
     token_limit_rate_max: float = Field(default=0.10, gt=0.0, le=1.0)
     leakage_max: int = Field(default=0, ge=0)
     median_response_tokens_max: float = Field(default=40, gt=0)
-    instruction_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
-    pair_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
+    instruction_critic_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
+    pair_critic_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
+    instruction_acceptance_min: float = Field(default=0.25, ge=0.0, le=1.0)
+    pair_acceptance_min: float = Field(default=0.4, ge=0.0, le=1.0)
+    near_duplicate_share_max: float = Field(default=0.3, gt=0.0, le=1.0)
     critic_min_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
     critic_min_auc: float | None = Field(default=None, ge=0.0, le=1.0)
     min_n: int = Field(default=20, gt=0)

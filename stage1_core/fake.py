@@ -2,14 +2,18 @@
 
 Options follow the seed, comma-separated: `fake:7,runaway=0.2,limit=0.1,bad=0.2`; `guard=1` makes
 loading fail its sentinels (ModelGuardError), as a model read wrongly would.
-- List prompts (ending in "N.") continue the numbered list with made-up instructions: some
-  duplicates, some too short, some blacklisted, then a blank line.
+- List prompts (ending in "N.") continue the numbered list with made-up instructions ("Explain
+  frozen harbors."; with `varied=0` the older, repetitive "Explain volcanoes step by step."): a few
+  near-duplicates, some too short, some blacklisted, then a blank line. With `repeat=R`, each item is
+  one fixed task with probability R at temperature <= 0.7, falling linearly to 0 at 0.9 (a small
+  model repeating itself until the temperature rises).
 - Response prompts (ending in "Response:") answer in a few words, then a blank line; with
   probability `runaway` (scaled by temperature: full at T >= 0.7, zero at T <= 0.4) they start a
   new "\\nInstruction:" block instead, and with probability `limit` they ramble to the token limit.
   Response length shrinks with max_new_tokens, so changing it changes the output.
 - Critic prompts: "A" is preferred unless the judged text contains a marker of badness
-  ("lorem", "???", or fewer than 3 words), plus a constant letter bias toward A. Which label means
+  ("lorem", "???", or fewer than 3 words), or, with `critic_bad=P`, falls in the share P of texts
+  a hash of the text marks bad (a critic that rejects most items); plus a constant letter bias toward A. Which label means
   good: the one listed as "X) Yes"; in a question rubric without listed options, the first label,
   unless the prompt's first line asks whether the item is wrong, broken or bad.
 - Continuation scores (`continuation_logprobs`, the PMI scorer): each continuation word costs 3 nats,
@@ -43,6 +47,19 @@ TOPICS = ["photosynthesis", "the water cycle", "a healthy breakfast", "compound 
 QUALIFIERS = ["in two sentences.", "for a ten-year-old.", "with three examples.", "in simple words.",
               "as a short poem.", "using a table of pros and cons.", "step by step."]
 BAD_MARKERS = ("lorem", "???")
+REPEATED_TASK = "Explain why the sky is blue to a curious child."
+# varied tasks ("Explain frozen harbors."): 20 x 30 topics x 10 verbs, few near-duplicates (ROUGE-L >= 0.7 needs all three)
+ADJECTIVES = ["ancient", "modern", "tiny", "giant", "rural", "urban", "frozen", "tropical", "noisy", "quiet", "digital",
+              "wooden", "floating", "hidden", "seasonal", "coastal", "medieval", "electric", "solar", "local"]
+NOUNS = ["bridges", "gardens", "markets", "rivers", "trains", "libraries", "forests", "bakeries", "robots", "islands",
+         "castles", "deserts", "harbors", "festivals", "museums", "volcanoes", "orchards", "glaciers", "factories", "theaters",
+         "canals", "caves", "bicycles", "satellites", "vineyards", "lighthouses", "beehives", "mines", "reefs", "windmills"]
+FILLER = ["because", "often", "people", "usually", "about", "many", "simple", "ideas", "daily", "work", "small", "clear"]
+
+
+def _pick(words: Sequence[Any], *parts: Any) -> Any:
+    """An element chosen by a hash of `parts` (draws nothing from the item's random stream)."""
+    return words[int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:4], "big") % len(words)]
 
 
 def parse_fake_id(model_id: str) -> tuple[int, dict[str, float]]:
@@ -51,7 +68,8 @@ def parse_fake_id(model_id: str) -> tuple[int, dict[str, float]]:
         raise ValueError(f"not a fake model id: {model_id!r}")
     head, *opts = model_id[len("fake:"):].split(",")
     seed = int(head)
-    options: dict[str, float] = {"runaway": 0.0, "limit": 0.0, "bad": 0.1, "guard": 0.0}
+    options: dict[str, float] = {"runaway": 0.0, "limit": 0.0, "bad": 0.1, "guard": 0.0, "repeat": 0.0, "varied": 1.0,
+                                 "critic_bad": 0.0}
     for opt in opts:
         k, _, v = opt.partition("=")
         if k not in options:
@@ -91,14 +109,19 @@ class FakeBackend:
     def _continue_list(self, prompt: str, start: int, params: GenerationParams, rng: random.Random) -> str:
         out = ""
         n_items = rng.randint(3, 7)
+        repeat = self.options["repeat"] * min(1.0, max(0.0, (0.9 - params.temperature) / 0.2))
         for i in range(n_items):
             roll = rng.random()
-            if roll < self.options["bad"] / 2:
+            if repeat and rng.random() < repeat:  # a small model at a low temperature: the same task again and again
+                item = REPEATED_TASK
+            elif roll < self.options["bad"] / 2:
                 item = "Hi."
             elif roll < self.options["bad"]:
                 item = f"Draw a map of {rng.choice(TOPICS)}."
             else:
-                item = f"{rng.choice(VERBS)} {rng.choice(TOPICS)} {rng.choice(QUALIFIERS)}"
+                verb, topic, qualifier = rng.choice(VERBS), rng.choice(TOPICS), rng.choice(QUALIFIERS)
+                item = f"{verb} {_pick(ADJECTIVES, prompt, start, i, 'a')} {_pick(NOUNS, prompt, start, i, 'n')}." \
+                    if self.options["varied"] else f"{verb} {topic} {qualifier}"
             out += (" " if i == 0 else f"\n{start + i}. ") + item
         return out + "\n\nThese tasks cover many topics."
 
@@ -106,6 +129,8 @@ class FakeBackend:
         instruction = prompt.rsplit("Instruction:", 1)[-1].split("\n", 1)[0].strip()
         n_words = max(3, min(12, params.max_new_tokens // 8))
         words = [w.strip(".,") for w in instruction.split()[1:]] or ["something"]
+        if self.options["varied"]:
+            words += FILLER
         body = " ".join(rng.choice(words) for _ in range(n_words)).capitalize() + "."
         scale = min(1.0, max(0.0, (params.temperature - 0.4) / 0.3))
         roll = rng.random()
@@ -156,7 +181,8 @@ class FakeBackend:
             cut = max(judged.rfind("Response:") + len("Response:") if "Response:" in judged else -1,
                       judged.rfind("Text:") + len("Text:") if "Text:" in judged else -1)
             judged = judged[cut:] if cut >= 0 else judged
-            bad = any(m in judged.lower() for m in BAD_MARKERS) or len(judged.split()) < 3
+            bad = any(m in judged.lower() for m in BAD_MARKERS) or len(judged.split()) < 3 \
+                or (self.options["critic_bad"] > 0 and _pick(range(1000), judged.strip()) < 1000 * self.options["critic_bad"])
             # Which letter means "good" in this prompt: the option listed first mentions "Yes".
             first = candidates[0].strip()
             if re.search(rf"(^|\n){re.escape(first)}\) ", prompt):  # options listed as "A) Yes, ..."

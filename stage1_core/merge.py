@@ -121,15 +121,19 @@ def qc_summary(plan: dict[str, Any], manifests: list[dict[str, Any]], kept: list
     th = QCThresholds.model_validate(plan["config"]["qc"])
     total = {k: sum(m["counts"][k] for m in manifests) for k in
              ("instructions_generated", "instructions_kept", "pairs_generated", "pairs_kept")}
-    within = sum(1 for r in rejected if r["phase"] == "instruction_filter" and r["reason"] in ("near_duplicate", "copies_seed"))
+    within = sum(1 for r in rejected if r["phase"] == "instruction_filter" and r["reason"] in qc.NEAR_DUPLICATE_REASONS)
+    critic_rejected = {phase: sum(1 for r in rejected if r["phase"] == phase and r["reason"] == "critic")
+                       for phase in ("instruction_filter", "pair_filter")}
     critic_dev = next((m["critic_dev"] for m in manifests if m.get("critic_dev")), None) or \
         (plan.get("pilot") or {}).get("critic_dev")
     metrics = qc.compute_metrics(
         instructions_generated=total["instructions_generated"], instructions_kept=total["instructions_kept"],
         instructions_distinct=max(0, total["instructions_generated"] - within - cross_dups),
+        instructions_critic_rejected=critic_rejected["instruction_filter"], instructions_near_duplicate=within,
         response_completions=[{"raw": c["raw"], "stop_reason": c["stop_reason"]} for c in completions],
         kept_pairs=[{"response": r["response"], "response_tokens": r["provenance"]["response_tokens"]} for r in kept],
-        pairs_generated=total["pairs_generated"], critic_dev_accuracy=(critic_dev or {}).get("accuracy"), thresholds=th,
+        pairs_generated=total["pairs_generated"], pairs_critic_rejected=critic_rejected["pair_filter"],
+        critic_dev_accuracy=(critic_dev or {}).get("accuracy"), thresholds=th,
         critic_dev_auc=qc.critic_dev_auc(critic_dev))
     decision = qc.gate(metrics, th, pairs_generated=total["pairs_generated"], iteration=1, max_iterations=1,
                        model_id=plan["config"]["model"]["id"])

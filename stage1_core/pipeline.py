@@ -366,13 +366,16 @@ def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = 
     surplus = [{"phase": "instruction_filter", "id": k["id"], "instruction": k["instruction"], "reason": "surplus_over_count"}
                for k in kept_pool[p["count"]:]]
     distinct = len({filters.normalize(g["instruction"]) for g in generated}) if generated else 0
-    dedup_dropped = sum(1 for r in instr_rejected if r["reason"] in ("near_duplicate", "copies_seed"))
+    dedup_dropped = sum(1 for r in instr_rejected if r["reason"] in qc.NEAR_DUPLICATE_REASONS)
     metrics = qc.compute_metrics(
         instructions_generated=len(generated), instructions_kept=len(kept_pool),
         instructions_distinct=max(0, min(distinct, len(generated) - dedup_dropped)),
+        instructions_critic_rejected=sum(1 for r in instr_rejected if r["reason"] == "critic"),
+        instructions_near_duplicate=dedup_dropped,
         response_completions=[{"raw": r["raw"], "stop_reason": r["stop_reason"]} for r in responses],
         kept_pairs=[{"response": r["response"], "response_tokens": r["response_tokens"]} for r in pairs],
-        pairs_generated=len(responses), critic_dev_accuracy=(p.get("critic_dev") or {}).get("accuracy"), thresholds=th,
+        pairs_generated=len(responses), pairs_critic_rejected=sum(1 for r in pair_rejected if r["reason"] == "critic"),
+        critic_dev_accuracy=(p.get("critic_dev") or {}).get("accuracy"), thresholds=th,
         critic_dev_auc=qc.critic_dev_auc(p.get("critic_dev")))
     decision = qc.gate(metrics, th, pairs_generated=len(responses), iteration=p["iteration"],
                        max_iterations=p["max_iterations"], allow_iterate_when_exhausted=p["max_iterations"] == 0,

@@ -1,20 +1,23 @@
-"""QC of a pilot: metrics with Wilson intervals, the pure gate decision, the adjustment table.
+"""QC of a pilot: metrics with Wilson intervals, the pure gate decision, the adjustment tables.
 
     metrics = compute_metrics(instructions_generated=..., instructions_kept=..., instructions_distinct=...,
+                              instructions_critic_rejected=..., instructions_near_duplicate=...,
                               response_completions=[{"raw": ..., "stop_reason": ...}, ...],
                               kept_pairs=[{"response": ..., "response_tokens": ...}, ...],
-                              pairs_generated=..., critic_dev_accuracy=None, thresholds=cfg.qc)
+                              pairs_generated=..., pairs_critic_rejected=..., critic_dev_accuracy=None,
+                              thresholds=cfg.qc)
     decision = gate(metrics, cfg.qc, pairs_generated=..., iteration=1, max_iterations=cfg.max_iterations)
     if decision.decision == "iterate":
-        rg, changes = adjust_generation(cfg.response_generation, decision.failed, observed_delimiters(raws))
+        ig, i_changes = adjust_instruction_generation(cfg.instruction_generation, decision.failed, rejected_by_reason)
+        rg, r_changes = adjust_generation(cfg.response_generation, decision.failed, observed_delimiters(raws))
 
 Every metric is a dict {"value", "k", "n", "ci95", "op", "threshold", "passed"}. Operators are
 binding and compared exactly (a rate k/n as the fraction k/n, a threshold as the decimal written in
-the config): `<` strict (runaway_rate, token_limit_rate, median_response_tokens), `>=` inclusive
-(instruction_acceptance, pair_acceptance, critic_dev_accuracy and critic_dev_auc_* when gated), `<=` for the leakage
-count. A metric that is undefined (a rate over n == 0, a median of nothing, a gated critic accuracy
-that was not measured) has value None and fails. Reported-only metrics have op "report" and
-passed None.
+the config): `<` strict (runaway_rate, token_limit_rate, median_response_tokens, near_duplicate_share),
+`>=` inclusive (instruction_critic_acceptance, pair_critic_acceptance, instruction_acceptance,
+pair_acceptance, critic_dev_accuracy and critic_dev_auc_* when gated), `<=` for the leakage count.
+A metric that is undefined (a rate over n == 0, a median of nothing, a gated critic accuracy that
+was not measured) has value None and fails. Reported-only metrics have op "report" and passed None.
 """
 
 from __future__ import annotations
@@ -26,18 +29,25 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
 
-from stage1_core.config import QCThresholds, ResponseGenerationConfig
+from stage1_core.config import InstructionGenerationConfig, QCThresholds, ResponseGenerationConfig
 
 Decision = Literal["scale", "iterate", "halt"]
 Op = Literal["<", ">=", "<=", "report"]
 
-FIXABLE: tuple[str, ...] = ("runaway_rate", "token_limit_rate", "delimiter_leakage", "median_response_tokens")
-HALTING: tuple[str, ...] = ("instruction_acceptance", "pair_acceptance", "critic_dev_accuracy",
+# Fixable misses are cost (repeats, yield) or response form: a setting can change them, so they iterate.
+FIXABLE: tuple[str, ...] = ("runaway_rate", "token_limit_rate", "delimiter_leakage", "median_response_tokens",
+                            "instruction_acceptance", "pair_acceptance", "near_duplicate_share")
+# The quality bar (the critics' acceptance) and the critic's own dev-set checks: no setting fixes them.
+HALTING: tuple[str, ...] = ("instruction_critic_acceptance", "pair_critic_acceptance", "critic_dev_accuracy",
                              "critic_dev_auc_instruction", "critic_dev_auc_pair")
+INSTRUCTION_METRICS: tuple[str, ...] = ("instruction_acceptance", "near_duplicate_share")
 CRITIC_AUC_METRICS: tuple[str, ...] = ("critic_dev_auc_instruction", "critic_dev_auc_pair")
 METRIC_NAMES: tuple[str, ...] = ("runaway_rate", "token_limit_rate", "delimiter_leakage", "median_response_tokens",
-                                 "instruction_acceptance", "pair_acceptance", "critic_dev_accuracy",
+                                 "instruction_critic_acceptance", "pair_critic_acceptance", "instruction_acceptance",
+                                 "pair_acceptance", "near_duplicate_share", "critic_dev_accuracy",
                                  "critic_dev_auc_instruction", "critic_dev_auc_pair", "diversity")
+# Rejection reasons (phase instruction_filter) that count as near-duplicates: of a kept instruction or of a seed.
+NEAR_DUPLICATE_REASONS: tuple[str, ...] = ("near_duplicate", "copies_seed")
 LEAK_MARKERS: tuple[str, ...] = ("Instruction:", "Response:")
 DELIMITER_CANDIDATES: tuple[str, ...] = ("\nInstruction:", "\nResponse:", "Instruction:", "Response:", "\nInput:",
                                          "\nOutput:", "\n###", "\nQuestion:", "\nAnswer:")
@@ -45,6 +55,7 @@ TEMPERATURE_STEP = 0.1
 TEMPERATURE_FLOOR = 0.3
 TOKENS_UP = 1.5
 TOKENS_DOWN = 0.75
+INSTRUCTION_TEMPERATURE_STEP = 0.2  # measured: bench/instruction_diversity.py, docs/metrics.md
 NO_ADJUSTMENT = "no further adjustment possible"
 RANDOM_WEIGHTS_REASON = "random-weight model (benchmark only)"
 _FAILED_OP = {"<": "≥", ">=": "<", "<=": ">"}
@@ -135,18 +146,26 @@ def critic_dev_auc(critic_dev: dict[str, Any] | None) -> dict[str, float | None]
 
 
 def compute_metrics(*, instructions_generated: int, instructions_kept: int, instructions_distinct: int,
+                    instructions_critic_rejected: int, instructions_near_duplicate: int,
                     response_completions: list[dict[str, Any]], kept_pairs: list[dict[str, Any]], pairs_generated: int,
-                    critic_dev_accuracy: float | None, thresholds: QCThresholds,
+                    pairs_critic_rejected: int, critic_dev_accuracy: float | None, thresholds: QCThresholds,
                     critic_dev_auc: dict[str, float | None] | None = None) -> dict[str, dict[str, Any]]:
     """All QC metrics of one pilot (keys: METRIC_NAMES).
 
+    The critics' acceptance (accepted / judged by that critic) is the quality bar and halts; yield
+    (`instruction_acceptance`, `pair_acceptance`: kept / generated) and `near_duplicate_share`
+    (near-duplicates / generated) are cost, and iterate.
+
     Args:
         instructions_generated: instructions parsed from the model's lists.
-        instructions_kept: instructions left after heuristics, dedup and the critic.
+        instructions_kept: instructions left after heuristics, dedup and the critic (all judged good).
         instructions_distinct: instructions left after dedup (for diversity).
+        instructions_critic_rejected: instructions the instruction critic judged bad.
+        instructions_near_duplicate: instructions dropped as near-duplicates (NEAR_DUPLICATE_REASONS).
         response_completions: one {"raw": str, "stop_reason": str} per response completion.
-        kept_pairs: one {"response": cleaned str, "response_tokens": int} per kept pair.
-        pairs_generated: pairs that reached the pair critic.
+        kept_pairs: one {"response": cleaned str, "response_tokens": int} per kept pair (all judged good).
+        pairs_generated: pairs generated (each response completion is one).
+        pairs_critic_rejected: pairs the pair critic judged bad.
         critic_dev_accuracy: the critic's accuracy on the shipped dev set, or None if not measured.
         thresholds: the QC thresholds.
         critic_dev_auc: the critic's dev-set AUC per kind ({"instruction": x, "pair": y}), or None.
@@ -173,10 +192,17 @@ def compute_metrics(*, instructions_generated: int, instructions_kept: int, inst
         "median_response_tokens": _metric(median, "<", thresholds.median_response_tokens_max, n=len(tokens),
                                           passed=median is not None
                                           and _passes(median, "<", thresholds.median_response_tokens_max)),
+        "instruction_critic_acceptance": _rate("instruction_critic_acceptance", instructions_kept,
+                                               instructions_kept + instructions_critic_rejected, ">=",
+                                               thresholds.instruction_critic_acceptance_min),
+        "pair_critic_acceptance": _rate("pair_critic_acceptance", len(kept_pairs), len(kept_pairs) + pairs_critic_rejected,
+                                        ">=", thresholds.pair_critic_acceptance_min),
         "instruction_acceptance": _rate("instruction_acceptance", instructions_kept, instructions_generated, ">=",
                                         thresholds.instruction_acceptance_min),
         "pair_acceptance": _rate("pair_acceptance", len(kept_pairs), pairs_generated, ">=",
                                  thresholds.pair_acceptance_min),
+        "near_duplicate_share": _rate("near_duplicate_share", instructions_near_duplicate, instructions_generated, "<",
+                                      thresholds.near_duplicate_share_max),
     }
     gate_critic = thresholds.critic_min_accuracy is not None
     if gate_critic:
@@ -225,14 +251,24 @@ def _reason(name: str, m: dict[str, Any], kind: str) -> str:
     return f"{name} {_fmt(m['value'], m['threshold'])} {_FAILED_OP[m['op']]} {_fmt(m['threshold'])} ({kind})"
 
 
+def _halting_kind(name: str, m: dict[str, Any]) -> str:
+    """"halting", and for a critic's acceptance what it means: the quality bar, which no setting moves."""
+    if name in ("instruction_critic_acceptance", "pair_critic_acceptance") and m["value"] is not None:
+        what = "instructions" if name.startswith("instruction") else "pairs"
+        return (f"halting: quality bar; the {name.split('_')[0]} critic accepted {m['k']} of the {m['n']} {what} it "
+                "judged, and no generation setting raises that")
+    return "halting"
+
+
 def gate(metrics: dict[str, dict[str, Any]], thresholds: QCThresholds, *, pairs_generated: int, iteration: int,
          max_iterations: int, allow_iterate_when_exhausted: bool = False, model_id: str | None = None) -> GateDecision:
     """The pure gate: scale, iterate (fixable misses or too small a sample) or halt.
 
-    Order: any failed halting metric (instruction_acceptance, pair_acceptance, critic_dev_accuracy
-    when thresholds.critic_min_accuracy is set, critic_dev_auc_instruction / critic_dev_auc_pair when
-    thresholds.critic_min_auc is set) -> halt; else pairs_generated < thresholds.min_n ->
-    iterate ("sample too small ..."); else any failed fixable metric -> iterate; else scale. An
+    Order: any failed halting metric (the quality bar: instruction_critic_acceptance,
+    pair_critic_acceptance; critic_dev_accuracy when thresholds.critic_min_accuracy is set,
+    critic_dev_auc_instruction / critic_dev_auc_pair when thresholds.critic_min_auc is set) -> halt;
+    else pairs_generated < thresholds.min_n -> iterate ("sample too small ..."); else any failed
+    fixable metric (response form, yield, near-duplicates) -> iterate; else scale. An
     iterate with no reruns left (iteration > max_iterations) becomes halt, its first reason
     "iterations exhausted (N of M reruns used)", unless allow_iterate_when_exhausted. A run of a
     random-weight model (`model_id` "random:...") always halts, its first reason
@@ -268,7 +304,7 @@ def gate(metrics: dict[str, dict[str, Any]], thresholds: QCThresholds, *, pairs_
     fixable_failed = [m for m in FIXABLE if metrics[m]["passed"] is False]
     fixable_reasons = [_reason(m, metrics[m], "fixable: iterate") for m in fixable_failed]
     if halting_failed:
-        reasons = [_reason(m, metrics[m], "halting") for m in halting_failed] + fixable_reasons
+        reasons = [_reason(m, metrics[m], _halting_kind(m, metrics[m])) for m in halting_failed] + fixable_reasons
         return GateDecision("halt", reasons, halting_failed + fixable_failed)
 
     if pairs_generated < thresholds.min_n:
@@ -363,7 +399,95 @@ def adjust_generation(rg: ResponseGenerationConfig, failed: list[str],
             changes.append(f"max_new_tokens {cur} → {new} (token_limit_rate failed)")
         else:
             at_bounds.append(f"max_new_tokens {cur} at cap {rg.max_new_tokens_cap}")
+    if "pair_acceptance" in failed and not update:
+        at_bounds.append("pair_acceptance: no response setting in the table raises the pair yield")
     if not update:
         detail = "; ".join(at_bounds) if at_bounds else "no fixable metric failed"
         return rg.model_copy(deep=True), [f"{NO_ADJUSTMENT} ({detail})"]
     return rg.model_copy(update=update, deep=True), changes
+
+
+def leading_instruction_loss(rejected_by_reason: dict[str, int]) -> tuple[str, int] | None:
+    """The instruction filter's largest loss other than the critic, as (reason, count), near-duplicates
+    (NEAR_DUPLICATE_REASONS) counted together as "near_duplicate"; None when nothing but the critic
+    rejected. `rejected_by_reason` is qc_summary's {"phase:reason": count}."""
+    losses: Counter[str] = Counter()
+    for key, n in rejected_by_reason.items():
+        phase, _, reason = key.partition(":")
+        if phase != "instruction_filter" or reason in ("critic", "surplus_over_count"):
+            continue
+        losses["near_duplicate" if reason in NEAR_DUPLICATE_REASONS else reason] += n
+    if not losses:
+        return None
+    reason, n = max(losses.items(), key=lambda kv: (kv[1], kv[0] == "near_duplicate"))
+    return reason, n
+
+
+def adjust_instruction_generation(ig: InstructionGenerationConfig, failed: list[str],
+                                  rejected_by_reason: dict[str, int]) -> tuple[InstructionGenerationConfig, list[str]]:
+    """The instruction rows of the adjustment table: new instruction-generation settings.
+
+    | failed                                         | change                                          |
+    |------------------------------------------------|-------------------------------------------------|
+    | near_duplicate_share                           | temperature +0.2, capped at temperature_cap     |
+    | instruction_acceptance, near-duplicates the    | the same                                        |
+    | largest loss besides the critic                |                                                 |
+
+    Measured (bench/instruction_diversity.py, docs/metrics.md): on the embedded 270M model, raising
+    the list temperature is what removes repeats; mixing kept machine instructions into the few-shot
+    (`machine_examples: 2`) did not (near-duplicates 0.66 vs 0.61 at 0.7), so it is no row. A yield
+    lost mostly to something else (blacklisted words, copies of a seed, heuristics) has no row: the
+    run halts, naming the loss. Greedy lists (temperature 0) are left alone, like responses.
+
+    Args:
+        ig: the current settings (not mutated).
+        failed: names of failed metrics (GateDecision.failed); names of other rows are ignored.
+        rejected_by_reason: qc_summary's rejected_by_reason ({"phase:reason": count}).
+    Returns:
+        (a new config, change descriptions). When nothing can change: an equal copy and
+        ["no further adjustment possible (...)"]; when no instruction metric failed: an equal copy and [].
+    """
+    mine = [m for m in failed if m in INSTRUCTION_METRICS]
+    if not mine:
+        return ig.model_copy(deep=True), []
+    leading = leading_instruction_loss(rejected_by_reason)
+    repeats = "near_duplicate_share" in mine or (leading is not None and leading[0] == "near_duplicate")
+    if not repeats:
+        what = f"largest loss: {leading[0]} ({leading[1]})" if leading else "every loss is the critic's"
+        return ig.model_copy(deep=True), [f"{NO_ADJUSTMENT} (instruction_acceptance: {what}, which no instruction "
+                                          "setting in the table changes)"]
+    t = ig.temperature
+    if t <= 0:
+        return ig.model_copy(deep=True), [f"{NO_ADJUSTMENT} (instruction temperature 0 (greedy) left as is)"]
+    new_t = max(t, min(ig.temperature_cap, round(t + INSTRUCTION_TEMPERATURE_STEP, 2)))
+    if new_t == t:
+        return ig.model_copy(deep=True), [f"{NO_ADJUSTMENT} (instruction temperature {t:g} at cap "
+                                          f"{ig.temperature_cap:g})"]
+    why = ", ".join(mine)
+    return ig.model_copy(update={"temperature": new_t}, deep=True), [
+        f"instruction temperature {t:g} → {new_t:g} ({why} failed: near-duplicates)"]
+
+
+def adjust(ig: InstructionGenerationConfig, rg: ResponseGenerationConfig, failed: list[str],
+           rejected_by_reason: dict[str, int], observed: list[str]
+           ) -> tuple[InstructionGenerationConfig, ResponseGenerationConfig, list[str]]:
+    """Both adjustment tables after an `iterate`: instruction rows (`adjust_instruction_generation`)
+    and response rows (`adjust_generation`).
+
+    Returns:
+        (instruction settings, response settings, changes). A changed instruction setting means the
+        next iteration reruns phases 1-5; a changed response setting alone, phases 3-5. When nothing
+        changes, the changes are one "no further adjustment possible (...)" line naming, per failed
+        metric, why (at a bound, or no row for it).
+    """
+    new_ig, i_changes = adjust_instruction_generation(ig, failed, rejected_by_reason)
+    response_failed = [m for m in failed if m not in INSTRUCTION_METRICS]
+    if response_failed:
+        new_rg, r_changes = adjust_generation(rg, response_failed, observed)
+    else:
+        new_rg, r_changes = rg.model_copy(deep=True), []
+    changed = [c for c in (*i_changes, *r_changes) if not c.startswith(NO_ADJUSTMENT)]
+    if new_ig != ig or new_rg != rg:
+        return new_ig, new_rg, changed
+    details = [c[len(NO_ADJUSTMENT):].strip(" ()") for c in (*i_changes, *r_changes) if c.startswith(NO_ADJUSTMENT)]
+    return new_ig, new_rg, [f"{NO_ADJUSTMENT} ({'; '.join(d for d in details if d) or 'no fixable metric failed'})"]

@@ -18,7 +18,8 @@ from typing import Any
 from stage1_core import approval as approval_mod
 from stage1_core import pipeline, provenance, qc, storage
 from stage1_core.backend import Backend
-from stage1_core.config import PilotConfig, ResponseGenerationConfig, load_pilot_config
+from stage1_core.config import (InstructionGenerationConfig, PilotConfig, ResponseGenerationConfig,
+                                load_pilot_config)
 from stage1_core.critic import rubric_variants
 from stage1_core.errors import InputError, ModelGuardError
 from stage1_core.locks import LOCK_NAME
@@ -201,21 +202,33 @@ def remove_stale_temp_files(out: Path) -> list[Path]:
     return stale
 
 
+def instructions_dir(out: str | Path, since: int = 1) -> Path:
+    """Where the instruction rounds of a pilot live: `instructions/` for the config's settings; the
+    rounds of settings the iterate step changed before iteration `since` in `iterations/NN/instructions/`."""
+    return Path(out) / "instructions" if since == 1 else Path(out) / "iterations" / f"{since:02d}" / "instructions"
+
+
 def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iteration: int | None = None,
               round: int | None = None, inputs: dict[str, Any] | None = None,
-              response_generation: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON-able call of one phase: only the config slice it depends on goes into params."""
+              response_generation: dict[str, Any] | None = None, instruction_generation: dict[str, Any] | None = None,
+              instructions_since: int = 1, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able call of one phase: only the config slice it depends on goes into params.
+
+    `response_generation` / `instruction_generation` are an iteration's settings (default: the
+    config's); `instructions_since` is the iteration whose settings the instruction rounds use
+    (`instructions_dir`)."""
     cfg, out = plan["config"], Path(plan["output"])
     rg = response_generation or cfg["response_generation"]
+    ig = instruction_generation or cfg["instruction_generation"]
     params: dict[str, Any]
     if phase == "generate_instructions":
-        params = {"instruction_generation": cfg["instruction_generation"], "seeds_path": cfg["seeds_path"],
+        params = {"instruction_generation": ig, "seeds_path": cfg["seeds_path"],
                   "seeds_sha256": plan["seeds"]["sha256"], "seed": cfg["seed"], "round": round}
-        out_dir = out / "instructions"
+        out_dir = instructions_dir(out, instructions_since)
     elif phase == "filter_instructions":
         params = {"instruction_filter": cfg["instruction_filter"], "critic": cfg["critic"],
                   "seeds_path": cfg["seeds_path"], "seeds_sha256": plan["seeds"]["sha256"], "round": round}
-        out_dir = out / "instructions"
+        out_dir = instructions_dir(out, instructions_since)
     elif phase == "generate_responses":
         params = {"response_generation": rg, "count": cfg["count"], "seed": cfg["seed"], "iteration": iteration}
         out_dir = out / "iterations" / f"{iteration:02d}"
@@ -226,7 +239,7 @@ def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iterati
         params = {"qc": cfg["qc"], "count": cfg["count"], "seed": cfg["seed"], "iteration": iteration,
                   "max_iterations": cfg["max_iterations"], "model_id": plan["model"]["id"],
                   "model_sha": plan["model"]["weights_sha256"],
-                  "generation": {"instruction": _gen_params(cfg["instruction_generation"]), "response": _gen_params(rg)}}
+                  "generation": {"instruction": _gen_params(ig), "response": _gen_params(rg)}}
         out_dir = out / "iterations" / f"{iteration:02d}"
     else:
         raise ValueError(f"unknown phase {phase!r}")
@@ -235,29 +248,34 @@ def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iterati
             "model": cfg["model"], "model_sha": plan["model"]["weights_sha256"], "meta": meta}
 
 
-def instruction_inputs(cfg: dict[str, Any], kept: dict[str, Any] | None) -> dict[str, Any] | None:
+def instruction_inputs(ig: dict[str, Any], kept: dict[str, Any] | None) -> dict[str, Any] | None:
     """Phase 1's inputs: the kept pool of the rounds so far when prompts mix in machine instructions
-    (`instruction_generation.machine_examples` > 0; the pool then enters the cache key), else none."""
-    return {"kept_before": kept} if cfg["instruction_generation"].get("machine_examples") and kept else None
+    (the instruction_generation section `ig` has machine_examples > 0; the pool then enters the cache
+    key), else none."""
+    return {"kept_before": kept} if ig.get("machine_examples") and kept else None
 
 
 def _gen_params(section: dict[str, Any]) -> dict[str, Any]:
     return {k: section[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "stop_sequences")}
 
 
-def next_response_settings(current: dict[str, Any], qc_manifest: dict[str, Any]) -> tuple[dict[str, Any], list[str], bool]:
-    """Apply the adjustment table to the response settings after an `iterate` decision.
+def next_settings(instruction: dict[str, Any], response: dict[str, Any],
+                  qc_manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Apply the adjustment tables (`qc.adjust`) after an `iterate` decision.
 
     Returns:
-        (new settings, human-readable changes, whether anything changed). Nothing changes when the
-        only miss is "sample too small" or every setting is at its bound: a rerun would repeat the
-        same iteration, so the flow stops and the run ends in halt.
+        (new instruction settings, new response settings, human-readable changes). Nothing changes
+        when the only miss is "sample too small" or every setting is at its bound: a rerun would
+        repeat the same iteration, so the flow stops and the run ends in halt. A changed instruction
+        setting reruns phases 1-5, a changed response setting alone phases 3-5.
     """
-    rg = ResponseGenerationConfig.model_validate(current)
-    new, changes = qc.adjust_generation(rg, qc_manifest["decision"]["failed"],
-                                        qc_manifest["summary"].get("observed_delimiters", []))
-    dumped = new.model_dump(mode="json")
-    return dumped, changes, dumped != current
+    ig = InstructionGenerationConfig.model_validate(instruction)
+    rg = ResponseGenerationConfig.model_validate(response)
+    summary = qc_manifest["summary"]
+    new_ig, new_rg, changes = qc.adjust(ig, rg, qc_manifest["decision"]["failed"], summary.get("rejected_by_reason", {}),
+                                        summary.get("observed_delimiters", []))
+    return (new_ig.model_dump(mode="json") if new_ig != ig else instruction,
+            new_rg.model_dump(mode="json") if new_rg != rg else response, changes)
 
 
 def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: list[dict[str, Any]],
@@ -271,8 +289,10 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
     for name in FINAL_FILES:
         storage.write_text_atomic(out / name, (last_dir / name).read_text(encoding="utf-8"))
     gate = dict(last["qc"]["decision"])
-    if gate["decision"] == "iterate" and plan["config"]["max_iterations"] > 0:
-        # Reruns were allowed but the adjustment table had nothing left to change.
+    stuck = any(c.startswith(qc.NO_ADJUSTMENT) for c in last.get("changes", []))
+    if gate["decision"] == "iterate" and (plan["config"]["max_iterations"] > 0 or stuck):
+        # Reruns were allowed but the adjustment table had nothing left to change, or (no reruns
+        # allowed) there is nothing to suggest: either way no setting fixes this run.
         gate = {**gate, "decision": "halt",
                 "reasons": [*gate["reasons"], _no_adjustment_reason(last.get("changes", []))]}
     final = approval_mod.apply_to_gate(gate, approval)
@@ -284,7 +304,10 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
         storage.write_json_atomic(out / "qc_summary.json", summary)
     decision = gate["decision"]
     if decision == "iterate":
-        suggested = dict(plan["config"], response_generation=last.get("next_settings") or plan["config"]["response_generation"])
+        suggested = dict(plan["config"],
+                         instruction_generation=last.get("next_instruction_settings") or last.get("instruction_settings")
+                         or plan["config"]["instruction_generation"],
+                         response_generation=last.get("next_settings") or plan["config"]["response_generation"])
         storage.write_yaml_atomic(out / "suggested_config.yaml", suggested)
     else:  # an earlier run's suggestion no longer applies (removed only now: a failed rerun keeps it)
         (out / "suggested_config.yaml").unlink(missing_ok=True)
@@ -324,7 +347,10 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
         "gpu_hour_usd": price,
         "estimated_cost_usd": round(gpu_seconds / 3600 * price, 4) if price is not None else None,
         "iterations": [{"iteration": i + 1, "dir": str(Path(it["qc"]["outputs"]["qc_summary"]["path"]).parent),
-                        "decision": it["qc"]["decision"], "response_generation": it["settings"],
+                        "decision": it["qc"]["decision"],
+                        "instruction_generation": it.get("instruction_settings") or plan["config"]["instruction_generation"],
+                        "instructions_dir": str(instructions_dir(out, it.get("instructions_since", 1))),
+                        "response_generation": it["settings"],
                         "changes_for_next": it.get("changes", [])} for i, it in enumerate(iterations)],
         "artifacts": artifacts,
         "approval": approval,

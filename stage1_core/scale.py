@@ -70,7 +70,7 @@ def read_pilot(pilot_dir: str | Path, force: bool = False) -> dict[str, Any]:
 
     Returns:
         {path, decision (the gate object), forced, run_id, config_hash, config (the pilot's config.yaml
-        with response_generation replaced by the final iteration's), config_path, critic_dev (its
+        with instruction_generation and response_generation replaced by the final iteration's), config_path, critic_dev (its
         dev-set measurement, or None), measured (kept pairs, tokens, GPU-seconds for estimates)}.
     Raises:
         InputError: not a finished pilot folder, or its gate did not say scale (unless `force`).
@@ -83,6 +83,7 @@ def read_pilot(pilot_dir: str | Path, force: bool = False) -> dict[str, Any]:
     try:
         manifest = storage.read_json(manifest_path)
         final_rg = manifest["iterations"][-1]["response_generation"]
+        final_ig = manifest["iterations"][-1].get("instruction_generation")  # absent in pilots before iterate changed it
         decision = manifest["decision"]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         raise InputError("not a finished pilot: session_manifest.json is missing or incomplete", file=str(manifest_path),
@@ -94,6 +95,8 @@ def read_pilot(pilot_dir: str | Path, force: bool = False) -> dict[str, Any]:
                              "(recorded as forced: true in the session manifest)")
     data, _ = read_yaml_mapping(config_path)
     data["response_generation"] = final_rg
+    if final_ig is not None:
+        data["instruction_generation"] = final_ig
     try:
         critic_dev = storage.read_json(d / "qc_summary.json").get("critic_dev")
     except (OSError, ValueError, AttributeError):
@@ -299,7 +302,7 @@ def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path) -> dict[
             counts["rounds"] += 1
             rnd = counts["rounds"]
             g = pipeline.run_phase(run.make_call(work_plan, "generate_instructions", meta=meta, round=rnd,
-                                                 inputs=run.instruction_inputs(work_plan["config"], kept_pool)))
+                                                 inputs=run.instruction_inputs(work_plan["config"]["instruction_generation"], kept_pool)))
             f = pipeline.run_phase(run.make_call(work_plan, "filter_instructions", meta=meta, round=rnd, inputs={
                 "generated": g["outputs"]["generated"], "kept_before": kept_pool}))
             kept_pool = f["outputs"]["kept"]

@@ -377,7 +377,8 @@ def _metrics(th: QCThresholds, auc_by_kind: dict | None) -> dict:
     comps = [{"raw": "Tokyo.\n\n", "stop_reason": "blank_line"}] * 100
     kept = [{"response": "Tokyo.", "response_tokens": 5}] * 80
     return compute_metrics(instructions_generated=100, instructions_kept=80, instructions_distinct=90,
-                           response_completions=comps, kept_pairs=kept, pairs_generated=100,
+                           instructions_critic_rejected=10, instructions_near_duplicate=10,
+                           response_completions=comps, kept_pairs=kept, pairs_generated=100, pairs_critic_rejected=20,
                            critic_dev_accuracy=0.8, thresholds=th, critic_dev_auc=auc_by_kind)
 
 

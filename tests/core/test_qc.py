@@ -7,25 +7,35 @@ from typing import Any
 
 import pytest
 
-from stage1_core.config import QCThresholds, ResponseGenerationConfig, load_pilot_config
+from stage1_core.config import InstructionGenerationConfig, QCThresholds, ResponseGenerationConfig, load_pilot_config
 from stage1_core.qc import (
     METRIC_NAMES,
+    NO_ADJUSTMENT,
     GateDecision,
+    adjust,
     adjust_generation,
+    adjust_instruction_generation,
     compute_metrics,
     gate,
     has_leakage,
     is_runaway,
+    leading_instruction_loss,
     observed_delimiters,
     wilson_interval,
 )
 
-TH = QCThresholds()  # the documented defaults: 0.05, 0.10, 0, 40, 0.5, 0.5, None, 20
+TH = QCThresholds()  # the documented defaults: 0.05, 0.10, 0, 40, critic acceptance 0.5/0.5, yield 0.25/0.4,
+# near-duplicates 0.3, None, None, 20
 
 
 @pytest.fixture
 def rg() -> ResponseGenerationConfig:
     return load_pilot_config().response_generation
+
+
+@pytest.fixture
+def ig() -> InstructionGenerationConfig:
+    return load_pilot_config().instruction_generation.model_copy(update={"temperature": 0.7})
 
 
 def completions(n: int, *, runaway: int = 0, token_limit: int = 0) -> list[dict[str, Any]]:
@@ -43,8 +53,9 @@ def pairs(n: int, tokens: int = 20, leaks: int = 0) -> list[dict[str, Any]]:
 def metrics(**kw: Any) -> dict[str, dict[str, Any]]:
     """A healthy pilot (everything passes) with any argument overridden."""
     args: dict[str, Any] = dict(instructions_generated=100, instructions_kept=80, instructions_distinct=90,
+                                instructions_critic_rejected=10, instructions_near_duplicate=10,
                                 response_completions=completions(100), kept_pairs=pairs(80), pairs_generated=100,
-                                critic_dev_accuracy=0.8, thresholds=TH)
+                                pairs_critic_rejected=20, critic_dev_accuracy=0.8, thresholds=TH)
     args.update(kw)
     return compute_metrics(**args)
 
@@ -85,8 +96,14 @@ def test_metric_shape_and_values() -> None:
     for d in m.values():
         assert set(d) == {"value", "k", "n", "ci95", "op", "threshold", "passed"}
     assert m["instruction_acceptance"] | {"ci95": None} == {
-        "value": 0.8, "k": 80, "n": 100, "ci95": None, "op": ">=", "threshold": 0.5, "passed": True}
+        "value": 0.8, "k": 80, "n": 100, "ci95": None, "op": ">=", "threshold": 0.25, "passed": True}
     assert m["instruction_acceptance"]["ci95"] == pytest.approx(list(wilson_interval(80, 100)))
+    # the critics' acceptance: accepted / judged by that critic (80 kept of 90 judged; 80 of 100 pairs)
+    assert m["instruction_critic_acceptance"] | {"ci95": None} == {
+        "value": 80 / 90, "k": 80, "n": 90, "ci95": None, "op": ">=", "threshold": 0.5, "passed": True}
+    assert (m["pair_critic_acceptance"]["k"], m["pair_critic_acceptance"]["n"]) == (80, 100)
+    assert m["near_duplicate_share"] | {"ci95": None} == {
+        "value": 0.1, "k": 10, "n": 100, "ci95": None, "op": "<", "threshold": 0.3, "passed": True}
     assert m["delimiter_leakage"] == {"value": 0, "k": 0, "n": 80, "ci95": None, "op": "<=", "threshold": 0,
                                       "passed": True}
     assert m["median_response_tokens"]["value"] == 20 and m["median_response_tokens"]["op"] == "<"
@@ -107,11 +124,29 @@ def test_token_limit_strict_boundary(k: int, n: int, passed: bool) -> None:
 
 
 @pytest.mark.parametrize(("k", "n", "passed"), [(50, 100, True), (4999, 10000, False), (5000, 10000, True)])
-def test_acceptance_inclusive_boundary(k: int, n: int, passed: bool) -> None:
-    m = metrics(instructions_generated=n, instructions_kept=k, instructions_distinct=k)
+def test_critic_acceptance_inclusive_boundary(k: int, n: int, passed: bool) -> None:
+    m = metrics(instructions_generated=n, instructions_kept=k, instructions_distinct=k,
+                instructions_critic_rejected=n - k, instructions_near_duplicate=0)
+    assert m["instruction_critic_acceptance"]["passed"] is passed
+    m = metrics(kept_pairs=pairs(k), pairs_generated=n, pairs_critic_rejected=n - k, response_completions=completions(n))
+    assert m["pair_critic_acceptance"]["passed"] is passed
+
+
+@pytest.mark.parametrize(("k", "n", "passed"), [(25, 100, True), (2499, 10000, False)])
+def test_yield_inclusive_boundary(k: int, n: int, passed: bool) -> None:
+    m = metrics(instructions_generated=n, instructions_kept=k, instructions_distinct=k, instructions_critic_rejected=0,
+                instructions_near_duplicate=0)
     assert m["instruction_acceptance"]["passed"] is passed
-    m = metrics(kept_pairs=pairs(k), pairs_generated=n)
+    m = metrics(kept_pairs=pairs(k), pairs_generated=n, pairs_critic_rejected=0,
+                thresholds=TH.model_copy(update={"pair_acceptance_min": 0.25}))
     assert m["pair_acceptance"]["passed"] is passed
+
+
+@pytest.mark.parametrize(("k", "n", "passed"), [(30, 100, False), (29, 100, True), (2999, 10000, True)])
+def test_near_duplicate_strict_boundary(k: int, n: int, passed: bool) -> None:
+    m = metrics(instructions_generated=n, instructions_kept=0, instructions_distinct=n - k,
+                instructions_critic_rejected=0, instructions_near_duplicate=k)
+    assert m["near_duplicate_share"]["value"] == k / n and m["near_duplicate_share"]["passed"] is passed
 
 
 @pytest.mark.parametrize(("tokens", "median", "passed"), [([40], 40, False), ([39, 40], 39.5, True), ([39], 39, True)])
@@ -131,9 +166,12 @@ def test_leakage_boundary() -> None:
 
 def test_undefined_metrics_fail() -> None:
     m = metrics(response_completions=[], kept_pairs=[], pairs_generated=0, instructions_generated=0,
-                instructions_kept=0, instructions_distinct=0)
+                instructions_kept=0, instructions_distinct=0, instructions_critic_rejected=0,
+                instructions_near_duplicate=0, pairs_critic_rejected=0)
+    for name in ("instruction_critic_acceptance", "pair_critic_acceptance"):  # nothing judged: fails, not passes
+        assert m[name]["value"] is None and m[name]["n"] == 0 and m[name]["passed"] is False, name
     for name in ("runaway_rate", "token_limit_rate", "instruction_acceptance", "pair_acceptance",
-                 "median_response_tokens"):
+                 "median_response_tokens", "near_duplicate_share"):
         assert m[name]["value"] is None and m[name]["passed"] is False, name
     assert m["diversity"]["value"] is None and m["diversity"]["passed"] is None
     with pytest.raises(ValueError):
@@ -161,13 +199,29 @@ def test_gate_all_pass_scales() -> None:
     assert d.to_dict() == {"decision": "scale", "reasons": d.reasons, "failed": []}
 
 
-def test_gate_acceptance_fail_halts() -> None:
-    m = metrics(instructions_kept=40, response_completions=completions(100, runaway=10))
+def test_gate_critic_acceptance_fail_halts_naming_the_critic() -> None:
+    m = metrics(instructions_kept=40, instructions_critic_rejected=60, instructions_near_duplicate=0,
+                response_completions=completions(100, runaway=10))
     d = decide(m)
     assert d.decision == "halt"
-    assert d.failed == ["instruction_acceptance", "runaway_rate"]
-    assert d.reasons[0] == "instruction_acceptance 0.4 < 0.5 (halting)"
+    assert d.failed == ["instruction_critic_acceptance", "runaway_rate"]
+    assert d.reasons[0] == ("instruction_critic_acceptance 0.4 < 0.5 (halting: quality bar; the instruction critic "
+                            "accepted 40 of the 100 instructions it judged, and no generation setting raises that)")
     assert d.reasons[1] == "runaway_rate 0.1 ≥ 0.05 (fixable: iterate)"
+    d = decide(metrics(kept_pairs=pairs(30), pairs_critic_rejected=70))
+    assert d.decision == "halt" and d.failed == ["pair_critic_acceptance", "pair_acceptance"]
+    assert "the pair critic accepted 30 of the 100 pairs" in d.reasons[0]
+
+
+def test_gate_yield_and_repeats_iterate() -> None:
+    """Repeats and a low yield are cost: a setting can fix them, so they iterate, even far below the bar."""
+    m = metrics(instructions_generated=300, instructions_kept=50, instructions_distinct=110,
+                instructions_critic_rejected=20, instructions_near_duplicate=190)
+    d = decide(m)
+    assert d.decision == "iterate" and d.failed == ["instruction_acceptance", "near_duplicate_share"]
+    assert d.reasons == ["instruction_acceptance 0.167 < 0.25 (fixable: iterate)",
+                         "near_duplicate_share 0.633 ≥ 0.3 (fixable: iterate)"]
+    assert decide(m, iteration=3, max_iterations=2).decision == "halt"  # ... while iterations last
 
 
 def test_gate_runaway_fail_iterates() -> None:
@@ -177,12 +231,13 @@ def test_gate_runaway_fail_iterates() -> None:
 
 
 def test_gate_reason_shows_digits_at_boundary() -> None:
-    d = decide(metrics(instructions_generated=10000, instructions_kept=4999, instructions_distinct=5000))
-    assert d.reasons == ["instruction_acceptance 0.4999 < 0.5 (halting)"]
+    d = decide(metrics(instructions_generated=10000, instructions_kept=4999, instructions_distinct=10000,
+                       instructions_critic_rejected=5001, instructions_near_duplicate=0))
+    assert len(d.reasons) == 1 and d.reasons[0].startswith("instruction_critic_acceptance 0.4999 < 0.5 (halting")
 
 
 def test_gate_below_min_n_iterates() -> None:
-    m = metrics(response_completions=completions(19), kept_pairs=pairs(15), pairs_generated=19)
+    m = metrics(response_completions=completions(19), kept_pairs=pairs(15), pairs_generated=19, pairs_critic_rejected=4)
     d = decide(m, n=19)
     assert d.decision == "iterate" and d.failed == []
     assert d.reasons[0].startswith("sample too small") and "19" in d.reasons[0] and "min_n = 20" in d.reasons[0]
@@ -202,7 +257,8 @@ def test_gate_exhausted_halts_and_allow_iterate() -> None:
     assert d.decision == "iterate" and d.failed == ["runaway_rate"]
     assert d.reasons[0] == "runaway_rate 0.1 ≥ 0.05 (fixable: iterate)"
     # a too-small sample is also subject to exhaustion; scale and halt are not
-    small = decide(metrics(pairs_generated=10, kept_pairs=pairs(8)), n=10, iteration=1, max_iterations=0)
+    small = decide(metrics(pairs_generated=10, kept_pairs=pairs(8), pairs_critic_rejected=2), n=10, iteration=1,
+                   max_iterations=0)
     assert small.decision == "halt" and small.reasons[1].startswith("sample too small")
     assert decide(metrics(), iteration=5, max_iterations=0).decision == "scale"
 
@@ -218,8 +274,8 @@ def test_gate_critic_on_off() -> None:
 
 def test_gate_validates() -> None:
     m = metrics()
-    del m["pair_acceptance"]
-    with pytest.raises(ValueError, match="pair_acceptance"):
+    del m["pair_critic_acceptance"]
+    with pytest.raises(ValueError, match="pair_critic_acceptance"):
         decide(m)
     with pytest.raises(ValueError):
         decide(metrics(), iteration=0)
@@ -276,3 +332,69 @@ def test_adjust_nothing_fixable(rg: ResponseGenerationConfig) -> None:
     new, changes = adjust_generation(rg.model_copy(update={"temperature": 0.3}), ["delimiter_leakage"],
                                      ["\nInstruction:", "\nResponse:"])
     assert new == rg.model_copy(update={"temperature": 0.3}) and changes[0].startswith("no further adjustment")
+
+
+
+# --- the instruction rows -----------------------------------------------------------------------
+
+REPEATS = {"instruction_filter:near_duplicate": 150, "instruction_filter:copies_seed": 20,
+           "instruction_filter:critic": 30, "instruction_filter:blacklisted": 8, "pair_filter:critic": 40}
+
+
+def test_leading_instruction_loss() -> None:
+    assert leading_instruction_loss(REPEATS) == ("near_duplicate", 170)  # seed copies count as near-duplicates
+    assert leading_instruction_loss({"instruction_filter:blacklisted": 9, "instruction_filter:near_duplicate": 3,
+                                     "pair_filter:truncated": 50}) == ("blacklisted", 9)
+    assert leading_instruction_loss({"instruction_filter:critic": 9, "instruction_filter:surplus_over_count": 5}) is None
+    # a tie goes to near-duplicates (the loss a row can fix)
+    assert leading_instruction_loss({"instruction_filter:truncated": 4, "instruction_filter:near_duplicate": 4}
+                                    ) == ("near_duplicate", 4)
+
+
+def test_adjust_instructions_repeats_raise_temperature(ig: InstructionGenerationConfig) -> None:
+    before = ig.model_dump()
+    new, changes = adjust_instruction_generation(ig, ["near_duplicate_share"], REPEATS)
+    assert new.temperature == 0.9 and changes == ["instruction temperature 0.7 → 0.9 (near_duplicate_share failed: "
+                                                   "near-duplicates)"]
+    assert new.model_dump() == before | {"temperature": 0.9} and ig.model_dump() == before  # only that moved
+    # a low yield whose largest loss is near-duplicates takes the same row
+    assert adjust_instruction_generation(ig, ["instruction_acceptance"], REPEATS)[0].temperature == 0.9
+
+
+def test_adjust_instructions_bounds(ig: InstructionGenerationConfig) -> None:
+    capped = adjust_instruction_generation(ig.model_copy(update={"temperature": 1.1}), ["near_duplicate_share"], REPEATS)
+    assert capped[0].temperature == 1.2  # temperature_cap
+    at_cap, changes = adjust_instruction_generation(ig.model_copy(update={"temperature": 1.2}),
+                                                    ["near_duplicate_share"], REPEATS)
+    assert at_cap.temperature == 1.2 and changes == [f"{NO_ADJUSTMENT} (instruction temperature 1.2 at cap 1.2)"]
+    above, _ = adjust_instruction_generation(ig.model_copy(update={"temperature": 1.5}), ["near_duplicate_share"], REPEATS)
+    assert above.temperature == 1.5  # never lowered to the cap
+    greedy, changes = adjust_instruction_generation(ig.model_copy(update={"temperature": 0.0}),
+                                                    ["near_duplicate_share"], REPEATS)
+    assert greedy.temperature == 0.0 and changes[0].startswith(NO_ADJUSTMENT)
+
+
+def test_adjust_instructions_yield_lost_elsewhere_has_no_row(ig: InstructionGenerationConfig) -> None:
+    new, changes = adjust_instruction_generation(ig, ["instruction_acceptance"],
+                                                 {"instruction_filter:blacklisted": 40, "instruction_filter:near_duplicate": 5})
+    assert new == ig and changes == [f"{NO_ADJUSTMENT} (instruction_acceptance: largest loss: blacklisted (40), which "
+                                     "no instruction setting in the table changes)"]
+    assert adjust_instruction_generation(ig, ["runaway_rate"], REPEATS) == (ig, [])  # not an instruction metric
+
+
+def test_adjust_both_tables(ig: InstructionGenerationConfig, rg: ResponseGenerationConfig) -> None:
+    new_ig, new_rg, changes = adjust(ig, rg, ["runaway_rate", "near_duplicate_share"], REPEATS, ["\nInput:"])
+    assert new_ig.temperature == 0.9 and new_rg.temperature == 0.6 and new_rg.stop_sequences[-1] == "\nInput:"
+    assert changes == ["instruction temperature 0.7 → 0.9 (near_duplicate_share failed: near-duplicates)",
+                       "stop_sequences += '\\nInput:'", "temperature 0.7 → 0.6"]
+    # one table at its bound, the other moves: the move is what is reported
+    new_ig, new_rg, changes = adjust(ig.model_copy(update={"temperature": 1.2}), rg, ["near_duplicate_share",
+                                                                                     "token_limit_rate"], REPEATS, [])
+    assert new_rg.max_new_tokens == 144 and changes == ["max_new_tokens 96 → 144 (token_limit_rate failed)"]
+    # nothing moves: one line, every reason
+    new_ig, new_rg, changes = adjust(ig.model_copy(update={"temperature": 1.2}), rg, ["near_duplicate_share",
+                                                                                     "pair_acceptance"], REPEATS, [])
+    assert (new_ig.temperature, new_rg) == (1.2, rg)
+    assert changes == [f"{NO_ADJUSTMENT} (instruction temperature 1.2 at cap 1.2; pair_acceptance: no response setting "
+                       "in the table raises the pair yield)"]
+    assert adjust(ig, rg, [], REPEATS, [])[2] == [f"{NO_ADJUSTMENT} (no fixable metric failed)"]  # sample too small

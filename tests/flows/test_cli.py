@@ -161,11 +161,22 @@ def test_exit_codes_and_identity_through_the_real_cli(run_cli, tmp_path):
     assert not (tmp_path / "o" / "suggested_config.yaml").exists()
 
 
-def test_halt_exit_4_on_acceptance_failure(run_cli, tmp_path):
-    # bad=0.9: most instructions fail the heuristics -> instruction acceptance < 0.5 -> halt.
-    r = run_cli("--count", "20", "--output", "h", "--model", "fake:1,bad=0.95", "--max-iterations", "0")
+def test_halt_exit_4_when_no_setting_fixes_the_yield(run_cli, tmp_path):
+    # bad=0.95: most instructions fail the heuristics (too short, blacklisted) -> a low yield, which
+    # iterates, but no row of the adjustment table changes that loss -> halt, saying so, without a rerun.
+    for reruns in ("0", "1"):
+        r = run_cli("--count", "20", "--output", f"h{reruns}", "--model", "fake:1,bad=0.95", "--max-iterations", reruns)
+        assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "instruction_acceptance" in r.stdout and "no further adjustment possible" in r.stdout
+        assert "largest loss: too_short" in r.stdout
+        assert not (tmp_path / f"h{reruns}" / "iterations" / "02").exists()
+        assert not (tmp_path / f"h{reruns}" / "suggested_config.yaml").exists()
+
+
+def test_halt_exit_4_when_the_critic_rejects_most(run_cli, tmp_path):
+    r = run_cli("--count", "20", "--output", "c", "--model", "fake:1,critic_bad=0.8", "--max-iterations", "2")
     assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "instruction_acceptance" in r.stdout
+    assert "instruction_critic_acceptance" in r.stdout and "quality bar" in r.stdout
 
 
 def test_credentials_never_reach_output_files(run_cli, tmp_path):

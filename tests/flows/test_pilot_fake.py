@@ -87,12 +87,13 @@ def test_pilot_writes_every_file_with_schema(tmp_path):
 
 def test_count_is_reached_over_rounds(tmp_path):
     out = tmp_path / "p"
-    run_pilot(out, count=50)
+    run_pilot(out, count=100)
     rows = read_jsonl(out / "iterations" / "01" / "responses.jsonl")
-    assert len(rows) == 50
-    # one round of 16 prompts is not enough (it keeps 47 with this seed), the second one is
-    assert len(read_jsonl(out / "instructions" / "round-01.kept.jsonl")) < 50
-    assert (out / "instructions" / "round-02.kept.jsonl").exists()
+    assert len(rows) == 100
+    # one round of 16 prompts is not enough (it keeps 74 with this seed), the second one is, and no third runs
+    assert len(read_jsonl(out / "instructions" / "round-01.kept.jsonl")) < 100
+    assert len(read_jsonl(out / "instructions" / "round-02.kept.jsonl")) >= 100
+    assert not (out / "instructions" / "round-03.generated.jsonl").exists()
 
 
 def test_iterate_lowers_temperature_until_runaway_passes(tmp_path):
@@ -116,6 +117,78 @@ def test_iterate_with_no_reruns_writes_suggested_config(tmp_path):
     assert result["decision"] == "iterate" and result["exit_code"] == 3
     suggested = yaml.safe_load((out / "suggested_config.yaml").read_text())
     assert suggested["response_generation"]["temperature"] == pytest.approx(0.6)
+
+
+LOW_TEMPERATURE = "instruction_generation:\n  temperature: 0.7\n"
+
+
+def instruction_counts(folder: Path) -> dict[str, int]:
+    """generated / kept / rejected-by-the-instruction-filter counted from an instruction folder's files."""
+    generated = sum(len(read_jsonl(p)) for p in folder.glob("round-*.generated.jsonl"))
+    kept = len(read_jsonl(sorted(folder.glob("round-*.kept.jsonl"))[-1]))
+    rejected = sum(len(read_jsonl(p)) for p in folder.glob("round-*.rejected.jsonl"))
+    return {"generated": generated, "kept": kept, "rejected": rejected}
+
+
+def test_repeats_iterate_the_instruction_settings_then_scale(tmp_path):
+    """A model that repeats itself at 0.7: near-duplicates iterate (not halt), the instruction temperature
+    rises, phases 1-5 rerun into iterations/02/, and the counts agree with the files of each iteration."""
+    cfg = tmp_path / "cool.yaml"
+    cfg.write_text(LOW_TEMPERATURE)
+    out = tmp_path / "rep"
+    result = run_pilot(out, model="fake:1,repeat=0.8", count=30, max_iterations=2, config=str(cfg))
+    manifest = json.loads((out / "session_manifest.json").read_text())
+    its = manifest["iterations"]
+    assert [it["decision"]["decision"] for it in its] == ["iterate", "scale"] and result["decision"] == "scale"
+    assert "near_duplicate_share" in its[0]["decision"]["failed"]
+    assert its[0]["changes_for_next"] == ["instruction temperature 0.7 → 0.9 (instruction_acceptance, "
+                                          "near_duplicate_share failed: near-duplicates)"]
+    assert [it["instruction_generation"]["temperature"] for it in its] == [0.7, 0.9]
+    assert its[1]["response_generation"] == its[0]["response_generation"]  # only the instruction setting moved
+    assert its[0]["instructions_dir"] == str(out / "instructions")
+    assert its[1]["instructions_dir"] == str(out / "iterations" / "02" / "instructions")
+    for it in its:  # qc_summary's counts are those of the iteration's own files
+        summary = json.loads((Path(it["dir"]) / "qc_summary.json").read_text())
+        files = instruction_counts(Path(it["instructions_dir"]))
+        rejected = read_jsonl(Path(it["dir"]) / "rejected.jsonl")
+        instr_rejected = [r for r in rejected if r["phase"] == "instruction_filter" and r["reason"] != "surplus_over_count"]
+        assert summary["counts"]["instructions_generated"] == files["generated"]
+        assert summary["counts"]["instructions_kept"] == files["kept"]
+        assert len(instr_rejected) == files["rejected"] == files["generated"] - files["kept"]
+        near = sum(1 for r in instr_rejected if r["reason"] in ("near_duplicate", "copies_seed"))
+        m = summary["metrics"]
+        assert (m["near_duplicate_share"]["k"], m["near_duplicate_share"]["n"]) == (near, files["generated"])
+        critic = sum(1 for r in instr_rejected if r["reason"] == "critic")
+        assert m["instruction_critic_acceptance"]["n"] == files["kept"] + critic
+        pair_critic = sum(1 for r in rejected if r["phase"] == "pair_filter" and r["reason"] == "critic")
+        assert m["pair_critic_acceptance"]["n"] == summary["counts"]["pairs_kept"] + pair_critic
+        assert sum(summary["rejected_by_reason"].values()) == len(rejected) == summary["counts"]["rejected"]
+    first, second = (json.loads((Path(it["dir"]) / "qc_summary.json").read_text())["metrics"] for it in its)
+    assert first["near_duplicate_share"]["value"] >= 0.3 > second["near_duplicate_share"]["value"]
+    data = read_jsonl(out / "pilot_data.jsonl")  # the kept rows carry the settings that made them
+    assert {r["provenance"]["generation"]["instruction"]["temperature"] for r in data} == {0.9}
+    assert {r["provenance"]["iteration"] for r in data} == {2}
+
+
+def test_repeats_with_no_reruns_suggest_the_instruction_change(tmp_path):
+    cfg = tmp_path / "cool.yaml"
+    cfg.write_text(LOW_TEMPERATURE)
+    out = tmp_path / "rep0"
+    result = run_pilot(out, model="fake:1,repeat=0.8", count=30, max_iterations=0, config=str(cfg))
+    assert result["decision"] == "iterate" and result["exit_code"] == 3
+    suggested = yaml.safe_load((out / "suggested_config.yaml").read_text())
+    assert suggested["instruction_generation"]["temperature"] == pytest.approx(0.9)
+    assert suggested["response_generation"] == yaml.safe_load((out / "config.yaml").read_text())["response_generation"]
+
+
+def test_a_critic_that_rejects_most_items_halts_naming_it(tmp_path):
+    out = tmp_path / "harsh"
+    result = run_pilot(out, model="fake:1,critic_bad=0.7", count=30, max_iterations=2)
+    assert result["decision"] == "halt" and result["exit_code"] == 4
+    summary = json.loads((out / "qc_summary.json").read_text())
+    assert "instruction_critic_acceptance" in summary["gate"]["failed"]
+    assert any("the instruction critic accepted" in r and "quality bar" in r for r in summary["gate"]["reasons"])
+    assert not (out / "iterations" / "02").exists()  # a halt does not rerun
 
 
 class TestCacheMatrix:
@@ -151,6 +224,13 @@ class TestCacheMatrix:
         lines = (pipeline.CORE_DIR / "data" / "self_instruct_seed_tasks.jsonl").read_text().splitlines()
         seeds.write_text("\n".join(lines[:-1]) + "\n")
         run_pilot(out, config=str(cfg), overwrite=True, model="fake:2", seeds=str(seeds))  # new seeds: all miss
+        assert cached(out) == set()
+        run_pilot(out, config=str(cfg), overwrite=True, model="fake:2", seeds=str(seeds))
+        assert phases_of(cached(out)) == ALL
+
+        hot = tmp_path / "hot.yaml"  # an instruction setting (what the iterate step may change): phases 1-5 rerun
+        hot.write_text("response_generation:\n  max_new_tokens: 64\ninstruction_generation:\n  temperature: 1.1\n")
+        run_pilot(out, config=str(hot), overwrite=True, model="fake:2", seeds=str(seeds))
         assert cached(out) == set()
 
     def test_deleted_or_modified_output_reruns(self, tmp_path):

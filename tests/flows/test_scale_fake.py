@@ -145,7 +145,22 @@ def pilots(tmp_path_factory):
     base = tmp_path_factory.mktemp("pilots")
     pilot(count=30, output=str(base / "good"), seed=7, model="fake:1,runaway=0.12", max_iterations=2)
     pilot(count=20, output=str(base / "halt"), seed=7, model="fake:1,bad=0.95", max_iterations=0)
+    cool = base / "cool.yaml"
+    cool.write_text("instruction_generation:\n  temperature: 0.7\n")
+    pilot(count=30, output=str(base / "repeats"), seed=7, model="fake:1,repeat=0.8", max_iterations=2, config=str(cool))
     return base
+
+
+def test_from_pilot_scales_with_the_instruction_settings_the_pilot_finished_with(pilots, tmp_path):
+    rep = json.loads((pilots / "repeats" / "session_manifest.json").read_text())
+    assert rep["decision"]["decision"] == "scale"
+    assert [it["instruction_generation"]["temperature"] for it in rep["iterations"]] == [0.7, 0.9]
+    from flows.scale import main
+
+    out = tmp_path / "o"
+    assert main(["--count", "8", "--shard-size", "4", "--output", str(out), "--from-pilot", str(pilots / "repeats")]) == 0
+    rows = read_jsonl(out / "scale_data.jsonl")
+    assert rows and {r["provenance"]["generation"]["instruction"]["temperature"] for r in rows} == {0.9}
 
 
 def test_from_pilot_scales_with_the_settings_the_pilot_finished_with(pilots, tmp_path):
