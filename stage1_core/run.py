@@ -243,6 +243,8 @@ def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iterati
         out_dir = out / "iterations" / f"{iteration:02d}"
     else:
         raise ValueError(f"unknown phase {phase!r}")
+    if phase in ("generate_instructions", "filter_instructions") and instructions_since > 1:
+        params["instructions_since"] = instructions_since  # names the rerun's rounds apart from the first ones
     params.update(extra or {})
     return {"phase": phase, "out_dir": str(out_dir), "params": params, "inputs": inputs or {},
             "model": cfg["model"], "model_sha": plan["model"]["weights_sha256"], "meta": meta}
@@ -317,7 +319,8 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
     cached: list[str] = []
     compute = 0.0
     for m in phase_manifests:
-        name = m["phase"] + (f"-round-{m['round']:02d}" if m.get("round") else "") + (f"-iter-{m['iteration']:02d}" if m.get("iteration") else "")
+        name = m["phase"] + (f"-round-{m['round']:02d}" if m.get("round") else "") + (f"-iter-{m['iteration']:02d}" if m.get("iteration") else "") \
+            + (f"-iter-{m['instructions_since']:02d}" if m.get("instructions_since") else "")
         timings[name] = m.get("seconds", 0.0)
         if m.get("run_id") != run_id:
             cached.append(name)

@@ -39,7 +39,8 @@ def transient_only(task_obj: Any, task_run: Any, state: Any) -> bool:
 def _label(call: dict[str, Any]) -> str:
     p = call["params"]
     if p.get("round") is not None:
-        return f"{call['phase']} (round {p['round']})"
+        since = f", iteration {p['instructions_since']}" if p.get("instructions_since") else ""
+        return f"{call['phase']} (round {p['round']}{since})"
     if p.get("iteration") is not None:
         return f"{call['phase']} (iteration {p['iteration']})"
     return call["phase"]
@@ -78,7 +79,7 @@ def _run(call: dict[str, Any]) -> dict[str, Any]:
         get_run_logger().info(f"critic dev set: {dev.get('n')} items scored in {dev.get('seconds', 0):.1f} s "
                               f"(accuracy {dev.get('accuracy')}) of this phase's {time.perf_counter() - t0:.1f} s")
     p = call["params"]
-    manifest.update({k: p[k] for k in ("round", "iteration") if p.get(k) is not None})
+    manifest.update({k: p[k] for k in ("round", "iteration", "instructions_since") if p.get(k) is not None})
     return manifest
 
 
@@ -87,6 +88,8 @@ def _name(phase: str):
         from prefect.runtime import task_run
         params = task_run.parameters.get("call", {}).get("params", {})
         suffix = f"-round-{params['round']:02d}" if params.get("round") else f"-iter-{params.get('iteration', 0):02d}"
+        if params.get("instructions_since"):
+            suffix += f"-iter-{params['instructions_since']:02d}"
         return phase + suffix
     return namer
 

@@ -168,6 +168,8 @@ def test_repeats_iterate_the_instruction_settings_then_scale(tmp_path):
     data = read_jsonl(out / "pilot_data.jsonl")  # the kept rows carry the settings that made them
     assert {r["provenance"]["generation"]["instruction"]["temperature"] for r in data} == {0.9}
     assert {r["provenance"]["iteration"] for r in data} == {2}
+    phases = manifest["timings"]["phases"]  # the rerun's rounds are timed apart from the first ones
+    assert "generate_instructions-round-01" in phases and "generate_instructions-round-01-iter-02" in phases
 
 
 def test_repeats_with_no_reruns_suggest_the_instruction_change(tmp_path):

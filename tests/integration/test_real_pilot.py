@@ -74,3 +74,37 @@ def test_three_example_pilot_on_the_embedded_model(tmp_path, real_backend):
     assert f"**Gate: {final}**" in md["stage1-preview"] and "Kept pairs" in md["stage1-preview"]
     assert "Rejected" in md["stage1-preview"] and f"final decision: {final}" in md["stage1-decision"]
     assert all(a.data == 100.0 for a in by_type["progress"])
+
+
+# The loop test: the default pilot config at a count just above min_n, on a seed measured to scale.
+CHAIN_COUNT, CHAIN_SEED = 24, 42
+TINY_SFT = "epochs: 1\nbatch_size: 4\nlora:\n  r: 8\n  alpha: 16\n"
+
+
+def test_the_default_config_closes_the_loop_pilot_sft_eval(tmp_path, real_backend):
+    """The design's loop on the embedded model with the default pilot config: the gate says scale on
+    its own (no --force), then the chained SFT trains an adapter and eval writes its report. Small
+    SFT and eval settings keep it to a few minutes; the pilot settings are the defaults."""
+    from flows.pilot import pilot
+
+    (tmp_path / "sft.yaml").write_text(TINY_SFT)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "instruction": t}) for i, t in enumerate(
+        ["Name a color of the sky on a clear day.", "What is two plus three?", "Name an animal that can fly."])) + "\n")
+    (tmp_path / "eval.yaml").write_text(f"max_new_tokens: 24\nprompts: {prompts}\nbootstrap_samples: 100\n")
+    out = tmp_path / "pilot"
+    result = pilot(count=CHAIN_COUNT, output=str(out), seed=CHAIN_SEED, then="sft,eval",
+                   sft_config=str(tmp_path / "sft.yaml"), eval_config=str(tmp_path / "eval.yaml"))
+    summary = json.loads((out / "qc_summary.json").read_text())
+    assert result["decision"] == "scale", summary["gate"]
+    m = summary["metrics"]
+    assert m["instruction_critic_acceptance"]["value"] >= 0.5 and m["pair_critic_acceptance"]["value"] >= 0.5
+    manifest = json.loads((out / "session_manifest.json").read_text())
+    assert len(manifest["iterations"]) <= 2
+    chain = manifest["chain"]
+    assert chain["steps"] == ["sft", "eval"] and "stopped" not in chain
+    report = json.loads((tmp_path / "pilot-eval" / "eval_report.json").read_text())
+    assert report["base"]["n"] == report["tuned"]["n"] == 3
+    summary_sft = json.loads((tmp_path / "pilot-sft" / "training_summary.json").read_text())
+    assert summary_sft["dataset"]["gate"]["decision"] == "scale" and not summary_sft["dataset"]["gate"].get("forced")
+    assert summary_sft["dataset"]["train_pairs"] + summary_sft["dataset"]["eval_pairs"] == result["kept"]
