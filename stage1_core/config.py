@@ -63,8 +63,8 @@ class InstructionGenerationConfig(StrictModel):
     prompts_per_round: int = Field(default=16, gt=0)
     max_instruction_rounds: int = Field(default=12, gt=0)
     max_new_tokens: int = Field(default=160, gt=0)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    temperature_cap: float = Field(default=1.2, gt=0.0, le=2.0, description="the iterate step never raises "
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature_cap: float = Field(default=1.0, gt=0.0, le=2.0, description="the iterate step never raises "
                                    "temperature above this (a higher temperature set by hand is left alone)")
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)

@@ -362,11 +362,11 @@ def test_adjust_instructions_repeats_raise_temperature(ig: InstructionGeneration
 
 
 def test_adjust_instructions_bounds(ig: InstructionGenerationConfig) -> None:
-    capped = adjust_instruction_generation(ig.model_copy(update={"temperature": 1.1}), ["near_duplicate_share"], REPEATS)
-    assert capped[0].temperature == 1.2  # temperature_cap
-    at_cap, changes = adjust_instruction_generation(ig.model_copy(update={"temperature": 1.2}),
+    capped = adjust_instruction_generation(ig.model_copy(update={"temperature": 0.9}), ["near_duplicate_share"], REPEATS)
+    assert capped[0].temperature == 1.0  # temperature_cap
+    at_cap, changes = adjust_instruction_generation(ig.model_copy(update={"temperature": 1.0}),
                                                     ["near_duplicate_share"], REPEATS)
-    assert at_cap.temperature == 1.2 and changes == [f"{NO_ADJUSTMENT} (instruction temperature 1.2 at cap 1.2)"]
+    assert at_cap.temperature == 1.0 and changes == [f"{NO_ADJUSTMENT} (instruction temperature 1 at cap 1)"]
     above, _ = adjust_instruction_generation(ig.model_copy(update={"temperature": 1.5}), ["near_duplicate_share"], REPEATS)
     assert above.temperature == 1.5  # never lowered to the cap
     greedy, changes = adjust_instruction_generation(ig.model_copy(update={"temperature": 0.0}),
@@ -388,13 +388,13 @@ def test_adjust_both_tables(ig: InstructionGenerationConfig, rg: ResponseGenerat
     assert changes == ["instruction temperature 0.7 → 0.9 (near_duplicate_share failed: near-duplicates)",
                        "stop_sequences += '\\nInput:'", "temperature 0.7 → 0.6"]
     # one table at its bound, the other moves: the move is what is reported
-    new_ig, new_rg, changes = adjust(ig.model_copy(update={"temperature": 1.2}), rg, ["near_duplicate_share",
+    new_ig, new_rg, changes = adjust(ig.model_copy(update={"temperature": 1.0}), rg, ["near_duplicate_share",
                                                                                      "token_limit_rate"], REPEATS, [])
     assert new_rg.max_new_tokens == 144 and changes == ["max_new_tokens 96 → 144 (token_limit_rate failed)"]
     # nothing moves: one line, every reason
-    new_ig, new_rg, changes = adjust(ig.model_copy(update={"temperature": 1.2}), rg, ["near_duplicate_share",
+    new_ig, new_rg, changes = adjust(ig.model_copy(update={"temperature": 1.0}), rg, ["near_duplicate_share",
                                                                                      "pair_acceptance"], REPEATS, [])
-    assert (new_ig.temperature, new_rg) == (1.2, rg)
-    assert changes == [f"{NO_ADJUSTMENT} (instruction temperature 1.2 at cap 1.2; pair_acceptance: no response setting "
+    assert (new_ig.temperature, new_rg) == (1.0, rg)
+    assert changes == [f"{NO_ADJUSTMENT} (instruction temperature 1 at cap 1; pair_acceptance: no response setting "
                        "in the table raises the pair yield)"]
     assert adjust(ig, rg, [], REPEATS, [])[2] == [f"{NO_ADJUSTMENT} (no fixable metric failed)"]  # sample too small
