@@ -191,7 +191,8 @@ def _run_locked(plan: dict[str, Any], *, run_id: str, started: str, t0: float, c
             "responses": r["outputs"]["responses"], "pairs_kept": p["outputs"]["kept"],
             "pairs_rejected": p["outputs"]["rejected"]}))
         manifests += [r, p, q]
-        iterations.append({"qc": q, "settings": rg, "instruction_settings": ig, "instructions_since": since})
+        iterations.append({"qc": q, "settings": rg, "instruction_settings": ig,
+                           "instructions_dir": str(run.instructions_dir(plan["output"], since))})
         if q["decision"]["decision"] != "iterate":
             break
         new_ig, new_rg, iterations[-1]["changes"] = run.next_settings(ig, rg, q)

@@ -121,18 +121,18 @@ def qc_summary(plan: dict[str, Any], manifests: list[dict[str, Any]], kept: list
     th = QCThresholds.model_validate(plan["config"]["qc"])
     total = {k: sum(m["counts"][k] for m in manifests) for k in
              ("instructions_generated", "instructions_kept", "pairs_generated", "pairs_kept")}
-    within = sum(1 for r in rejected if r["phase"] == "instruction_filter" and r["reason"] in qc.NEAR_DUPLICATE_REASONS)
-    critic_rejected = {phase: sum(1 for r in rejected if r["phase"] == phase and r["reason"] == "critic")
-                       for phase in ("instruction_filter", "pair_filter")}
+    by_reason = pipeline.count_reasons(rejected)
+    within = qc.rejections(by_reason, "instruction_filter", *qc.NEAR_DUPLICATE_REASONS)
     critic_dev = next((m["critic_dev"] for m in manifests if m.get("critic_dev")), None) or \
         (plan.get("pilot") or {}).get("critic_dev")
     metrics = qc.compute_metrics(
         instructions_generated=total["instructions_generated"], instructions_kept=total["instructions_kept"],
         instructions_distinct=max(0, total["instructions_generated"] - within - cross_dups),
-        instructions_critic_rejected=critic_rejected["instruction_filter"], instructions_near_duplicate=within,
+        instructions_critic_rejected=qc.rejections(by_reason, "instruction_filter", "critic"),
+        instructions_near_duplicate=within,
         response_completions=[{"raw": c["raw"], "stop_reason": c["stop_reason"]} for c in completions],
         kept_pairs=[{"response": r["response"], "response_tokens": r["provenance"]["response_tokens"]} for r in kept],
-        pairs_generated=total["pairs_generated"], pairs_critic_rejected=critic_rejected["pair_filter"],
+        pairs_generated=total["pairs_generated"], pairs_critic_rejected=qc.rejections(by_reason, "pair_filter", "critic"),
         critic_dev_accuracy=(critic_dev or {}).get("accuracy"), thresholds=th,
         critic_dev_auc=qc.critic_dev_auc(critic_dev))
     decision = qc.gate(metrics, th, pairs_generated=total["pairs_generated"], iteration=1, max_iterations=1,
@@ -141,7 +141,7 @@ def qc_summary(plan: dict[str, Any], manifests: list[dict[str, Any]], kept: list
             "metrics": metrics, "thresholds": th.model_dump(),
             "counts": {**total, "near_duplicates_across_shards": cross_dups, "rows": len(kept), "requested": plan["config"]["count"],
                        "rejected": len(rejected), "shards": len(manifests)},
-            "rejected_by_reason": pipeline.count_reasons(rejected), "critic_dev": critic_dev,
+            "rejected_by_reason": by_reason, "critic_dev": critic_dev,
             "observed_delimiters": qc.observed_delimiters([c["raw"] for c in completions])}
 
 

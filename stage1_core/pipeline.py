@@ -366,15 +366,17 @@ def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = 
     surplus = [{"phase": "instruction_filter", "id": k["id"], "instruction": k["instruction"], "reason": "surplus_over_count"}
                for k in kept_pool[p["count"]:]]
     distinct = len({filters.normalize(g["instruction"]) for g in generated}) if generated else 0
-    dedup_dropped = sum(1 for r in instr_rejected if r["reason"] in qc.NEAR_DUPLICATE_REASONS)
+    rejected = instr_rejected + surplus + pair_rejected
+    by_reason = count_reasons(rejected)
+    dedup_dropped = qc.rejections(by_reason, "instruction_filter", *qc.NEAR_DUPLICATE_REASONS)
     metrics = qc.compute_metrics(
         instructions_generated=len(generated), instructions_kept=len(kept_pool),
         instructions_distinct=max(0, min(distinct, len(generated) - dedup_dropped)),
-        instructions_critic_rejected=sum(1 for r in instr_rejected if r["reason"] == "critic"),
+        instructions_critic_rejected=qc.rejections(by_reason, "instruction_filter", "critic"),
         instructions_near_duplicate=dedup_dropped,
         response_completions=[{"raw": r["raw"], "stop_reason": r["stop_reason"]} for r in responses],
         kept_pairs=[{"response": r["response"], "response_tokens": r["response_tokens"]} for r in pairs],
-        pairs_generated=len(responses), pairs_critic_rejected=sum(1 for r in pair_rejected if r["reason"] == "critic"),
+        pairs_generated=len(responses), pairs_critic_rejected=qc.rejections(by_reason, "pair_filter", "critic"),
         critic_dev_accuracy=(p.get("critic_dev") or {}).get("accuracy"), thresholds=th,
         critic_dev_auc=qc.critic_dev_auc(p.get("critic_dev")))
     decision = qc.gate(metrics, th, pairs_generated=len(responses), iteration=p["iteration"],
@@ -384,11 +386,10 @@ def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = 
                        "model": {"id": p["model_id"], "weights_sha256": p["model_sha"]}, "seed": p["seed"],
                        "iteration": p["iteration"], "generation": p["generation"]}
     data = [data_row(r, provenance_base) for r in pairs]
-    rejected = instr_rejected + surplus + pair_rejected
     summary = {"gate": decision.to_dict(), "metrics": metrics, "thresholds": th.model_dump(),
                "counts": {"instructions_generated": len(generated), "instructions_kept": len(kept_pool),
                           "pairs_generated": len(responses), "pairs_kept": len(pairs), "rejected": len(rejected)},
-               "rejected_by_reason": count_reasons(rejected), "critic_dev": p.get("critic_dev"),
+               "rejected_by_reason": by_reason, "critic_dev": p.get("critic_dev"),
                "iteration": p["iteration"], "observed_delimiters": qc.observed_delimiters([r["raw"] for r in responses])}
     storage.write_jsonl_atomic(out / "pilot_data.jsonl", data)
     storage.write_jsonl_atomic(out / "rejected.jsonl", rejected)

@@ -48,6 +48,12 @@ METRIC_NAMES: tuple[str, ...] = ("runaway_rate", "token_limit_rate", "delimiter_
                                  "critic_dev_auc_instruction", "critic_dev_auc_pair", "diversity")
 # Rejection reasons (phase instruction_filter) that count as near-duplicates: of a kept instruction or of a seed.
 NEAR_DUPLICATE_REASONS: tuple[str, ...] = ("near_duplicate", "copies_seed")
+
+
+def rejections(by_reason: dict[str, int], phase: str, *reasons: str) -> int:
+    """How many rejections of `phase` have one of `reasons`, from a {"phase:reason": count} table
+    (`pipeline.count_reasons`, qc_summary's rejected_by_reason)."""
+    return sum(by_reason.get(f"{phase}:{r}", 0) for r in reasons)
 LEAK_MARKERS: tuple[str, ...] = ("Instruction:", "Response:")
 DELIMITER_CANDIDATES: tuple[str, ...] = ("\nInstruction:", "\nResponse:", "Instruction:", "Response:", "\nInput:",
                                          "\nOutput:", "\n###", "\nQuestion:", "\nAnswer:")
@@ -436,8 +442,8 @@ def adjust_instruction_generation(ig: InstructionGenerationConfig, failed: list[
     Measured (bench/instruction_diversity.py, docs/metrics.md): on the embedded 270M model, raising
     the list temperature is what removes repeats; mixing kept machine instructions into the few-shot
     (`machine_examples: 2`) did not (near-duplicates 0.66 vs 0.61 at 0.7), so it is no row. A yield
-    lost mostly to something else (blacklisted words, copies of a seed, heuristics) has no row: the
-    run halts, naming the loss. Greedy lists (temperature 0) are left alone, like responses.
+    lost mostly to something else (blacklisted words, truncated or leaked items, other heuristics)
+    has no row: the run halts, naming the loss. Greedy lists (temperature 0) are left alone, like responses.
 
     Args:
         ig: the current settings (not mutated).

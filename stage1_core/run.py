@@ -306,10 +306,9 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
         storage.write_json_atomic(out / "qc_summary.json", summary)
     decision = gate["decision"]
     if decision == "iterate":
-        suggested = dict(plan["config"],
-                         instruction_generation=last.get("next_instruction_settings") or last.get("instruction_settings")
-                         or plan["config"]["instruction_generation"],
-                         response_generation=last.get("next_settings") or plan["config"]["response_generation"])
+        # an iterate that reaches here came with the adjustment table's next settings (the flow sets them)
+        suggested = dict(plan["config"], instruction_generation=last["next_instruction_settings"],
+                         response_generation=last["next_settings"])
         storage.write_yaml_atomic(out / "suggested_config.yaml", suggested)
     else:  # an earlier run's suggestion no longer applies (removed only now: a failed rerun keeps it)
         (out / "suggested_config.yaml").unlink(missing_ok=True)
@@ -351,8 +350,7 @@ def finalize(plan: dict[str, Any], *, run_id: str, started: str, iterations: lis
         "estimated_cost_usd": round(gpu_seconds / 3600 * price, 4) if price is not None else None,
         "iterations": [{"iteration": i + 1, "dir": str(Path(it["qc"]["outputs"]["qc_summary"]["path"]).parent),
                         "decision": it["qc"]["decision"],
-                        "instruction_generation": it.get("instruction_settings") or plan["config"]["instruction_generation"],
-                        "instructions_dir": str(instructions_dir(out, it.get("instructions_since", 1))),
+                        "instruction_generation": it["instruction_settings"], "instructions_dir": it["instructions_dir"],
                         "response_generation": it["settings"],
                         "changes_for_next": it.get("changes", [])} for i, it in enumerate(iterations)],
         "artifacts": artifacts,

@@ -60,7 +60,9 @@ def test_cli_guard_failure_exits_2_and_creates_no_folder(module, args, api_url, 
 def test_pilot_guard_failure_leaves_an_existing_run_byte_identical(tmp_path, capsys, request):
     from flows.pilot import main
 
-    args = ["--count", "6", "--seed", "3", "--output", str(tmp_path / "o"), "--model", "fake:1", "--max-iterations", "0"]
+    # runaways with no reruns allowed: iterate, exit 3, suggested_config.yaml written
+    args = ["--count", "30", "--seed", "3", "--output", str(tmp_path / "o"), "--model", "fake:1,runaway=0.5",
+            "--max-iterations", "0"]
     assert main(args) == 3  # the first run loads fine
     before = snapshot(tmp_path / "o")
     assert "suggested_config.yaml" in before and ".stage1_run.json" in before  # a resume would remove the former

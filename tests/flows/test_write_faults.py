@@ -69,7 +69,7 @@ def test_a_refused_write_is_not_retried():
 
 
 def test_a_refused_rerun_of_an_iterate_folder_keeps_its_suggested_config(run_cli, tmp_path):
-    iterate = ("--count", "6", "--seed", "7", "--model", "fake:1", "--max-iterations", "0")  # exit 3
+    iterate = ("--count", "30", "--seed", "7", "--model", "fake:1,runaway=0.5", "--max-iterations", "0")  # exit 3
     assert run_cli(*iterate, "--output", "o").returncode == 3
     suggested = tmp_path / "o" / "suggested_config.yaml"
     before = suggested.read_bytes()
