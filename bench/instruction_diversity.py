@@ -43,6 +43,10 @@ OPTIONS = {
     "machine2": {"instruction_generation": {"machine_examples": 2}},
     "temp1.0": {"instruction_generation": {"temperature": 1.0}},
     "machine2+temp1.0": {"instruction_generation": {"machine_examples": 2, "temperature": 1.0}},
+    # the model's dtype at the default temperature: `auto` is bfloat16 on a GPU, float32 on the CPU
+    "temp1.0+fp32": {"instruction_generation": {"temperature": 1.0}, "model": {"dtype": "float32"}},
+    "temp1.0+bf16": {"instruction_generation": {"temperature": 1.0}, "model": {"dtype": "bfloat16"}},
+    "temp0.9+fp32": {"instruction_generation": {"temperature": 0.9}, "model": {"dtype": "float32"}},
 }
 
 
