@@ -91,14 +91,17 @@ batch size changes speed, not outputs."""
 def model_settings(model: dict[str, Any]) -> dict[str, Any]:
     """The `model` section of a call as the cache key hashes it: every key (id, revision, bos_policy,
     dtype, device, allow_pickle, engine, quantize, ...) but OUTPUT_NEUTRAL_MODEL_KEYS, with `device`
-    and `dtype` resolved ("auto" is float32 on the CPU and bfloat16 on a GPU: a phase computed on one
-    must not count as a hit on the other). Fake models compute the same on any device: left as given."""
+    and `dtype` resolved ("auto" is float32 on the CPU, and on a GPU float32 up to loader.SMALL_MODEL_PARAMS
+    parameters, else bfloat16: a phase computed on one must not count as a hit on the other). Fake models
+    compute the same on any device: left as given."""
     settings = {k: v for k, v in model.items() if k not in OUTPUT_NEUTRAL_MODEL_KEYS}
     if not str(settings.get("id", "")).startswith("fake:") and "auto" in (settings.get("device"), settings.get("dtype")):
-        from stage1_core.loader import resolve_device, resolve_dtype
+        from stage1_core.loader import resolve_device, resolve_dtype, resolve_model
 
         device = resolve_device(settings.get("device", "auto"))
-        settings["dtype"] = resolve_dtype(settings.get("dtype", "auto"), device)
+        sized = device != "cpu" and settings.get("dtype", "auto") == "auto"  # only a GPU's auto depends on the size
+        resolved = resolve_model(ModelConfig.model_validate(model)) if sized else None
+        settings["dtype"] = resolve_dtype(settings.get("dtype", "auto"), device, resolved)
         settings["device"] = device
     return settings
 

@@ -44,14 +44,20 @@ def test_qc_ignores_the_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-def test_auto_device_and_dtype_are_hashed_resolved(tmp_path: Path, monkeypatch, gpu: bool) -> None:
+@pytest.mark.parametrize("model_id, gpu_dtype", [("embedded:gemma-3-270m", "float32"), ("random:gemma3-4b", "bfloat16")])
+def test_auto_device_and_dtype_are_hashed_resolved(tmp_path: Path, monkeypatch, gpu: bool, model_id: str,
+                                                   gpu_dtype: str) -> None:
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-    real = {"id": "embedded:gemma-3-270m"}
+    real = {"id": model_id}
     auto = pipeline.cache_key(_call(tmp_path, **real, device="auto", dtype="auto"))
     cpu = pipeline.cache_key(_call(tmp_path, **real, device="cpu", dtype="float32"))
-    cuda = pipeline.cache_key(_call(tmp_path, **real, device="cuda", dtype="bfloat16"))
-    # "auto" is a hit exactly for what it resolves to here: float32 on the CPU, bfloat16 on a GPU.
+    cuda = pipeline.cache_key(_call(tmp_path, **real, device="cuda", dtype=gpu_dtype))
+    cuda_other = pipeline.cache_key(_call(tmp_path, **real, device="cuda",
+                                          dtype="bfloat16" if gpu_dtype == "float32" else "float32"))
+    # "auto" is a hit exactly for what it resolves to here: float32 on the CPU; on a GPU float32 for
+    # the 270M (at most loader.SMALL_MODEL_PARAMS), bfloat16 for a 4B.
     assert (auto == cuda) if gpu else (auto == cpu)
+    assert auto != cuda_other
     assert cpu != cuda

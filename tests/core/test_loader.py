@@ -86,6 +86,39 @@ def test_safetensors_header_param_count(tmp_path: Path) -> None:
         loader.safetensors_param_count([tmp_path / "bad.safetensors"])
 
 
+def test_param_count_reads_the_headers_of_each_kind(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    embedded = loader.resolve_model(ModelConfig())
+    # google/gemma-3-270m: 268,098,176 parameters (the GGUF's tensor table, no weights loaded)
+    assert loader.param_count(embedded) == 268_098_176
+    assert loader.param_count(loader.resolve_model(ModelConfig(id="random:gemma3-4b"))) == \
+        loader.random_param_count(loader.RANDOM_MODELS["gemma3-4b"])
+    assert loader.param_count(loader.resolve_model(ModelConfig(id="fake:1"))) is None
+    save_file({"w": torch.zeros(10, 10)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    folder = loader.ResolvedModel(kind="hf_folder", id=str(tmp_path), path=str(tmp_path), gguf_file=None,
+                                  family="gemma3_text", bos_policy="always")
+    assert loader.param_count(folder) == 100
+
+
+@pytest.mark.parametrize("model_id, on_gpu", [("embedded:gemma-3-270m", "float32"), ("random:gemma3-tiny", "float32"),
+                                              ("random:gemma3-4b", "bfloat16"), ("random:gemma3-12b", "bfloat16")])
+def test_auto_dtype_keeps_float32_for_small_models_on_a_gpu(monkeypatch: pytest.MonkeyPatch, model_id: str,
+                                                            on_gpu: str) -> None:
+    import torch
+
+    r = loader.resolve_model(ModelConfig(id=model_id))
+    assert loader.resolve_dtype("auto", "cpu", r) == "float32"
+    assert loader.resolve_dtype("auto", "cuda", r) == on_gpu
+    assert loader.resolve_dtype("bfloat16", "cuda", r) == "bfloat16"  # an explicit dtype is never overridden
+    assert loader.resolve_dtype("float32", "cuda", r) == "float32"
+    assert loader.resolve_dtype("auto", "cuda") == "bfloat16"  # size unknown: the accelerator default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loader.model_fingerprint(ModelConfig(id=model_id))["dtype"] == on_gpu  # what the manifest records
+
+
 def test_shape_of_a_saved_tiny_model(tmp_path: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
