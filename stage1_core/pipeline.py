@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from stage1_core import faults, filters, prompts, qc, storage
+from stage1_core import codehash, faults, filters, prompts, qc, storage
 from stage1_core.backend import Backend
 from stage1_core.config import (CriticConfig, InstructionFilterConfig, InstructionGenerationConfig, ModelConfig,
                                 QCThresholds, ResponseGenerationConfig)
@@ -33,28 +33,31 @@ from stage1_core.seeds import load_seeds
 CORE_DIR = Path(__file__).resolve().parent
 Progress = Callable[[int, int], None]
 
-_COMMON = ("pipeline", "config", "storage", "schemas")
-_MODEL = ("model", "loader", "guards", "hf_backend", "engine", "scoring")
-PHASE_MODULES: dict[str, tuple[str, ...]] = {
-    "generate_instructions": (*_COMMON, "prompts", "generation", "seeds", *_MODEL, "fake"),
-    "filter_instructions": (*_COMMON, "filters", "critic", "prompts", "seeds", *_MODEL, "fake"),
-    "generate_responses": (*_COMMON, "prompts", "generation", *_MODEL, "fake"),
-    "filter_pairs": (*_COMMON, "critic", "critic_eval", "filters", "seeds", "prompts", *_MODEL, "fake",
-                     "data/critic_dev.test.jsonl"),
-    "qc": (*_COMMON, "qc", "filters"),
-}
+PHASE_FUNCTIONS: dict[str, str] = {"generate_instructions": "generate_instructions",
+                                   "filter_instructions": "filter_instructions",
+                                   "generate_responses": "generate_responses",
+                                   "filter_pairs": "filter_pairs", "qc": "qc_phase"}
+"""The function of this module that computes each phase; its code hash follows what it imports."""
+PHASE_DATA: dict[str, tuple[str, ...]] = {"filter_pairs": ("data/critic_dev.test.jsonl",)}
+"""Data files under stage1_core/ a phase reads besides its inputs (the critic dev split QC measures)."""
 CRITIC_DEV_SET = CORE_DIR / "data" / "critic_dev.test.jsonl"
 """The held-out split of the shipped critic dev set (QC measures it; the tuning split chose the defaults)."""
 
 
+def phase_modules(phase: str) -> list[str]:
+    """The stage1_core modules a phase's function can reach, computed from the source
+    (`codehash.function_modules`: the names it uses, the same-module helpers it calls, and their
+    imports, transitively), sorted."""
+    return sorted(codehash.function_modules(CORE_DIR, "pipeline", PHASE_FUNCTIONS[phase]))
+
+
 def code_hash(phase: str) -> str:
-    """sha256 over the source of the core modules (and data files) a phase uses, so editing them
-    invalidates exactly the phases that depend on them."""
+    """sha256 over the source of the core modules a phase reaches (`phase_modules`) and its data
+    files (`PHASE_DATA`), so editing one invalidates exactly the phases that can run it."""
     h = hashlib.sha256()
-    for mod in PHASE_MODULES[phase]:
-        path = CORE_DIR / (mod if "." in mod else f"{mod}.py")
-        h.update(mod.encode())
-        h.update(path.read_bytes() if path.exists() else b"<missing>")
+    for name in [f"{m}.py" for m in phase_modules(phase)] + list(PHASE_DATA.get(phase, ())):
+        h.update(name.encode())
+        h.update((CORE_DIR / name).read_bytes())
     return h.hexdigest()
 
 

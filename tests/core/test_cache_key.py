@@ -61,3 +61,56 @@ def test_auto_device_and_dtype_are_hashed_resolved(tmp_path: Path, monkeypatch, 
     assert (auto == cuda) if gpu else (auto == cpu)
     assert auto != cuda_other
     assert cpu != cuda
+
+
+def test_a_phase_hashes_the_modules_its_function_reaches_computed_from_imports(tmp_path: Path, monkeypatch) -> None:
+    """The code part of the key follows real imports (issue 21): a helper module added on a phase's
+    path enters that phase's key and no other's; a module only another phase reaches stays out."""
+    import shutil
+
+    core = tmp_path / "stage1_core"
+    shutil.copytree(pipeline.CORE_DIR, core, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(pipeline, "CORE_DIR", core)
+    before = {ph: pipeline.code_hash(ph) for ph in pipeline.PHASE_FUNCTIONS}
+    assert "backend" in pipeline.phase_modules("generate_responses")  # once missing from the hand list
+    assert "qc" not in pipeline.phase_modules("generate_instructions")
+    assert "critic" not in pipeline.phase_modules("generate_responses")
+
+    # a new helper module, imported lazily inside a function of prompts.py (on the generation path)
+    (core / "wording.py").write_text("def tidy(s):\n    return s.strip()\n")
+    prompts_py = core / "prompts.py"
+    prompts_py.write_text(prompts_py.read_text() + "\n\ndef _tidy(s):\n    from stage1_core.wording import tidy\n"
+                          "    return tidy(s)\n")
+    after = {ph: pipeline.code_hash(ph) for ph in pipeline.PHASE_FUNCTIONS}
+    assert "wording" in pipeline.phase_modules("generate_responses")
+    assert after["generate_responses"] != before["generate_responses"]
+    assert after["qc"] == before["qc"]  # qc does not reach prompts.py
+
+    (core / "wording.py").write_text("def tidy(s):\n    return s.strip().lower()\n")  # edit the helper alone
+    assert pipeline.code_hash("generate_responses") != after["generate_responses"]
+    assert pipeline.code_hash("qc") == before["qc"]
+    generation = pipeline.code_hash("generate_instructions")
+
+    qc_py = core / "qc.py"
+    qc_py.write_text(qc_py.read_text() + "\n# an edit only the qc phase reaches\n")
+    assert pipeline.code_hash("qc") != before["qc"]
+    assert pipeline.code_hash("generate_instructions") == generation
+
+
+def test_function_modules_follows_same_module_helpers_and_not_other_functions(tmp_path: Path) -> None:
+    from stage1_core import codehash
+
+    pkg = tmp_path
+    (pkg / "main.py").write_text(
+        "from stage1_core import a\nfrom stage1_core.b import thing\nimport stage1_core.c as c\n\n"
+        "def phase():\n    return _helper() + a.x\n\n"
+        "def _helper():\n    return thing\n\n"
+        "def other():\n    return c.y\n")
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "b.py").write_text("def g():\n    from stage1_core import d\n    return d\nthing = 2\n")
+    (pkg / "c.py").write_text("y = 3\n")
+    (pkg / "d.py").write_text("from stage1_core import b\n")  # a cycle is fine
+    assert codehash.function_modules(pkg, "main", "phase") == {"main", "a", "b", "d"}
+    assert codehash.function_modules(pkg, "main", "other") == {"main", "c"}
+    with pytest.raises(KeyError):
+        codehash.function_modules(pkg, "main", "nope")
