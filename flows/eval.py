@@ -38,13 +38,16 @@ def _run_name() -> str:
 def eval_flow(adapter: str, output: str | None = None, prompts: str | None = None, config: str | None = None,
               overwrite: bool = False,
               run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None) -> dict[str, Any]:
-    """Stage 1 eval: stop rate, runaway and token-limit rates, verifiable accuracy, perplexity and a
-    judged win rate of base + adapter over the base model, with intervals.
+    """Stage 1 eval: stop rate, runaway and token-limit rates, IFEval verifiable accuracy (strict and
+    loose, per prompt and per instruction), perplexity, and a judged win rate of base + adapter over the
+    base model (order-inconsistent verdicts are ties; length-controlled; marked uninformative when the
+    judge's position consistency is below the floor), with intervals.
 
     Args:
         adapter: a finished SFT output folder (training_summary.json names the base model).
         output: the report's folder; under a deployment defaults to ${STAGE1_OUTPUT_ROOT}/{deployment}/{flow_run_name}.
-        prompts: JSONL with id and instruction per line (optional `check`); default: the shipped held-out set.
+        prompts: JSONL with id and instruction per line (optional IFEval instruction_id_list and kwargs);
+            default: the shipped held-out set.
         config: YAML merged over configs/eval.yaml.
         overwrite: replace an output folder of another evaluation.
         run_key: under a deployment without `output`: write to ${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key}.
@@ -54,7 +57,7 @@ def eval_flow(adapter: str, output: str | None = None, prompts: str | None = Non
         raise InputError("no output folder", field="output", expected="a folder path", fix="pass --output DIR")
     plan = t.prepare_eval({"adapter": adapter, "output": output, "prompts": prompts, "config": config,
                            "overwrite": overwrite})
-    base, tuned = t.load_models(plan)  # before the folder is touched
+    base, tuned, judge = t.load_models(plan)  # before the folder is touched
     out = Path(plan["output"])
     with hold_lock(out / LOCK_NAME):
         out.mkdir(parents=True, exist_ok=True)
@@ -63,8 +66,10 @@ def eval_flow(adapter: str, output: str | None = None, prompts: str | None = Non
                 (out / name).unlink(missing_ok=True)
         storage.write_json_atomic(out / RUN_MARKER, {"identity": plan["identity"], "run_id": provenance.run_id(),
                                                      "created": provenance.utc_now(), "kind": "eval"})
-        report = t.evaluate(plan, base, tuned)
+        report = t.evaluate(plan, base, tuned, judge)
     t.publish(report)
+    if report["judge"]["status"] == "uninformative":
+        print(f"win rate not presented: {report['judge']['reason']}")
     return {"exit_code": 0, "output": plan["output"], "report": report}
 
 
@@ -77,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--adapter", required=True, metavar="DIR", help="a finished python -m flows.sft output folder")
     ap.add_argument("--output", required=True, metavar="DIR", help="where eval_report.json and eval_report.md go")
     ap.add_argument("--prompts", metavar="FILE", default=None,
-                    help="JSONL: id and instruction per line, optional check (default: the shipped held-out prompts)")
+                    help="JSONL: id and instruction per line, optional IFEval instruction_id_list and kwargs "
+                         "(default: the shipped held-out prompts)")
     ap.add_argument("--config", metavar="PATH", default=None, help="YAML merged over configs/eval.yaml")
     ap.add_argument("--overwrite", action="store_true", help="replace an output folder of another evaluation")
     ap.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit 0; loads and writes nothing")

@@ -21,8 +21,6 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +29,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stage1_core.errors import InputError
+from stage1_core.jsonl import MAX_LINE_CHARS, JsonlKind, decode_line, json_type, objects, open_jsonl, parse_line
+from stage1_core.jsonl import check_text, printable as _printable
+
+__all__ = ["MAX_LINE_CHARS", "PACKAGED_SEEDS", "SEED_FILE", "Seed", "SeedSet", "json_type", "load_seeds",
+           "require_usable"]
 
 PACKAGED_SEEDS = Path(__file__).parent / "data" / "self_instruct_seed_tasks.jsonl"
-
-MAX_LINE_CHARS = 100_000
-"""Longest accepted line, in characters (a seed is a few hundred; longer is a wrong file)."""
 
 MAX_LIST_TEXT_CHARS = 300
 """Longest one-line form a seed may have to appear in the numbered few-shot list."""
@@ -45,9 +45,12 @@ SeedFormat = Literal["stage1", "self_instruct"]
 _OUR_KEYS = ("id", "instruction", "input", "output")
 _SELF_INSTRUCT_KEYS = ("id", "name", "instruction", "instances", "is_classification")
 _INSTANCE_KEYS = ("input", "output")
-_UTF8_BOM = b"\xef\xbb\xbf"
-_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _OUR_EXAMPLE = '{"id": "s1", "instruction": "Name three primary colors.", "input": "", "output": null}'
+
+SEED_FILE = JsonlKind(item="seed", example=_OUR_EXAMPLE, dir_fix="pass the .jsonl file inside it to --seeds",
+                      missing_fix="check the --seeds path (omit it to use the packaged Self-Instruct seeds)",
+                      empty_fix="add seeds, or omit --seeds to use the packaged Self-Instruct seeds")
+"""How errors name a seed file (stage1_core.jsonl reads it)."""
 
 
 class Seed(BaseModel):
@@ -155,38 +158,11 @@ def load_seeds(path: str | Path | None) -> SeedSet:
     """
     p = PACKAGED_SEEDS if path is None else Path(path)
     name = str(p)
-    if p.is_dir():
-        raise InputError(f"seed path is a directory, not a file: {name}", file=name,
-                         expected="a JSON Lines file with one seed object per line",
-                         fix="pass the .jsonl file inside it to --seeds")
-    if not p.is_file():
-        raise InputError(f"seed file not found: {name}", file=name, expected="an existing JSON Lines file",
-                         fix="check the --seeds path (omit it to use the packaged Self-Instruct seeds)")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read seed file: {e.strerror or e}", file=name, expected="a readable file",
-                         fix="check the file's permissions") from e
-    sha = hashlib.sha256(data).hexdigest()
-    if data.startswith(_UTF16_BOMS):
-        raise InputError("seed file is UTF-16 (it starts with a UTF-16 byte-order mark), not UTF-8", file=name,
-                         line=1, expected="UTF-8 text", fix="re-save the file as UTF-8")
-    body = data[len(_UTF8_BOM):] if data.startswith(_UTF8_BOM) else data
-    stripped = body.lstrip()
-    if stripped.startswith(b"["):
-        line_no = body[: len(body) - len(stripped)].count(b"\n") + 1
-        raise InputError("seed file is a JSON array; expected one object per line (JSON Lines)", file=name,
-                         line=line_no, expected=f"one JSON object per line, e.g. {_OUR_EXAMPLE}",
-                         fix=f"convert it: jq -c '.[]' {name} > seeds.jsonl")
-
+    body, sha = open_jsonl(p, SEED_FILE)
     seeds: list[Seed] = []
     first_line: dict[str, int] = {}
     fmt: SeedFormat | None = None
-    for line_no, raw in enumerate(body.split(b"\n"), start=1):
-        text = _decode_line(raw, name, line_no)
-        if not text.strip():
-            continue
-        obj = _parse_line(text, name, line_no)
+    for line_no, obj in objects(body, name, SEED_FILE):  # an empty file raises SEED_FILE's "empty" error
         if fmt is None:
             fmt = "self_instruct" if "instances" in obj else "stage1"
         fields = _self_instruct_fields(obj, name, line_no) if fmt == "self_instruct" else _our_fields(obj, name, line_no)
@@ -198,10 +174,7 @@ def load_seeds(path: str | Path | None) -> SeedSet:
         first_line[seed.id] = line_no
         seeds.append(seed)
 
-    if fmt is None:
-        raise InputError("seed file is empty (no seed objects)", file=name,
-                         expected=f"one JSON object per line, e.g. {_OUR_EXAMPLE}",
-                         fix="add seeds, or omit --seeds to use the packaged Self-Instruct seeds")
+    assert fmt is not None  # objects() raised on a file without objects
     return SeedSet(path=name, format=fmt, seeds=seeds, sha256=sha)
 
 
@@ -227,58 +200,13 @@ def require_usable(seedset: SeedSet, k: int) -> None:
 
 
 def _decode_line(raw: bytes, file: str, line_no: int) -> str:
-    """One line's bytes as text (CR of CRLF dropped); InputError on bad UTF-8 or over-long lines."""
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"seed file is not valid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1} "
-                         f"of this line ({e.reason})", file=file, line=line_no, expected="UTF-8 text",
-                         fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-    if len(text) > MAX_LINE_CHARS:
-        raise InputError(f"line is too long ({len(text):,} characters; the limit is {MAX_LINE_CHARS:,})",
-                         file=file, line=line_no,
-                         expected=f"one seed object per line, at most {MAX_LINE_CHARS:,} characters",
-                         fix="check that this is a seed file and that each seed is on its own line; shorten the seed")
-    return text
-
-
-class _DuplicateKey(Exception):
-    """A JSON object on one line repeats a key (json.loads would silently keep the last value)."""
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
-    return obj
+    """One seed-file line as text (stage1_core.jsonl.decode_line with the seed wording)."""
+    return decode_line(raw, file, line_no, SEED_FILE)
 
 
 def _parse_line(text: str, file: str, line_no: int) -> dict[str, Any]:
-    expected = f"one JSON object per line, e.g. {_OUR_EXAMPLE}"
-    try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=file, line=line_no, expected=expected,
-                         fix="fix the JSON on this line (a seed must not span several lines)") from None
-    except _DuplicateKey as e:
-        key = _printable(e.args[0])
-        raise InputError(f"key {key!r} appears twice in this object", file=file, line=line_no, field=key,
-                         expected="each key at most once per object", fix="remove one of the two") from None
-    except RecursionError:
-        raise InputError("JSON is nested too deeply to read", file=file, line=line_no, expected=expected,
-                         fix="check that this is a seed file; a seed's fields are strings") from None
-    except ValueError as e:  # e.g. an integer of more than 4,300 digits (sys.get_int_max_str_digits)
-        raise InputError(f"invalid JSON: {e}", file=file, line=line_no, expected=expected,
-                         fix="check that this is a seed file; a seed's fields are strings") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"line is a JSON {json_type(obj)}, not an object", file=file, line=line_no,
-                         expected=f"one JSON object per line, e.g. {_OUR_EXAMPLE}",
-                         fix="put each seed on its own line as a {...} object")
-    return obj
+    """One seed-file line's object (stage1_core.jsonl.parse_line with the seed wording)."""
+    return parse_line(text, file, line_no, SEED_FILE)
 
 
 def _our_fields(obj: dict[str, Any], file: str, line_no: int) -> dict[str, Any]:
@@ -360,33 +288,7 @@ def _check_type(value: Any, typ: type, file: str, line_no: int, field_name: str,
         raise InputError(f"field {field_name!r} is a JSON {json_type(value)}, expected a {want}", file=file,
                          line=line_no, field=field_name, expected=f"a {want}", fix="correct the value's type")
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InputError(f"field {field_name!r} holds a lone UTF-16 surrogate ({ascii(value[e.start])[1:-1]} at "
-                             f"character {e.start + 1}), which is not text", file=file, line=line_no, field=field_name,
-                             expected="a string of Unicode characters (a \\uD800-\\uDFFF escape only as half of a pair)",
-                             fix="remove the escape, or write the character it was meant to be") from None
-
-
-def _printable(text: str) -> str:
-    """`text` as it can be shown in an error block: escaped when it holds unprintable characters
-    (a newline would break the block, a lone surrogate cannot be written to the terminal)."""
-    return text if text.isprintable() else ascii(text)[1:-1]
+        check_text(value, file, line_no, field_name)
 
 
 _TYPE_NAMES: dict[type, str] = {str: "string", bool: "boolean (true/false)", list: "list", dict: "object"}
-
-
-def json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"

@@ -36,6 +36,7 @@ from stage1_core import faults, provenance, storage
 from stage1_core.config import (CONFIGS_DIR, ModelConfig, StrictModel, load_settings, model_with,
                                 read_yaml_mapping, validate_pilot_config)
 from stage1_core.errors import InputError
+from stage1_core.jsonl import JsonlKind, read_jsonl, require_string
 
 log = logging.getLogger("stage1.sft")
 
@@ -135,29 +136,26 @@ def read_run(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
             "model": model, "run_id": manifest.get("run_id")}
 
 
+SFT_DATA = JsonlKind(item="SFT data", example='{"id": "p1", "instruction": "Name a fruit.", "response": "An apple."}',
+                     missing_fix="pass a finished pilot or scale run folder (its pilot_data.jsonl / scale_data.jsonl)",
+                     empty_fix="use the run's own data file (it is written atomically), or rerun the run")
+"""How errors name an SFT data file (stage1_core.jsonl reads it)."""
+
+
 def read_pairs(path: str | Path) -> list[dict[str, str]]:
-    """The (id, instruction, response) of every row of a run's data file.
+    """The (id, instruction, response) of every row of a run's data file, through the hardened reader
+    (stage1_core.jsonl: bad UTF-8, over-long lines, repeated keys, invalid JSON are errors naming the line).
 
     Raises:
-        InputError: a line that is not JSON, or a row without a non-empty instruction or response;
-            fewer than 2 rows (one is held out for the eval loss).
+        InputError: a reader error, or a row without a non-empty instruction or response (naming
+            file, line and field); fewer than 2 rows (one is held out for the eval loss).
     """
     rows: list[dict[str, str]] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"line is not JSON: {e}", file=str(path), line=n, expected="one JSON object per line",
-                                 fix="use the run's own data file (it is written atomically), or rerun the run") from None
-            for key in ("instruction", "response"):
-                if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip():
-                    raise InputError(f"row has no {key}", file=str(path), line=n, field=key, expected="a non-empty string",
-                                     fix="use the run's own data file")
-            rows.append({"id": str(row.get("id", f"line-{n}")), "instruction": row["instruction"],
-                         "response": row["response"]})
+    name = str(path)
+    for n, row in read_jsonl(path, SFT_DATA):
+        instruction = require_string(row, "instruction", name, n, SFT_DATA)
+        response = require_string(row, "response", name, n, SFT_DATA)
+        rows.append({"id": str(row.get("id", f"line-{n}")), "instruction": instruction, "response": response})
     if len(rows) < 2:
         raise InputError(f"{len(rows)} pairs: SFT needs at least 2 (one is held out for the eval loss)", file=str(path),
                          expected="a run that kept 2 or more pairs", fix="run a larger pilot (--count)")

@@ -21,18 +21,20 @@ def prepare_eval(params: dict[str, Any]) -> dict[str, Any]:
 
 
 @task(name="load_models", persist_result=False, cache_policy=NO_CACHE)
-def load_models(plan: dict[str, Any]) -> tuple[Any, Any]:
-    """The base backend (cached per process, guards and sentinels) and the tuned one (the base
-    loaded again, adapter merged). A model that fails its guards is bad input (exit 2)."""
+def load_models(plan: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The base backend (cached per process, guards and sentinels), the tuned one (the base loaded
+    again, adapter merged) and the judge (the base, or judge.model). A model that fails its guards is
+    bad input (exit 2)."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    base, tuned = evaluation.load_models(plan)
-    logger.info(f"base and tuned models ready in {time.perf_counter() - t0:.1f} s ({base.fingerprint.get('device')})")
-    return base, tuned
+    base, tuned, judge = evaluation.load_models(plan)
+    logger.info(f"base, tuned and judge models ready in {time.perf_counter() - t0:.1f} s "
+                f"({base.fingerprint.get('device')}; judge {plan['judge_config']['id']})")
+    return base, tuned, judge
 
 
 @task(name="evaluate", persist_result=False, cache_policy=NO_CACHE)
-def evaluate(plan: dict[str, Any], base: Any, tuned: Any) -> dict[str, Any]:
+def evaluate(plan: dict[str, Any], base: Any, tuned: Any, judge: Any) -> dict[str, Any]:
     """Generate with both models, score, judge; writes the report files. A bar per stage."""
     artifact = create_progress_artifact(0.0, description="eval: starting")
     bars: dict[str, tqdm] = {}
@@ -49,7 +51,7 @@ def evaluate(plan: dict[str, Any], base: Any, tuned: Any) -> dict[str, Any]:
                                  description=f"eval {stage}: {done}/{total}")
 
     try:
-        report = evaluation.evaluate(plan, base=base, tuned=tuned, progress=progress)
+        report = evaluation.evaluate(plan, base=base, tuned=tuned, judge=judge, progress=progress)
     finally:
         for b in bars.values():
             b.close()
@@ -58,8 +60,11 @@ def evaluate(plan: dict[str, Any], base: Any, tuned: Any) -> dict[str, Any]:
 
 
 def publish(report: dict[str, Any]) -> None:
-    """The metric table and the markdown report as Prefect artifacts."""
-    w = report["win_rate"]["tuned_over_base"]
+    """The metric table and the markdown report (win rate, judge, verifiable accuracy by type) as
+    Prefect artifacts; an uninformative win rate is logged as a warning."""
+    line = evaluation.win_rate_line(report)
     create_table_artifact(evaluation.report_table(report), key="stage1-eval",
-                          description=f"Eval base vs tuned (win rate tuned over base: {w})")
+                          description=f"Eval base vs tuned (win rate tuned over base: {line})")
     create_markdown_artifact(evaluation.report_markdown(report), key="stage1-eval-report", description="Eval report")
+    if report["judge"]["status"] == "uninformative":
+        get_run_logger().warning(f"eval: the win rate is uninformative: {report['judge']['reason']}")

@@ -1,210 +1,184 @@
-"""Tests of stage1_core.checkers: every check type passes and fails where its rule says, spec
-validation, and the shipped prompts' checks (valid, every type used, satisfiable)."""
+"""Tests of stage1_core.checkers: every IFEval instruction type passes and fails where IFEval's
+published rule does (each type has at least one passing and one failing response, checked by a test
+below); strict vs loose; argument validation; the sentence splitter and word count as IFEval's."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from stage1_core.checkers import CHECKERS, passes, validate_check
-from stage1_core.eval_data import load_eval_prompts
+from stage1_core import checkers
+from stage1_core.checkers import INSTRUCTIONS, check, follows, loose_variants, split_into_sentences, validate
 
-# (spec, response, expected): at least one pass and one fail per type, plus the edges each rule names.
-CASES: list[tuple[dict[str, Any], str, bool]] = [
-    ({"type": "one_word"}, "Mars", True),
-    ({"type": "one_word"}, "  Mercury.\n", True),
-    ({"type": "one_word"}, "well-known!", True),
-    ({"type": "one_word"}, "don't", True),
-    ({"type": "one_word"}, "New York", False),
-    ({"type": "one_word"}, "Mercury, obviously", False),
-    ({"type": "one_word"}, '"Mercury"', False),
-    ({"type": "one_word"}, "...", False),
-    ({"type": "all_caps"}, "CAUTION: WET FLOOR!", True),
-    ({"type": "all_caps"}, "CAUTION: Wet floor", False),
-    ({"type": "all_caps"}, "123 !!", False),
-    ({"type": "all_lowercase"}, "i like ripe mangoes, 2 a day.", True),
-    ({"type": "all_lowercase"}, "I like ripe mangoes.", False),
-    ({"type": "all_lowercase"}, "42", False),
-    ({"type": "exactly_n_items", "n": 3}, "1. Carrot\n2. Potato\n3. Beet", True),
-    ({"type": "exactly_n_items", "n": 3}, "Here are three:\n1) Carrot\n2) Potato\n3) Beet", True),
-    ({"type": "exactly_n_items", "n": 3}, "- Carrot\n\n* Potato\n• Beet", True),
-    ({"type": "exactly_n_items", "n": 3}, "Carrot\nPotato\n\nBeet\n", True),
-    ({"type": "exactly_n_items", "n": 3}, "1. Carrot\n2. Potato", False),
-    ({"type": "exactly_n_items", "n": 3}, "1. Carrot\n2. Potato\n3. Beet\n4. Onion", False),
-    ({"type": "exactly_n_items", "n": 3}, "1. Carrot\n2.\n3.", False),
-    ({"type": "exactly_n_items", "n": 3}, "Carrots, potatoes and beets.", False),
-    ({"type": "exactly_n_items", "n": 1}, "Carrots, potatoes and beets.", True),
-    ({"type": "exactly_n_items", "n": 2}, "-5 degrees\n1.5 kg of flour", True),  # no marker: two plain lines
-    ({"type": "ends_with_question_mark"}, "Where did you grow up?", True),
-    ({"type": "ends_with_question_mark"}, '"Where did you grow up?"', True),
-    ({"type": "ends_with_question_mark"}, "Where did you grow up?!", False),
-    ({"type": "ends_with_question_mark"}, "Why? Tell me.", False),
-    ({"type": "no_letter", "letter": "s"}, "A hot cup of tea warm in my hand.", True),
-    ({"type": "no_letter", "letter": "s"}, "Tea soothes.", False),
-    ({"type": "no_letter", "letter": "e"}, "EAT", False),
-    ({"type": "max_words", "n": 3}, "It measures heat.", True),
-    ({"type": "max_words", "n": 3}, "It measures heat - roughly.", False),
-    ({"type": "max_words", "n": 3}, "Heat - ok", True),  # a lone dash is not a word
-    ({"type": "min_words", "n": 4}, "Librarians help people find books.", True),
-    ({"type": "min_words", "n": 4}, "They lend books.", False),
-    ({"type": "min_words", "n": 4}, "They lend books - :)", False),
-    ({"type": "starts_with", "text": "Dear Sam"}, "dear sam, I can't make lunch.", True),
-    ({"type": "starts_with", "text": "  Dear Sam "}, "Dear Sam, I can't make lunch.", True),
-    ({"type": "starts_with", "text": "Dear Sam"}, "Hi Sam, dear friend.", False),
-    ({"type": "ends_with", "text": "Enjoy your meal!"}, "Rinse the rice first. ENJOY YOUR MEAL!  ", True),
-    ({"type": "ends_with", "text": "Enjoy your meal!"}, "Rinse the rice first. Enjoy your meal.", False),
-    ({"type": "contains_word", "word": "umbrella"}, "I opened my Umbrella, then ran.", True),
-    ({"type": "contains_word", "word": "cat"}, "The cat's bowl is empty.", True),
-    ({"type": "contains_word", "word": "umbrella"}, "The umbrellas stayed home.", False),
-    ({"type": "contains_word", "word": "cat"}, "A category of its own.", False),
-    ({"type": "n_sentences", "n": 2}, "Firefighters put out fires. They also rescue people!", True),
-    ({"type": "n_sentences", "n": 2}, 'He said "Stop." Then he left', True),
-    ({"type": "n_sentences", "n": 2}, "It weighs 3.5 kg... Really?! Yes.", False),
-    ({"type": "n_sentences", "n": 3}, "It weighs 3.5 kg... Really?! Yes.", True),
-    ({"type": "n_sentences", "n": 1}, "Line one\nline two", True),
-    ({"type": "n_sentences", "n": 2}, "Firefighters put out fires.", False),
-    ({"type": "no_commas"}, "Red then amber then green.", True),
-    ({"type": "no_commas"}, "Red, amber and green.", False),
-    ({"type": "no_commas"}, "Red，amber", False),
-    ({"type": "json_object"}, '{"country": "France", "capital": "Paris"}', True),
-    ({"type": "json_object"}, '```json\n{"country": "France", "capital": "Paris"}\n```', True),
-    ({"type": "json_object"}, '["France", "Paris"]', False),
-    ({"type": "json_object"}, '{"country": "France"} is my answer', False),
-    ({"type": "json_object"}, "{country: France}", False),
+LT, AL = "less than", "at least"
+
+# (instruction id, kwargs, response, expected strict result)
+CASES: list[tuple[str, dict, str, bool]] = [
+    ("keywords:existence", {"keywords": ["umbrella", "rain"]}, "Take an Umbrella, the RAIN is coming.", True),
+    ("keywords:existence", {"keywords": ["umbrella", "rain"]}, "Take an umbrella.", False),
+    ("keywords:existence", {"keywords": ["cat"]}, "A category error.", True),  # IFEval: a substring search
+    ("keywords:frequency", {"keyword": "rest", "frequency": 2, "relation": AL}, "Rest well. REST more.", True),
+    ("keywords:frequency", {"keyword": "rest", "frequency": 2, "relation": AL}, "Rest well.", False),
+    ("keywords:frequency", {"keyword": "bread", "frequency": 2, "relation": LT}, "Good bread.", True),
+    ("keywords:frequency", {"keyword": "bread", "frequency": 2, "relation": LT}, "Bread, bread!", False),
+    ("keywords:forbidden_words", {"forbidden_words": ["sand", "hot"]}, "Cold dunes under stars; sandy.", True),
+    ("keywords:forbidden_words", {"forbidden_words": ["sand", "hot"]}, "It is HOT at noon.", False),
+    ("keywords:letter_frequency", {"letter": "s", "let_frequency": 2, "let_relation": LT}, "A warm cup of tea.", True),
+    ("keywords:letter_frequency", {"letter": "s", "let_frequency": 2, "let_relation": LT}, "Sweet tea is best.", False),
+    ("keywords:letter_frequency", {"letter": "E", "let_frequency": 3, "let_relation": AL}, "Eee!", True),
+    ("language:response_language", {"language": "fr"},
+     "Bonjour, je suis très content de vous voir aujourd'hui dans notre petite maison.", True),
+    ("language:response_language", {"language": "fr"}, "Good morning, I am very happy to see you in our house today.",
+     False),
+    ("language:response_language", {"language": "fr"}, "12345 !!!", True),  # undetectable: IFEval counts it followed
+    ("length_constraints:number_sentences", {"num_sentences": 3, "relation": LT}, "One. Two!", True),
+    ("length_constraints:number_sentences", {"num_sentences": 3, "relation": LT}, "One. Two! Three?", False),
+    ("length_constraints:number_sentences", {"num_sentences": 2, "relation": AL}, "Dr. Smith came. He sat.", True),
+    ("length_constraints:number_sentences", {"num_sentences": 2, "relation": AL}, "Dr. Smith came home.", False),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "Dogs are loyal.\n***\nThey guard homes.", True),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "Dogs are loyal.\n\nThey guard homes.", False),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "A\n***\n***\nB", False),  # empty inner piece
+    ("length_constraints:number_words", {"num_words": 5, "relation": LT}, "Mars, the red one.", True),
+    ("length_constraints:number_words", {"num_words": 5, "relation": LT}, "It is the planet Mars.", False),
+    ("length_constraints:number_words", {"num_words": 3, "relation": AL}, "don't stop", True),  # \w+: don, t, stop
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "however"},
+     "Tea is calm.\n\n\"However, it has caffeine.", True),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "however"},
+     "Tea is calm.\n\nBut it has caffeine.", False),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "however"},
+     "Tea is calm.\n\nHowever it is strong.\n\nThird.", False),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name], see you at [place].", True),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name], see you.", False),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Thanks!\n\nP.S. Bring cake.", True),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Thanks! Bring cake.", False),
+    ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, "Hi.\np. p. s. water them", True),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 3}, "Intro:\n* Carrot\n* Potato\n- Beet", True),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 3}, "1. Carrot\n2. Potato\n3. Beet", False),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* a\n** not a bullet\n* b", True),
+    ("detectable_format:constrained_response", {}, "My answer is yes.", True),
+    ("detectable_format:constrained_response", {}, "Yes, it is.", False),
+    ("detectable_format:constrained_response", {}, "my answer is yes.", False),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "Eat *oats* and *fruit*.", True),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "Eat *oats* and fruit. * *", False),
+    ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
+     "SECTION 1\nFood\nSECTION 2\nGames", True),
+    ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
+     "SECTION 1\nFood and games", False),
+    ("detectable_format:json_format", {}, '```json\n{"name": "Tom", "age": 3}\n```', True),
+    ("detectable_format:json_format", {}, '["Maths", "Art"]', True),
+    ("detectable_format:json_format", {}, 'Here: {"name": "Tom"}', False),
+    ("detectable_format:title", {}, "<<Wind Song>>\nThe wind blows.", True),
+    ("detectable_format:title", {}, "Wind Song\nThe wind blows. << >>", False),
+    ("combination:two_responses", {}, "Goldie\n******\nBubbles", True),
+    ("combination:two_responses", {}, "Goldie\n******\nGoldie", False),
+    ("combination:two_responses", {}, "Goldie\n******\n******\nBubbles", False),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "Explain what a budget is."},
+     "explain what a budget is. A plan for money.", True),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "Explain what a budget is."}, "A budget is a plan.", False),
+    ("startend:end_checker", {"end_phrase": "Enjoy your meal!"}, "Rinse the rice. enjoy your meal!\"", True),
+    ("startend:end_checker", {"end_phrase": "Enjoy your meal!"}, "Rinse the rice. Enjoy your meal.", False),
+    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": AL}, "Buy FRESH BREAD now.",
+     True),
+    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": AL}, "Buy FRESH bread.", False),
+    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": AL}, "The WELL-KNOWN shop.",
+     False),  # a hyphenated word is one word
+    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": LT}, "Buy FRESH bread.", True),
+    ("change_case:english_capital", {}, "CAUTION: THE FLOOR IS WET AND SLIPPERY TODAY.", True),
+    ("change_case:english_capital", {}, "Caution: the floor is wet.", False),
+    ("change_case:english_lowercase", {}, "i like sweet ripe mangoes because they taste of summer.", True),
+    ("change_case:english_lowercase", {}, "I like sweet ripe mangoes.", False),
+    ("change_case:english_lowercase", {}, "j'aime beaucoup les mangues sucrées parce qu'elles ont le goût de l'été.",
+     False),  # lower case, but not English
+    ("punctuation:no_comma", {}, "Red and amber and green.", True),
+    ("punctuation:no_comma", {}, "Red, amber and green.", False),
+    ("startend:quotation", {}, '  "A rainbow is light split by rain."  ', True),
+    ("startend:quotation", {}, "\"A rainbow is light split by rain.", False),
+    ("startend:quotation", {}, '"', False),
 ]
 
 
-@pytest.mark.parametrize(("spec", "response", "expected"), CASES)
-def test_checker_rule(spec: dict[str, Any], response: str, expected: bool) -> None:
-    assert passes(spec, response) is expected
+@pytest.mark.parametrize(("iid", "kwargs", "response", "expected"), CASES,
+                         ids=[f"{c[0]}-{'pass' if c[3] else 'fail'}-{i}" for i, c in enumerate(CASES)])
+def test_strict_rule(iid: str, kwargs: dict, response: str, expected: bool) -> None:
+    assert check(iid, kwargs, response) is expected
 
 
-def test_cases_cover_every_type_both_ways() -> None:
-    outcomes = {(spec["type"], expected) for spec, _, expected in CASES}
-    for name in CHECKERS:
-        assert (name, True) in outcomes and (name, False) in outcomes, name
+def test_every_instruction_type_has_a_passing_and_a_failing_case() -> None:
+    assert len(INSTRUCTIONS) == 25
+    for iid in INSTRUCTIONS:
+        results = {c[3] for c in CASES if c[0] == iid}
+        assert results == {True, False}, iid
 
 
-def _valid_spec(name: str) -> dict[str, Any]:
-    values = {"n": 1, "letter": "z", "text": "x", "word": "x"}
-    return {"type": name, **{p: values[p] for p in CHECKERS[name].params}}
+@pytest.mark.parametrize("iid", sorted(INSTRUCTIONS))
+def test_an_empty_response_fails_strict_and_loose(iid: str) -> None:
+    kwargs = next(c[1] for c in CASES if c[0] == iid)
+    assert follows([iid], [kwargs], "  \n ") == {"strict": [False], "loose": [False]}
 
 
-@pytest.mark.parametrize("name", sorted(CHECKERS))
-@pytest.mark.parametrize("response", ["", "   ", "\n\t"])
-def test_empty_response_fails_every_checker(name: str, response: str) -> None:
-    assert passes(_valid_spec(name), response) is False
+def test_loose_forgives_an_intro_line_and_markdown_asterisks() -> None:
+    # IFEval's loose example: a preamble line before the answer, a bold word around the comma rule
+    response = "Sure, here it is:\nRed and amber and green."
+    assert follows(["punctuation:no_comma"], [{}], response) == {"strict": [False], "loose": [True]}
+    response = "**Answer**: it is light split by rain"
+    assert follows(["startend:end_checker"], [{"end_phrase": "**rain**"}], response)["strict"] == [False]
+    assert follows(["detectable_format:title"], [{}], "<<*Wind*>>") == {"strict": [True], "loose": [True]}
+    assert follows(["startend:quotation"], [{}], 'Here you go:\n"A rainbow."') == {"strict": [False], "loose": [True]}
+    assert follows(["punctuation:no_comma"], [{}], "Yes, it is.\nNo.") == {"strict": [False], "loose": [True]}
+    assert follows(["punctuation:no_comma"], [{}], "A, b.\nYes, it is.\nC, d.") == {"strict": [False], "loose": [False]}
 
 
-@pytest.mark.parametrize("name", sorted(CHECKERS))
-def test_every_checker_documents_its_rule(name: str) -> None:
-    doc = CHECKERS[name].fn.__doc__ or ""
-    assert doc.startswith("Passes when"), name
+def test_loose_variants_are_ifevals_eight() -> None:
+    v = loose_variants("*a*\nb\n*c*")
+    assert v == ["*a*\nb\n*c*", "a\nb\nc", "b\n*c*", "*a*\nb", "b", "b\nc", "a\nb", "b"]
 
 
-@given(st.sampled_from(sorted(CHECKERS)), st.text(max_size=60), st.sampled_from(["", " ", "\n  ", "\t"]))
-def test_surrounding_whitespace_never_matters(name: str, response: str, pad: str) -> None:
-    spec = _valid_spec(name)
-    assert passes(spec, pad + response + pad) == passes(spec, response.strip())
+def test_follows_reports_each_instruction() -> None:
+    got = follows(["punctuation:no_comma", "length_constraints:number_words"],
+                  [{}, {"num_words": 3, "relation": "less than"}], "Yes it is.")
+    assert got == {"strict": [True, False], "loose": [True, False]}
 
 
-# --- spec validation ------------------------------------------------------------------------------
+def test_sentence_splitter_is_ifevals() -> None:
+    assert split_into_sentences("Mr. Smith paid $2.50 at example.com. He left... Then? Yes!") == [
+        "Mr. Smith paid $2.50 at example.com.", "He left...", "Then?", "Yes!"]
+    assert split_into_sentences("The U.S.A. is big. I agree.") == ["The U.S.A. is big.", "I agree."]
+    assert checkers.count_words("don't stop-now 42") == 5
 
 
-def test_validate_returns_a_copy() -> None:
-    spec = {"type": "max_words", "n": 10}
-    out = validate_check(spec)
-    assert out == spec and out is not spec
+def test_language_detection_is_deterministic() -> None:
+    text = "Hola, me gusta mucho el color azul porque me recuerda al mar."
+    assert {checkers._detect_language(text) for _ in range(5)} == {"es"}
 
 
-@pytest.mark.parametrize(("spec", "fragment"), [
-    ("one_word", "must be a JSON object"),
-    (["one_word"], "must be a JSON object"),
-    ({"n": 3}, "no 'type' key; known types: one_word, all_caps"),
-    ({"type": "one_sentence"}, "unknown check type 'one_sentence'; known types: one_word, all_caps"),
-    ({"type": 3}, "unknown check type 3"),
-    ({"type": "one_word", "n": 1}, "does not take the parameter(s) n (its parameters: none)"),
-    ({"type": "max_words", "n": 5, "m": 1}, "does not take the parameter(s) m (its parameters: n)"),
-    ({"type": "max_words"}, "'max_words' needs the parameter 'n', an integer >= 1"),
-    ({"type": "max_words", "n": "10"}, "parameter 'n' of check type 'max_words' must be an integer >= 1, got '10'"),
-    ({"type": "max_words", "n": True}, "must be an integer >= 1, got True"),
-    ({"type": "max_words", "n": 2.0}, "must be an integer >= 1, got 2.0"),
-    ({"type": "exactly_n_items", "n": 0}, "must be an integer >= 1, got 0"),
-    ({"type": "no_letter", "letter": "ab"}, "must be a single letter, got 'ab'"),
-    ({"type": "no_letter", "letter": "1"}, "must be a single letter, got '1'"),
-    ({"type": "starts_with", "text": "  "}, "must be a non-empty string"),
-    ({"type": "contains_word", "word": "two words"}, "must be one word"),
+@pytest.mark.parametrize(("iid", "kwargs", "fragment"), [
+    ("keywords:nope", {}, "unknown instruction id 'keywords:nope'"),
+    (7, {}, "unknown instruction id 7"),
+    ("punctuation:no_comma", [], "must be a JSON object"),
+    ("punctuation:no_comma", {"x": 1}, "does not take the argument(s) x (its arguments: none)"),
+    ("length_constraints:number_words", {"num_words": 5}, "needs the argument 'relation'"),
+    ("length_constraints:number_words", {"num_words": 0, "relation": "less than"}, "an integer >= 1"),
+    ("length_constraints:number_words", {"num_words": "5", "relation": "less than"}, "an integer >= 1"),
+    ("keywords:letter_frequency", {"letter": "ab", "let_frequency": 1, "let_relation": "at least"}, "a single letter"),
+    ("language:response_language", {"language": "xx"}, "ISO 639-1"),
+    ("keywords:existence", {"keywords": []}, "non-empty list"),
+    ("keywords:forbidden_words", {"forbidden_words": ["ok", 3]}, "non-empty list of non-empty strings"),
 ])
-def test_invalid_specs_are_named(spec: Any, fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
-        validate_check(spec)
-    assert fragment in str(info.value)
-    with pytest.raises(ValueError):
-        passes(spec, "anything")
+def test_validate_rejects(iid: object, kwargs: object, fragment: str) -> None:
+    with pytest.raises(ValueError) as e:
+        validate(iid, kwargs)
+    assert fragment in str(e.value)
 
 
-# --- the shipped prompts --------------------------------------------------------------------------
-
-# A plausible good answer per checked shipped prompt: each check can be met by a real answer.
-GOOD_ANSWERS: dict[str, str] = {
-    "eval-001": "Mars.",
-    "eval-003": "CAUTION: WET FLOOR!",
-    "eval-005": "1. Carrot\n2. Potato\n3. Beetroot",
-    "eval-007": "What do you like most about living on this street?",
-    "eval-009": "A warm cup of tea in the morning light.",
-    "eval-011": "It measures temperature.",
-    "eval-013": ("A librarian helps people find books and information, organizes the collection, answers "
-                 "questions, runs reading programs for children and adults, and teaches visitors how to use "
-                 "catalogues, databases and other research tools."),
-    "eval-015": "Dear Sam, I am sorry but I can't make lunch tomorrow. Can we meet next week instead?",
-    "eval-017": "Rinse the rice before cooking it to remove extra starch. Enjoy your meal!",
-    "eval-019": "I grabbed my umbrella as the rain tapped on the windows.",
-    "eval-021": "A firefighter puts out fires and rescues people from danger. They also teach fire safety.",
-    "eval-023": "A traffic light shows red and amber and green.",
-    "eval-025": '{"country": "Spain", "capital": "Madrid"}',
-    "eval-027": "a ripe mango is sweet, juicy and golden.",
-    "eval-029": "Mercury.",
-    "eval-031": "- Water only when the soil is dry.\n- Give it bright light.\n- Use a pot with drainage.\n"
-                "- Wipe dust off the leaves.",
-    "eval-033": "Does the library open at nine?",
-    "eval-035": "A daily walk strengthens your heart, lifts your mood and helps you sleep.",
-    "eval-037": ("Take slow, deep breaths and remember that you have prepared well. Get a good night's sleep, "
-                 "eat a light breakfast, and read each question carefully before you answer."),
-    "eval-039": "A budget is a plan for how you will spend and save your money.",
-    "eval-041": "People wear sunscreen because it protects their skin from the sun's harmful rays.",
-    "eval-043": ("Place the egg in a pot and cover it with cold water. Bring the water to a boil, then simmer "
-                 "for nine minutes. Cool the egg in cold water before peeling it."),
-    "eval-045": "I wake up at seven and drink a glass of water. Then I shower and eat breakfast.",
-    "eval-047": "Kenya\nNigeria\nEgypt\nGhana\nMorocco",
-}
+def test_validate_drops_nulls_and_returns_a_copy() -> None:
+    kw = {"num_words": 5, "relation": "less than", "keywords": None}
+    out = validate("length_constraints:number_words", kw)
+    assert out == {"num_words": 5, "relation": "less than"} and "keywords" in kw
 
 
-def test_shipped_checks_validate_and_use_every_type() -> None:
-    prompts = load_eval_prompts(None)
-    checked = [p for p in prompts if p.check is not None]
-    assert len(prompts) == 48 and len(checked) == 24
-    for p in checked:
-        assert validate_check(p.check) == p.check
-    assert {p.check["type"] for p in checked if p.check} == set(CHECKERS)
-
-
-def test_shipped_checks_can_be_met_and_the_instruction_states_them() -> None:
-    prompts = {p.id: p for p in load_eval_prompts(None)}
-    assert set(GOOD_ANSWERS) == {pid for pid, p in prompts.items() if p.check is not None}
-    for pid, answer in GOOD_ANSWERS.items():
-        check = prompts[pid].check
-        assert check is not None and passes(check, answer), pid
-        for key in ("n", "text", "word", "letter"):
-            if key in check and key != "n":
-                assert str(check[key]).lower() in prompts[pid].instruction.lower(), pid
-
-
-def test_shipped_checks_reject_a_plain_unconstrained_answer() -> None:
-    # The same text fails most checks: they discriminate, they are not always true.
-    plain = "Sure, here is my answer. It is a good one, I think"
-    prompts = [p for p in load_eval_prompts(None) if p.check is not None]
-    failed = [p.id for p in prompts if p.check and not passes(p.check, plain)]
-    assert len(failed) >= 20
+def test_blank_line_instructions_are_the_multiline_ones() -> None:
+    assert checkers.needs_blank_lines(["punctuation:no_comma", "length_constraints:number_paragraphs"])
+    assert not checkers.needs_blank_lines(["punctuation:no_comma", "length_constraints:number_words"])
+    assert {i for i, ins in INSTRUCTIONS.items() if ins.multiline} == {
+        "length_constraints:number_paragraphs", "length_constraints:nth_paragraph_first_word",
+        "detectable_content:postscript", "detectable_format:multiple_sections", "detectable_format:json_format",
+        "detectable_format:title", "combination:two_responses", "combination:repeat_prompt"}

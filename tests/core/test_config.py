@@ -15,7 +15,10 @@ def test_every_shipped_config_loads(path):
     if path.name == "sft.yaml":
         assert sft.load_sft_config(path) == sft.SFTSettings()  # the file states the code's defaults
     elif path.name == "eval.yaml":
-        assert evaluation.load_eval_config(path).judge.template.rstrip().endswith("Answer:")
+        loaded = evaluation.load_eval_config(path)
+        assert loaded.judge.template.rstrip().endswith("Answer:")
+        # the file states the code's defaults (the judge template has none: it lives in the file)
+        assert loaded == evaluation.EvalSettings(judge=evaluation.JudgeSettings(template=loaded.judge.template))
     else:
         cfg = load_pilot_config(path)
         assert cfg.count > 0 and cfg.critic.pair_rubric.template.endswith("Answer:")
@@ -86,3 +89,39 @@ def test_resolved_config_roundtrips(tmp_path):
     p = tmp_path / "config.yaml"
     p.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert load_pilot_config(p) == cfg
+
+
+@pytest.mark.parametrize(("yaml_text", "field"), [
+    ("judge:\n  consistency_floor: 1.5\n", "judge.consistency_floor"),
+    ('verifiable:\n  multiline_stop_sequences: ["\\n\\n"]\n', "verifiable.multiline_stop_sequences"),
+    ("verifiable:\n  max_tokens: 10\n", "verifiable.max_tokens"),
+    ("judge:\n  labels: [A, A]\n", "judge.labels"),
+])
+def test_bad_eval_keys_name_the_field(tmp_path, yaml_text, field):
+    from stage1_core import evaluation
+    from stage1_core.errors import InputError
+
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(InputError) as e:
+        evaluation.load_eval_config(cfg)
+    assert e.value.field == field and e.value.file == str(cfg)
+
+
+def test_the_judge_model_resolves_from_a_string_or_keys():
+    from stage1_core import evaluation
+    from stage1_core.config import ModelConfig
+    from stage1_core.errors import InputError
+
+    base = ModelConfig(device="cpu")
+    s = evaluation.load_eval_config()
+    assert evaluation.judge_config(s, base) is base
+    s.judge.model = "random:gemma3-4b"
+    j = evaluation.judge_config(s, base)
+    assert j.id == "random:gemma3-4b" and j.device == "cpu"
+    s.judge.model = {"id": "fake:3", "dtype": "float32"}
+    assert evaluation.judge_config(s, base).dtype == "float32"
+    s.judge.model = {"id": "fake:3", "quantise": "4bit"}
+    with pytest.raises(InputError) as e:
+        evaluation.judge_config(s, base)
+    assert e.value.field == "judge.model.quantise"

@@ -10,7 +10,9 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from stage1_core import checkers
 from stage1_core.errors import InputError
+from stage1_core.stats import wilson_ci
 from stage1_core.eval_data import (SHIPPED_PROMPTS, SHIPPED_REFERENCE, EvalPrompt, ReferencePair, load_eval_prompts,
                                    load_reference)
 from stage1_core.filters import RougeDeduper, normalize
@@ -56,13 +58,27 @@ def _reject(load: Loader, path: Path, line: int | None, field: str | None) -> In
 # --- accepted files -------------------------------------------------------------------------------
 
 
-def test_prompts_load_with_and_without_check(tmp_path: Path) -> None:
-    p = _write(tmp_path, "\ufeff" + _lines(_prompt(1), _prompt(2, check={"type": "max_words", "n": 5}, note="x"))
-               + "\n  \n" + _lines(_prompt(3)).replace("\n", "\r\n"))
+WORDS = "length_constraints:number_words"
+
+
+def test_prompts_load_with_and_without_instructions(tmp_path: Path) -> None:
+    p = _write(tmp_path, "\ufeff" + _lines(_prompt(1), _prompt(2, instruction_id_list=[WORDS, "punctuation:no_comma"],
+                                                                kwargs=[{"num_words": 5, "relation": "less than"}, {}],
+                                                                note="x"))
+               + "\n  \n" + _lines(_prompt(3, instruction_id_list=["punctuation:no_comma"])).replace("\n", "\r\n"))
     got = load_eval_prompts(p)
-    assert got == [EvalPrompt("eval-001", "Name a colour number 1.", None, 1),
-                   EvalPrompt("eval-002", "Name a colour number 2.", {"type": "max_words", "n": 5}, 2),
-                   EvalPrompt("eval-003", "Name a colour number 3.", None, 5)]
+    assert got == [EvalPrompt("eval-001", "Name a colour number 1.", (), (), 1),
+                   EvalPrompt("eval-002", "Name a colour number 2.", (WORDS, "punctuation:no_comma"),
+                              ({"num_words": 5, "relation": "less than"}, {}), 2),
+                   EvalPrompt("eval-003", "Name a colour number 3.", ("punctuation:no_comma",), ({},), 5)]
+    assert [x.checked for x in got] == [False, True, True]
+
+
+def test_an_ifeval_dataset_row_loads_with_its_null_kwargs(tmp_path: Path) -> None:
+    """The IFEval dataset lists every argument name with null for the unused ones."""
+    kw = {"num_words": 50, "relation": "at least", "keywords": None, "language": None, "num_sentences": None}
+    p = _write(tmp_path, _lines(_prompt(1, instruction_id_list=[WORDS], kwargs=[kw])))
+    assert load_eval_prompts(p)[0].kwargs == ({"num_words": 50, "relation": "at least"},)
 
 
 def test_reference_loads(tmp_path: Path) -> None:
@@ -151,17 +167,73 @@ def test_empty_file(tmp_path: Path, load: Loader, row: Callable[..., dict[str, o
     assert "is empty" in err.message
 
 
-@pytest.mark.parametrize(("check", "fragment"), [
-    ({"type": "one_sentence"}, "unknown check type 'one_sentence'; known types: one_word"),
-    ({"type": "max_words"}, "needs the parameter 'n'"),
-    ({"type": "max_words", "n": 5, "m": 2}, "does not take the parameter(s) m"),
-    ("one_word", "must be a JSON object"),
+@pytest.mark.parametrize(("ids", "kwargs", "field", "fragment"), [
+    (["keywords:one_word"], [{}], "instruction_id_list", "unknown instruction id 'keywords:one_word'; IFEval's ids: "
+                                                         "keywords:existence"),
+    ([WORDS], [{"num_words": 5}], "kwargs[0]", "needs the argument 'relation'"),
+    ([WORDS], [{"num_words": 5, "relation": "at most"}], "kwargs[0]", 'must be one of "less than", "at least"'),
+    ([WORDS], [{"num_words": 5, "relation": "less than", "n": 2}], "kwargs[0]", "does not take the argument(s) n"),
+    ([WORDS], [{"num_words": True, "relation": "less than"}], "kwargs[0]", "must be an integer >= 1"),
+    (["punctuation:no_comma", "keywords:existence"], [{}, {"keywords": ["(unclosed"]}], "kwargs[1]",
+     "valid regular expression"),
 ])
-def test_bad_check(tmp_path: Path, check: object, fragment: str) -> None:
-    p = _write(tmp_path, _lines(_prompt(1), _prompt(2, check=check)))
-    err = _reject(load_eval_prompts, p, 2, "check")
-    assert err.message.startswith("invalid check: ") and fragment in err.message
-    assert "stage1_core/checkers.py" in (err.expected or "")
+def test_bad_instruction(tmp_path: Path, ids: object, kwargs: object, field: str, fragment: str) -> None:
+    p = _write(tmp_path, _lines(_prompt(1), _prompt(2, instruction_id_list=ids, kwargs=kwargs)))
+    err = _reject(load_eval_prompts, p, 2, field)
+    assert err.message.startswith("invalid instruction ") and fragment in err.message
+    assert "docs/eval.md" in (err.expected or "")
+
+
+@pytest.mark.parametrize(("extra", "field", "fragment"), [
+    ({"instruction_id_list": "punctuation:no_comma"}, "instruction_id_list", "is a JSON string"),
+    ({"instruction_id_list": [7]}, "instruction_id_list", "not a string"),
+    ({"instruction_id_list": ["punctuation:no_comma", "punctuation:no_comma"], "kwargs": [{}, {}]},
+     "instruction_id_list", "appears twice"),
+    ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}, {}]}, "kwargs", "one object per instruction id (1)"),
+    ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": {}}, "kwargs", "got a JSON object"),
+    ({"kwargs": [{}]}, "kwargs", "without 'instruction_id_list'"),
+    ({"instruction_ids": ["punctuation:no_comma"]}, "instruction_ids", "did you mean 'instruction_id_list'"),
+    ({"check": {"type": "one_word"}}, "check", "was replaced by IFEval's instruction_id_list"),
+])
+def test_bad_instruction_shape(tmp_path: Path, extra: dict[str, object], field: str, fragment: str) -> None:
+    p = _write(tmp_path, _lines(_prompt(1), _prompt(2, **extra)))
+    err = _reject(load_eval_prompts, p, 2, field)
+    assert fragment in err.message
+
+
+# --- the hardened reader's guarantees (stage1_core.jsonl), as for seeds ----------------------------
+
+
+@pytest.mark.parametrize(("load", "row"), LOADERS)
+def test_a_repeated_key_is_an_error_not_the_last_value(tmp_path: Path, load: Loader, row: Callable[..., dict[str, object]]) -> None:
+    line = json.dumps(row(2))[:-1] + ', "instruction": "Something else."}\n'
+    err = _reject(load, _write(tmp_path, _lines(row(1)) + line), 2, "instruction")
+    assert err.message == "key 'instruction' appears twice in this object"
+
+
+@pytest.mark.parametrize(("load", "row"), LOADERS)
+def test_an_overlong_line_is_an_error(tmp_path: Path, load: Loader, row: Callable[..., dict[str, object]]) -> None:
+    err = _reject(load, _write(tmp_path, _lines(row(1), row(2, instruction="x" * 100_001))), 2, None)
+    assert err.message.startswith("line is too long (100,0")
+
+
+@pytest.mark.parametrize(("load", "row"), LOADERS)
+def test_a_lone_surrogate_is_an_error(tmp_path: Path, load: Loader, row: Callable[..., dict[str, object]]) -> None:
+    p = _write(tmp_path, _lines(row(1)) + '{"id": "x", "instruction": "bad \\ud800 text", "response": "r"}\n')
+    err = _reject(load, p, 2, "instruction")
+    assert "lone UTF-16 surrogate" in err.message
+
+
+@pytest.mark.parametrize(("load", "row"), LOADERS)
+def test_a_json_array_file_says_how_to_convert(tmp_path: Path, load: Loader, row: Callable[..., dict[str, object]]) -> None:
+    err = _reject(load, _write(tmp_path, json.dumps([row(1), row(2)])), 1, None)
+    assert "JSON array" in err.message and "jq -c" in (err.fix or "")
+
+
+@pytest.mark.parametrize(("load", "row"), LOADERS)
+def test_invisible_text_is_blank(tmp_path: Path, load: Loader, row: Callable[..., dict[str, object]]) -> None:
+    err = _reject(load, _write(tmp_path, _lines(row(1, instruction="\u200b\ufeff "))), 1, "instruction")
+    assert err.message == "field 'instruction' is empty"
 
 
 # --- the shipped files ----------------------------------------------------------------------------
@@ -170,8 +242,13 @@ def test_bad_check(tmp_path: Path, check: object, fragment: str) -> None:
 def test_shipped_prompts_load() -> None:
     prompts = load_eval_prompts(None)
     assert load_eval_prompts(SHIPPED_PROMPTS) == prompts
-    assert [p.id for p in prompts] == [f"eval-{i:03d}" for i in range(1, 49)]
-    assert sum(p.check is not None for p in prompts) == 24
+    assert [p.id for p in prompts] == [f"eval-{i:03d}" for i in range(1, 132)]
+    checked = [p for p in prompts if p.checked]
+    assert len(checked) == 107 and sum(len(p.instruction_ids) for p in checked) == 115
+    # every IFEval instruction type is exercised, and the prompt-level interval is at most +-0.1 at any accuracy
+    assert {i for p in checked for i in p.instruction_ids} == set(checkers.INSTRUCTIONS)
+    lo, hi = wilson_ci(len(checked) // 2, len(checked))
+    assert hi - lo <= 0.2
 
 
 def test_shipped_reference_loads_one_line_answers() -> None:
@@ -236,3 +313,38 @@ def test_shipped_items_are_disjoint_from_everything_else() -> None:
 def test_disjointness_check_can_fail() -> None:
     pool = RougeDeduper(["What is the capital of Japan?"], threshold=0.7)
     assert pool.check("What is the capital of Canada?")[0] >= 0.7
+
+
+# --- hostile input, property-based (as tests/core/test_hostile_input.py does for seeds) -------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FAST = settings(max_examples=60, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                       lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                       max_leaves=8)
+
+
+@_FAST
+@given(data=st.binary(max_size=300))
+def test_random_bytes_load_or_raise_input_error(tmp_path: Path, data: bytes) -> None:
+    p = _write(tmp_path, data, "hostile.jsonl")
+    for load in (load_eval_prompts, load_reference):
+        try:
+            load(p)
+        except InputError as e:
+            assert e.file == str(p) and e.render().encode("utf-8")
+
+
+@_FAST
+@given(ids=_VALUES, kwargs=_VALUES)
+def test_random_instruction_fields_load_or_raise_input_error(tmp_path: Path, ids: object, kwargs: object) -> None:
+    p = _write(tmp_path, _lines(_prompt(1, instruction_id_list=ids, kwargs=kwargs)), "hostile.jsonl")
+    try:
+        got = load_eval_prompts(p)
+    except InputError as e:
+        assert e.line == 1 and e.field and e.expected and e.fix
+    else:
+        assert got[0].checked == bool(ids)

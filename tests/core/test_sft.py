@@ -89,3 +89,16 @@ def test_complete_checkpoints_ignore_staging_folders(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / ".staging-123" / "checkpoint-20").mkdir()
     assert [p.name for p in sft.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+
+
+def test_sft_data_goes_through_the_hardened_reader(tmp_path):
+    p = tmp_path / "pilot_data.jsonl"
+    p.write_text(json.dumps({"id": "a", "instruction": "x", "response": "y"}) + "\n"
+                 + '{"id": "b", "instruction": "x", "response": "y", "response": "z"}\n')
+    with pytest.raises(InputError) as e:
+        sft.read_pairs(p)
+    assert (e.value.line, e.value.field) == (2, "response") and "appears twice" in e.value.message
+    p.write_bytes(b'{"id": "a", "instruction": "x", "response": "y"}\n{"id": "b", "instruction": "caf\xe9"}\n')
+    with pytest.raises(InputError) as e:
+        sft.read_pairs(p)
+    assert e.value.line == 2 and "SFT data file is not valid UTF-8" in e.value.message

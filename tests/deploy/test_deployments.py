@@ -111,11 +111,12 @@ def test_sft_and_eval_deployments_refuse_a_halted_run_then_train_and_evaluate(li
     assert any(a.key == "stage1-sft-loss" for a in _artifacts(fr.id)["table"])
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"id": "p1", "instruction": "Name a fruit.", "check": {"type": "one_word"}}) + "\n")
+    prompts.write_text(json.dumps({"id": "p1", "instruction": "Name a fruit.",
+                                   "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}) + "\n")
     ref = tmp_path / "ref.jsonl"
     ref.write_text(json.dumps({"id": "r1", "instruction": "What color is grass?", "response": "Green."}) + "\n")
     ecfg = tmp_path / "eval.yaml"
-    ecfg.write_text(f"max_new_tokens: 8\nreference: {ref}\nbootstrap_samples: 100\n")
+    ecfg.write_text(f"max_new_tokens: 8\nverifiable:\n  max_new_tokens: 8\nreference: {ref}\nbootstrap_samples: 100\n")
     fe = wait_state(start_run("stage1/eval", {"adapter": str(tmp_path / "sft"), "output": str(tmp_path / "eval"),
                                               "prompts": str(prompts), "config": str(ecfg)}).id, lambda s: s.is_final())
     assert fe.state.is_completed(), fe.state.message

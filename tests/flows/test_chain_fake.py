@@ -45,6 +45,7 @@ def test_a_scale_verdict_chains_sft_and_eval(tmp_path):
     assert summary["dataset"]["pairs"] == result["kept"] and summary["base_model"]["id"] == "random:gemma3-tiny"
     report = json.loads((eval_dir / "eval_report.json").read_text())
     assert chain["eval"]["stop_rate"] == {"base": report["base"]["stop_rate"], "tuned": report["tuned"]["stop_rate"]}
+    assert chain["eval"]["judge_status"] == report["judge"]["status"]  # the chain never states a bare win rate
     assert json.loads((out / "session_manifest.json").read_text())["chain"] == chain
 
 

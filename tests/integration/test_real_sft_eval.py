@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import sft
+from stage1_core import evaluation, sft
 from tests.flows.conftest import REPO, read_jsonl
 from tests.sft_support import make_run_dir
 
@@ -77,27 +77,35 @@ def test_sft_then_eval_on_the_embedded_model(tmp_path, real_backend):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [
-        {"id": "p1", "instruction": "Name a color of the sky on a clear day.", "check": {"type": "one_word"}},
+        {"id": "p1", "instruction": "Name a color of the sky on a clear day. Use fewer than 3 words.",
+         "instruction_id_list": ["length_constraints:number_words", "punctuation:no_comma"],
+         "kwargs": [{"num_words": 3, "relation": "less than"}, {}]},
         {"id": "p2", "instruction": "What is two plus three?"},
         {"id": "p3", "instruction": "Name an animal that can fly.", "note": "extra keys are kept"}]) + "\n")
     ref = tmp_path / "ref.jsonl"
     ref.write_text(json.dumps({"id": "r1", "instruction": "What color is grass?", "response": "Grass is green."}) + "\n")
     ecfg = tmp_path / "eval.yaml"
-    ecfg.write_text(f"max_new_tokens: 24\nreference: {ref}\nbootstrap_samples: 200\n")
+    ecfg.write_text(f"max_new_tokens: 24\nverifiable:\n  max_new_tokens: 24\nreference: {ref}\nbootstrap_samples: 200\n")
     state = eval_flow(adapter=str(out), output=str(tmp_path / "eval"), prompts=str(prompts), config=str(ecfg),
                       return_state=True)
     assert state.is_completed(), state.message
     report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
     for model in ("base", "tuned"):
         m = report[model]
-        for key in ("stop_rate", "empty_rate", "runaway_rate", "token_limit_rate", "mean_tokens",
-                    "verifiable_accuracy", "perplexity"):
+        for key in evaluation.MODEL_METRICS:
             assert isinstance(m[key], float), (model, key)
             lo, hi = m[f"{key}_ci"]
             assert lo <= m[key] <= hi, (model, key)
-        assert m["n"] == 3 and m["verifiable_n"] == 1
+        assert m["n"] == 3 and m["verifiable_n"] == 1 and m["verifiable_instructions"] == 2
     w = report["win_rate"]
     assert 0.0 <= w["tuned_over_base"] <= 1.0 and len(w["tuned_over_base_ci"]) == 2
+    # the 270M base judges itself: it reads position, so the win rate is a tie or marked uninformative
+    j = report["judge"]
+    assert j["is_base_model"] and j["weights_sha256"] == real_backend.fingerprint["weights_sha256"]
+    assert j["status"] in ("informative", "uninformative") and 0.0 <= w["position_consistency"] <= 1.0
+    assert j["status"] == "informative" or "UNINFORMATIVE" in (tmp_path / "eval" / "eval_report.md").read_text()
+    assert set(report["verifiable_by_type"]) == {"length_constraints:number_words", "punctuation:no_comma"}
+    assert report["settings"]["verifiable"]["max_new_tokens"] == 24
     for section in ("base", "tuned", "win_rate"):  # every value a plain number or null, intervals [lo, hi]
         for key, value in report[section].items():
             ok = value is None or isinstance(value, (int, float)) or (
@@ -106,7 +114,7 @@ def test_sft_then_eval_on_the_embedded_model(tmp_path, real_backend):
     assert report["settings"]["temperature"] == 0.0 and report["settings"]["zero_shot"] is True
     assert report["base_model"]["fingerprint"]["weights_sha256"] == s["base_model"]["fingerprint"]["weights_sha256"]
     rows = read_jsonl(tmp_path / "eval" / "responses.jsonl")
-    assert [r["id"] for r in rows] == ["p1", "p2", "p3"] and rows[0]["base"]["passed"] in (True, False)
+    assert [r["id"] for r in rows] == ["p1", "p2", "p3"] and len(rows[0]["base"]["strict"]) == 2
     assert "| stop_rate |" in (tmp_path / "eval" / "eval_report.md").read_text()
     assert {"stage1-eval", "stage1-eval-report"} <= _artifact_keys(state.state_details.flow_run_id)
 
