@@ -26,3 +26,12 @@ def real_backend():
     from stage1_core.model import load_backend
 
     return load_backend(ModelConfig())
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The fast tier (`pytest -m fast`, docs/testing.md): tests/core without the real model or a
+    `not_fast` mark: pure functions and the fake backend, no Prefect server, no model weights."""
+    for item in items:
+        if "/tests/core/" in item.path.as_posix() and not any(item.iter_markers("real_model")) \
+                and not any(item.iter_markers("not_fast")):
+            item.add_marker(pytest.mark.fast)
