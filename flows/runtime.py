@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from prefect.input import RunInput
 
-from stage1_core import run
+from stage1_core import interrupts, run
 from stage1_core.errors import InputError, WriteError
 from stage1_core.locks import LockedError
 
@@ -91,6 +91,7 @@ def run_cli(prepare: Callable[[], dict[str, Any]], *, dry_run: bool, dry_text: C
     if dry_run:
         print(dry_text(plan))
         return 0
+    interrupts.install()  # Ctrl-C is remembered, so a swallowed one still stops the run (exit 130)
     consoles = [h for h in logging.getLogger().handlers + logging.getLogger("prefect").handlers
                 if isinstance(h, logging.StreamHandler)]
     quiet = _HideWriteErrorTraceback()

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from stage1_core import codehash, faults, filters, prompts, qc, storage
+from stage1_core import codehash, faults, filters, interrupts, prompts, qc, storage
 from stage1_core.backend import Backend
 from stage1_core.config import (CriticConfig, InstructionFilterConfig, InstructionGenerationConfig, ModelConfig,
                                 QCThresholds, ResponseGenerationConfig)
@@ -163,6 +163,7 @@ def _counter(progress: Progress, total: int) -> Callable[[int], None]:
 
     def step(n: int) -> None:
         nonlocal done
+        interrupts.check()  # a swallowed Ctrl-C stops the phase at its next batch
         done += n
         progress(done, total)
 
@@ -437,6 +438,7 @@ PHASES: dict[str, Callable[..., dict[str, Any]]] = {
 def run_phase(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
     """Run one phase by name; `key` (if given) is recorded in the sidecar for cache validation.
     The manifest also records the compute seconds and the run id that produced it."""
+    interrupts.check()
     Path(call["out_dir"]).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     manifest = PHASES[call["phase"]](call, key, progress)

@@ -199,3 +199,21 @@ def test_fault_specs_parse():
     assert faults.parse("write@*/o/pilot_data.jsonl:EROFS") == ("write", "*/o/pilot_data.jsonl", 1, errno.EROFS)
     with pytest.raises(ValueError, match="neither a count nor an errno name"):
         faults.parse("write:ENOSUCHTHING")
+
+
+def test_a_remembered_interrupt_stops_the_next_phase_and_batch(tmp_path) -> None:
+    """Ctrl-C is never lost (stage1_core/interrupts.py): once requested, a phase does not start and a
+    running one stops at its next progress step, even if the first KeyboardInterrupt was swallowed."""
+    from stage1_core import interrupts, pipeline
+
+    interrupts.request()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_phase({"phase": "qc", "out_dir": str(tmp_path / "qc"), "meta": {}})
+        step = pipeline._counter(lambda done, total: None, 10)
+        with pytest.raises(KeyboardInterrupt):
+            step(1)
+        assert not (tmp_path / "qc").exists()  # stopped before it made anything
+    finally:
+        interrupts.clear()
+    pipeline._counter(lambda done, total: None, 10)(1)  # cleared: no interrupt
