@@ -446,26 +446,19 @@ def resolve_dtype(dtype: str, device: str, model: "ResolvedModel | None" = None)
     return "float32" if n is not None and n <= SMALL_MODEL_PARAMS else "bfloat16"
 
 
-def param_count(r: "ResolvedModel") -> int | None:
-    """Parameters of a resolved model from its headers, no weights loaded: the GGUF tensor table,
-    the safetensors headers, or a random model's spec. None for fake models and pickle weights."""
-    return _param_count(r.kind, r.id, r.path)
-
-
 @functools.lru_cache(maxsize=16)
-def _param_count(kind: str, model_id: str, path: str | None) -> int | None:
-    if kind == "random":
-        return random_param_count(RANDOM_MODELS[model_id[len("random:"):]])
-    if kind == "fake" or not path:
-        return None
+def param_count(r: "ResolvedModel") -> int | None:
+    """Parameters of a resolved model from its headers, no weights loaded: the GGUF tensor table, or
+    what the memory check reads (`_shape_of`: a random model's spec, the safetensors headers). None
+    for fake models, pickle weights and unreadable files (the load reports those)."""
     try:
-        if kind in ("embedded", "gguf"):
+        if r.gguf_file:
             from gguf import GGUFReader  # transformers' own GGUF dependency
 
-            return int(sum(int(t.n_elements) for t in GGUFReader(path).tensors))
-        safes, _ = _weight_files(Path(path))
-        return safetensors_param_count(safes) if safes else None
-    except (InputError, OSError, ValueError, KeyError, IndexError) as e:  # unreadable: the load reports it
+            return int(sum(int(t.n_elements) for t in GGUFReader(r.path).tensors))
+        shape = _shape_of(r, Path(r.path) if r.path else None)
+        return shape.n_params if shape else None
+    except (InputError, OSError, ValueError, KeyError, IndexError) as e:
         log.warning("model size unknown (%s): dtype auto takes the accelerator default", e)
         return None
 

@@ -33,11 +33,6 @@ from stage1_core.seeds import load_seeds
 CORE_DIR = Path(__file__).resolve().parent
 Progress = Callable[[int, int], None]
 
-PHASE_FUNCTIONS: dict[str, str] = {"generate_instructions": "generate_instructions",
-                                   "filter_instructions": "filter_instructions",
-                                   "generate_responses": "generate_responses",
-                                   "filter_pairs": "filter_pairs", "qc": "qc_phase"}
-"""The function of this module that computes each phase; its code hash follows what it imports."""
 PHASE_DATA: dict[str, tuple[str, ...]] = {"filter_pairs": ("data/critic_dev.test.jsonl",)}
 """Data files under stage1_core/ a phase reads besides its inputs (the critic dev split QC measures)."""
 CRITIC_DEV_SET = CORE_DIR / "data" / "critic_dev.test.jsonl"
@@ -48,7 +43,7 @@ def phase_modules(phase: str) -> list[str]:
     """The stage1_core modules a phase's function can reach, computed from the source
     (`codehash.function_modules`: the names it uses, the same-module helpers it calls, and their
     imports, transitively), sorted."""
-    return sorted(codehash.function_modules(CORE_DIR, "pipeline", PHASE_FUNCTIONS[phase]))
+    return sorted(codehash.function_modules(CORE_DIR, "pipeline", PHASES[phase].__name__))
 
 
 def code_hash(phase: str) -> str:

@@ -71,7 +71,7 @@ def test_a_phase_hashes_the_modules_its_function_reaches_computed_from_imports(t
     core = tmp_path / "stage1_core"
     shutil.copytree(pipeline.CORE_DIR, core, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(pipeline, "CORE_DIR", core)
-    before = {ph: pipeline.code_hash(ph) for ph in pipeline.PHASE_FUNCTIONS}
+    before = {ph: pipeline.code_hash(ph) for ph in pipeline.PHASES}
     assert "backend" in pipeline.phase_modules("generate_responses")  # once missing from the hand list
     assert "qc" not in pipeline.phase_modules("generate_instructions")
     assert "critic" not in pipeline.phase_modules("generate_responses")
@@ -81,7 +81,7 @@ def test_a_phase_hashes_the_modules_its_function_reaches_computed_from_imports(t
     prompts_py = core / "prompts.py"
     prompts_py.write_text(prompts_py.read_text() + "\n\ndef _tidy(s):\n    from stage1_core.wording import tidy\n"
                           "    return tidy(s)\n")
-    after = {ph: pipeline.code_hash(ph) for ph in pipeline.PHASE_FUNCTIONS}
+    after = {ph: pipeline.code_hash(ph) for ph in pipeline.PHASES}
     assert "wording" in pipeline.phase_modules("generate_responses")
     assert after["generate_responses"] != before["generate_responses"]
     assert after["qc"] == before["qc"]  # qc does not reach prompts.py
