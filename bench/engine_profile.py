@@ -22,8 +22,8 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 import torch  # noqa: E402
 
-from stage1_core.config import ModelConfig  # noqa: E402
-from stage1_core.engine import Sampling, _State  # noqa: E402
+from stage1_core.infra.config import ModelConfig  # noqa: E402
+from stage1_core.model.engine import Sampling, _State  # noqa: E402
 from stage1_core.model import load_backend  # noqa: E402
 
 

@@ -44,12 +44,12 @@ for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HUB_KERNEL
 
 import torch  # noqa: E402
 
-from stage1_core.config import ModelConfig, load_pilot_config  # noqa: E402
+from stage1_core.infra.config import ModelConfig, load_pilot_config  # noqa: E402
 from stage1_core.model import load_backend  # noqa: E402
-from stage1_core.provenance import lock_sha256  # noqa: E402
-from stage1_core.prompts import build_instruction_prompt, build_response_prompt  # noqa: E402
-from stage1_core.schemas import GenerationParams  # noqa: E402
-from stage1_core.seeds import load_seeds  # noqa: E402
+from stage1_core.infra.provenance import lock_sha256  # noqa: E402
+from stage1_core.phases.prompts import build_instruction_prompt, build_response_prompt  # noqa: E402
+from stage1_core.infra.schemas import GenerationParams  # noqa: E402
+from stage1_core.phases.seeds import load_seeds  # noqa: E402
 
 PEAK_BF16 = 989e12
 HBM_BYTES_S = 4.3e12

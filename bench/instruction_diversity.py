@@ -51,7 +51,8 @@ OPTIONS = {
 
 
 def run_option(name: str, seed: int, rounds: int, root: Path) -> dict:
-    from stage1_core import pipeline, qc, run, storage
+    from stage1_core.phases import pipeline, qc, run
+    from stage1_core.infra import storage
 
     cfg_path = root / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(OPTIONS[name]))

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HUB_KERNELS": "0", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 LOAD_SNIPPET = ("import time,json;t=time.perf_counter();from stage1_core.model import load_backend;"
-                "from stage1_core.config import ModelConfig;b=load_backend(ModelConfig());"
+                "from stage1_core.infra.config import ModelConfig;b=load_backend(ModelConfig());"
                 "print(json.dumps({'seconds':round(time.perf_counter()-t,2),'load_seconds':b.fingerprint.get('load_seconds')}))")
 
 
@@ -53,8 +53,8 @@ def timed_load(cache_dir: str | None) -> dict:
 
 def critic_prompts(out: Path, config: dict) -> tuple[int, int]:
     """(instruction items the critic judged, prompts per item) of a finished pilot folder."""
-    from stage1_core.config import PilotConfig
-    from stage1_core.critic import rubric_variants
+    from stage1_core.infra.config import PilotConfig
+    from stage1_core.phases.critic import rubric_variants
 
     swaps = len(rubric_variants(PilotConfig.model_validate(config).critic, "instruction"))
     judged = 0

@@ -85,7 +85,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from stage1_core.config import ModelConfig
+    from stage1_core.infra.config import ModelConfig
     from stage1_core.model import load_backend
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"

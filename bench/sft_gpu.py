@@ -6,7 +6,7 @@
 
 Per (model, mode), in one process, one after the other:
 - `lora`: the random-weight Gemma 3 (`random:<model>`) in bfloat16 through the project's loader, the
-  product's adapter (`stage1_core.sft.attach_lora`, configs/sft.yaml's LoRA: r 16, alpha 32, all
+  product's adapter (`stage1_core.train.sft.attach_lora`, configs/sft.yaml's LoRA: r 16, alpha 32, all
   linear layers), bf16 autocast.
 - `qlora`: the same random weights saved to a local folder, loaded back through the project's
   loader with `model.quantize: 4bit` (bitsandbytes nf4, double quant, bf16 compute), k-bit
@@ -43,9 +43,9 @@ for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HUB_KERNEL
 def run_one(model: str, mode: str, seq_len: int, batch: int, steps: int, device: str) -> dict:
     import torch
 
-    from stage1_core.config import ModelConfig
-    from stage1_core.loader import load_hf_model, resolve_model
-    from stage1_core.sft import SFTSettings, attach_lora
+    from stage1_core.infra.config import ModelConfig
+    from stage1_core.model.loader import load_hf_model, resolve_model
+    from stage1_core.train.sft import SFTSettings, attach_lora
 
     cuda = device.startswith("cuda")
     if cuda:

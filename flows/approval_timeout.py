@@ -10,7 +10,7 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 
-from stage1_core.approval import TIMEOUT_NOTE
+from stage1_core.phases.approval import TIMEOUT_NOTE
 
 
 @flow(name="stage1", flow_run_name="approval-timeout-{flow_run_id}")

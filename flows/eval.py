@@ -18,11 +18,12 @@ from prefect import flow
 from pydantic import Field
 
 from flows import runtime
-from stage1_core import evaluation, provenance
-from stage1_core.errors import InputError
-from stage1_core.locks import LOCK_NAME, hold_lock
-from stage1_core.run import RUN_MARKER
-from stage1_core import storage
+from stage1_core.train import evaluation
+from stage1_core.infra import provenance
+from stage1_core.infra.errors import InputError
+from stage1_core.infra.locks import LOCK_NAME, hold_lock
+from stage1_core.phases.run import RUN_MARKER
+from stage1_core.infra import storage
 from tasks import evaluation as t
 
 

@@ -22,9 +22,10 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from flows import runtime
-from stage1_core import approval, provenance, reports, run, storage
-from stage1_core.errors import InputError
-from stage1_core.locks import LOCK_NAME, hold_lock
+from stage1_core.phases import approval, reports, run
+from stage1_core.infra import provenance, storage
+from stage1_core.infra.errors import InputError
+from stage1_core.infra.locks import LOCK_NAME, hold_lock
 from tasks import phases as t
 
 LOCAL_OUTPUT = "artifacts/pilot"
@@ -122,7 +123,7 @@ def parse_then(value: str | None) -> list[str]:
 def check_chain(then: str | None, sft_config: str | None, eval_config: str | None) -> list[str]:
     """parse_then, and the chained flows' configs validated before the pilot starts (a bad SFT config
     must not surface after the pilot's minutes of generation)."""
-    from stage1_core import evaluation, sft
+    from stage1_core.train import evaluation, sft
 
     steps = parse_then(then)
     if "sft" in steps:
@@ -156,7 +157,7 @@ def run_chain(result: dict[str, Any], steps: list[str], sft_config: str | None,
                                          "eval_loss": s["eval_loss"]}}
         print(f"--then: adapter in {trained['output']} (train loss {s['train_loss']:.4f}, eval loss {s['eval_loss']:.4f})")
         if "eval" in steps:
-            from stage1_core import evaluation
+            from stage1_core.train import evaluation
 
             ev = eval_flow(adapter=trained["output"], output=str(out.with_name(out.name + "-eval")), config=eval_config)
             r = ev["report"]

@@ -12,9 +12,10 @@ from typing import Any, Literal
 
 from prefect.input import RunInput
 
-from stage1_core import interrupts, run
-from stage1_core.errors import InputError, WriteError
-from stage1_core.locks import LockedError
+from stage1_core.infra import interrupts
+from stage1_core.phases import run
+from stage1_core.infra.errors import InputError, WriteError
+from stage1_core.infra.locks import LockedError
 
 OUTPUT_ROOT_ENV = "STAGE1_OUTPUT_ROOT"
 APPROVAL_TIMEOUT_DEPLOYMENT = "stage1/approval-timeout"

@@ -22,10 +22,11 @@ from pydantic import Field
 
 from flows import runtime
 
-from stage1_core import provenance, reports, run
-from stage1_core import scale as core
-from stage1_core.errors import InputError
-from stage1_core.locks import LOCK_NAME, hold_lock
+from stage1_core.infra import provenance
+from stage1_core.phases import reports, run
+from stage1_core.scale import plan as core
+from stage1_core.infra.errors import InputError
+from stage1_core.infra.locks import LOCK_NAME, hold_lock
 from tasks import scale as t
 
 

@@ -19,9 +19,11 @@ from prefect import flow
 from pydantic import Field
 
 from flows import runtime
-from stage1_core import provenance, reports, sft
-from stage1_core.errors import InputError
-from stage1_core.locks import LOCK_NAME, hold_lock
+from stage1_core.infra import provenance
+from stage1_core.phases import reports
+from stage1_core.train import sft
+from stage1_core.infra.errors import InputError
+from stage1_core.infra.locks import LOCK_NAME, hold_lock
 from tasks import sft as t
 
 

@@ -1,7 +1,7 @@
 """The phase cache policy: a key you can trust.
 
 Key = the phase's config slice + sha256 of its input artifacts + hash of the stage1_core modules it
-uses + the model fingerprint + the resolved output folder (`stage1_core.pipeline.cache_key`).
+uses + the model fingerprint + the resolved output folder (`stage1_core.phases.pipeline.cache_key`).
 A stored result counts as a hit only while the files it references still exist with their recorded
 sha256 (the sidecar that `pipeline.run_phase` writes): `tasks.phases` checks that before each call
 and runs the task with `refresh_cache` when it fails, so the phase reruns and its record is
@@ -17,7 +17,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from stage1_core import pipeline
+from stage1_core.phases import pipeline
 
 
 class PhaseCachePolicy(CachePolicy):

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from stage1_core import evaluation
+from stage1_core.train import evaluation
 
 
 @task(name="prepare_eval", persist_result=False, cache_policy=NO_CACHE)

@@ -1,6 +1,6 @@
 """One Prefect task per pilot phase, plus the run's prepare/finalize steps.
 
-Each phase task takes a JSON-able `call` (see stage1_core.pipeline), runs the phase through
+Each phase task takes a JSON-able `call` (see stage1_core.phases.pipeline), runs the phase through
 `pipeline.run_phase`, shows a tqdm bar (stderr) and a Prefect progress artifact, and returns the
 phase manifest. Retries are for transient errors only (I/O hiccups, CUDA OOM), never bad input.
 """
@@ -17,7 +17,8 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from stage1_core import pipeline, reports, run, storage
+from stage1_core.phases import pipeline, reports, run
+from stage1_core.infra import storage
 from tasks.caching import PHASE_CACHE
 
 TRANSIENT = (TimeoutError, ConnectionError, BrokenPipeError)

@@ -1,7 +1,7 @@
 """Thin Prefect tasks of the scale flow (prepare, claim, one shard, merge), the cross-shard progress
 artifact, and the deployment fan-out of shards as `stage1/scale-shard` flow runs.
 
-Shards are not cached by Prefect: a shard's manifest on disk is its record (stage1_core.shards), and
+Shards are not cached by Prefect: a shard's manifest on disk is its record (stage1_core.scale.shards), and
 the orchestrator trusts only that, never a shard run's state.
 """
 
@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from stage1_core import merge, scale, shards
+from stage1_core.scale import merge, plan as scale, shards
 from tasks.phases import transient_only
 
 SHARD_DEPLOYMENT = "stage1/scale-shard"

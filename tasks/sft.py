@@ -17,7 +17,9 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from stage1_core import provenance, reports, run, sft, storage
+from stage1_core.infra import provenance, storage
+from stage1_core.phases import reports, run
+from stage1_core.train import sft
 
 
 @task(name="prepare_sft", persist_result=False, cache_policy=NO_CACHE)

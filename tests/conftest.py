@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def real_backend():
     """The embedded gemma-3-270m base model, loaded once per test session (cached on disk)."""
-    from stage1_core.config import ModelConfig
+    from stage1_core.infra.config import ModelConfig
     from stage1_core.model import load_backend
 
     return load_backend(ModelConfig())

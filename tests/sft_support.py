@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from stage1_core.config import DEFAULT_PILOT_CONFIG
+from stage1_core.infra.config import DEFAULT_PILOT_CONFIG
 
 PAIRS = Path(__file__).parent / "data" / "sft_pairs.jsonl"
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from stage1_core import approval
+from stage1_core.phases import approval
 
 GATE = {"decision": "scale", "reasons": ["all gated metrics passed"], "failed": []}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import pipeline
-from stage1_core.config import ModelConfig
+from stage1_core.phases import pipeline
+from stage1_core.infra.config import ModelConfig
 
 
 def _call(tmp_path: Path, phase: str = "generate_responses", **model: object) -> dict:
@@ -72,33 +72,33 @@ def test_a_phase_hashes_the_modules_its_function_reaches_computed_from_imports(t
     shutil.copytree(pipeline.CORE_DIR, core, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(pipeline, "CORE_DIR", core)
     before = {ph: pipeline.code_hash(ph) for ph in pipeline.PHASES}
-    assert "backend" in pipeline.phase_modules("generate_responses")  # once missing from the hand list
-    assert "qc" not in pipeline.phase_modules("generate_instructions")
-    assert "critic" not in pipeline.phase_modules("generate_responses")
+    assert "model.backend" in pipeline.phase_modules("generate_responses")  # once missing from the hand list
+    assert "phases.qc" not in pipeline.phase_modules("generate_instructions")
+    assert "phases.critic" not in pipeline.phase_modules("generate_responses")
 
     # a new helper module, imported lazily inside a function of prompts.py (on the generation path)
-    (core / "wording.py").write_text("def tidy(s):\n    return s.strip()\n")
-    prompts_py = core / "prompts.py"
-    prompts_py.write_text(prompts_py.read_text() + "\n\ndef _tidy(s):\n    from stage1_core.wording import tidy\n"
+    (core / "phases" / "wording.py").write_text("def tidy(s):\n    return s.strip()\n")
+    prompts_py = core / "phases" / "prompts.py"
+    prompts_py.write_text(prompts_py.read_text() + "\n\ndef _tidy(s):\n    from stage1_core.phases.wording import tidy\n"
                           "    return tidy(s)\n")
     after = {ph: pipeline.code_hash(ph) for ph in pipeline.PHASES}
-    assert "wording" in pipeline.phase_modules("generate_responses")
+    assert "phases.wording" in pipeline.phase_modules("generate_responses")
     assert after["generate_responses"] != before["generate_responses"]
     assert after["qc"] == before["qc"]  # qc does not reach prompts.py
 
-    (core / "wording.py").write_text("def tidy(s):\n    return s.strip().lower()\n")  # edit the helper alone
+    (core / "phases" / "wording.py").write_text("def tidy(s):\n    return s.strip().lower()\n")  # edit the helper alone
     assert pipeline.code_hash("generate_responses") != after["generate_responses"]
     assert pipeline.code_hash("qc") == before["qc"]
     generation = pipeline.code_hash("generate_instructions")
 
-    qc_py = core / "qc.py"
+    qc_py = core / "phases" / "qc.py"
     qc_py.write_text(qc_py.read_text() + "\n# an edit only the qc phase reaches\n")
     assert pipeline.code_hash("qc") != before["qc"]
     assert pipeline.code_hash("generate_instructions") == generation
 
 
 def test_function_modules_follows_same_module_helpers_and_not_other_functions(tmp_path: Path) -> None:
-    from stage1_core import codehash
+    from stage1_core.infra import codehash
 
     pkg = tmp_path
     (pkg / "main.py").write_text(
@@ -114,3 +114,25 @@ def test_function_modules_follows_same_module_helpers_and_not_other_functions(tm
     assert codehash.function_modules(pkg, "main", "other") == {"main", "c"}
     with pytest.raises(KeyError):
         codehash.function_modules(pkg, "main", "nope")
+
+
+def test_function_modules_names_nested_modules_and_the_packages_they_run(tmp_path: Path) -> None:
+    """Packages (issue 21): `from stage1_core.p import m` binds the module p.m, `from stage1_core.p.m
+    import f` binds p.m, and importing p.m also runs (so depends on) p/__init__.py."""
+    from stage1_core.infra import codehash
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "q").mkdir()
+    (tmp_path / "p" / "__init__.py").write_text("")
+    (tmp_path / "q" / "__init__.py").write_text("from stage1_core.q.inner import z\n")  # a facade
+    (tmp_path / "p" / "m.py").write_text("x = 1\n")
+    (tmp_path / "p" / "n.py").write_text("def f():\n    return 2\n")
+    (tmp_path / "q" / "inner.py").write_text("z = 3\n")
+    (tmp_path / "main.py").write_text("from stage1_core.p import m\nfrom stage1_core.p.n import f\n"
+                                      "from stage1_core.q import z\n\n"
+                                      "def phase():\n    return m.x + f() + z\n\ndef other():\n    return m.x\n")
+    assert codehash.function_modules(tmp_path, "main", "phase") == {"main", "p", "p.m", "p.n", "q", "q.inner"}
+    assert codehash.function_modules(tmp_path, "main", "other") == {"main", "p", "p.m"}
+    assert codehash.module_path(tmp_path, "q") == tmp_path / "q" / "__init__.py"
+    assert codehash.module_path(tmp_path, "p.m") == tmp_path / "p" / "m.py"
+    assert codehash.module_path(tmp_path, "p.nope") is None

@@ -1,4 +1,4 @@
-"""Tests of stage1_core.checkers: every IFEval instruction type passes and fails where IFEval's
+"""Tests of stage1_core.train.checkers: every IFEval instruction type passes and fails where IFEval's
 published rule does (each type has at least one passing and one failing response, checked by a test
 below); strict vs loose; argument validation; the sentence splitter and word count as IFEval's."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from stage1_core import checkers
-from stage1_core.checkers import INSTRUCTIONS, check, follows, loose_variants, split_into_sentences, validate
+from stage1_core.train import checkers
+from stage1_core.train.checkers import INSTRUCTIONS, check, follows, loose_variants, split_into_sentences, validate
 
 LT, AL = "less than", "at least"
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core.config import load_pilot_config
-from stage1_core.critic import ABCritic
-from stage1_core.fake import FakeBackend
+from stage1_core.infra.config import load_pilot_config
+from stage1_core.phases.critic import ABCritic
+from stage1_core.model.fake import FakeBackend
 
 
 class Scripted:

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import critic_eval
-from stage1_core.config import CriticConfig, PMIConfig, QCThresholds, load_pilot_config
-from stage1_core.critic import ABCritic, instruction_reject_reason, pair_reject_reason, pipeline_score
-from stage1_core.critic_eval import auc, evaluate, load_labels
-from stage1_core.errors import InputError
-from stage1_core.fake import FakeBackend
-from stage1_core.pipeline import CRITIC_DEV_SET
-from stage1_core.qc import compute_metrics, gate
+from stage1_core.cli import critic_eval
+from stage1_core.infra.config import CriticConfig, PMIConfig, QCThresholds, load_pilot_config
+from stage1_core.phases.critic import ABCritic, instruction_reject_reason, pair_reject_reason, pipeline_score
+from stage1_core.phases.critic_eval import auc, evaluate, load_labels
+from stage1_core.infra.errors import InputError
+from stage1_core.model.fake import FakeBackend
+from stage1_core.phases.pipeline import CRITIC_DEV_SET
+from stage1_core.phases.qc import compute_metrics, gate
 
 DATA = Path(__file__).resolve().parents[2] / "stage1_core" / "data"
 

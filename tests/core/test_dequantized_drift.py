@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from stage1_core.errors import InputError
-from stage1_core.evaluation import check_dequantized
+from stage1_core.infra.errors import InputError
+from stage1_core.train.evaluation import check_dequantized
 
 BUILT = {"transformers": "5.25.0", "gguf": "0.19.0", "torch": "2.13.0+cpu"}
 TRAINED = {"weights_sha256": "g" * 64, "dequantized": {"weights_sha256": "a" * 64, "built_with": BUILT}}

@@ -1,4 +1,4 @@
-"""The generation engine (stage1_core/engine.py): stop automaton, counter-based sampling, and exact
+"""The generation engine (stage1_core/model/engine.py): stop automaton, counter-based sampling, and exact
 agreement with transformers' `generate` — on tiny random models (fast) and the embedded model."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from stage1_core import engine as E  # noqa: E402
-from stage1_core.generation import find_stop  # noqa: E402
-from stage1_core.schemas import GenerationParams  # noqa: E402
+from stage1_core.model import engine as E  # noqa: E402
+from stage1_core.model.generation import find_stop  # noqa: E402
+from stage1_core.infra.schemas import GenerationParams  # noqa: E402
 
 STOPS = ["\n\n", "\nInstruction:", "\nResponse:"]
 

@@ -1,4 +1,4 @@
-"""Tests of stage1_core.eval_data: every loader error names file, line and field; the shipped files
+"""Tests of stage1_core.train.eval_data: every loader error names file, line and field; the shipped files
 load, and are disjoint from the seeds, the critic dev set, the config's examples and each other."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from stage1_core import checkers
-from stage1_core.errors import InputError
-from stage1_core.stats import wilson_ci
-from stage1_core.eval_data import (SHIPPED_PROMPTS, SHIPPED_REFERENCE, EvalPrompt, ReferencePair, load_eval_prompts,
+from stage1_core.train import checkers
+from stage1_core.infra.errors import InputError
+from stage1_core.infra.stats import wilson_ci
+from stage1_core.train.eval_data import (SHIPPED_PROMPTS, SHIPPED_REFERENCE, EvalPrompt, ReferencePair, load_eval_prompts,
                                    load_reference)
-from stage1_core.filters import RougeDeduper, normalize
-from stage1_core.seeds import PACKAGED_SEEDS
+from stage1_core.phases.filters import RougeDeduper, normalize
+from stage1_core.phases.seeds import PACKAGED_SEEDS
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_SEEDS = Path("/work/shared/data/self_instruct_seed_tasks.jsonl")
@@ -201,7 +201,7 @@ def test_bad_instruction_shape(tmp_path: Path, extra: dict[str, object], field: 
     assert fragment in err.message
 
 
-# --- the hardened reader's guarantees (stage1_core.jsonl), as for seeds ----------------------------
+# --- the hardened reader's guarantees (stage1_core.infra.jsonl), as for seeds ----------------------------
 
 
 @pytest.mark.parametrize(("load", "row"), LOADERS)

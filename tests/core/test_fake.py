@@ -1,5 +1,5 @@
 """The fake backend follows the Backend contract on sampling: randomness per stable item id, never
-per batch position (stage1_core.backend)."""
+per batch position (stage1_core.model.backend)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from stage1_core.backend import item_ids
-from stage1_core.fake import FakeBackend
-from stage1_core.prompts import build_response_prompt
-from stage1_core.schemas import GenerationParams
+from stage1_core.model.backend import item_ids
+from stage1_core.model.fake import FakeBackend
+from stage1_core.phases.prompts import build_response_prompt
+from stage1_core.infra.schemas import GenerationParams
 
 PARAMS = GenerationParams(max_new_tokens=48, temperature=0.9, top_p=0.95, stop_sequences=["\n\n"])
 

@@ -1,4 +1,4 @@
-"""Golden tests of stage1_core.filters: each heuristic reason, ROUGE-L dedup (inclusive threshold,
+"""Golden tests of stage1_core.phases.filters: each heuristic reason, ROUGE-L dedup (inclusive threshold,
 agreement with rouge_score), and filter_instructions' order and reasons."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 import pytest
 from rouge_score import rouge_scorer
 
-from stage1_core.config import InstructionFilterConfig, load_pilot_config
-from stage1_core.filters import (
+from stage1_core.infra.config import InstructionFilterConfig, load_pilot_config
+from stage1_core.phases.filters import (
     RougeDeduper,
     filter_instructions,
     heuristic_reject_reason,

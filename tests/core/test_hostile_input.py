@@ -21,11 +21,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stage1_core import storage
-from stage1_core.config import DEFAULT_PILOT_CONFIG, PilotConfig, load_pilot_config
-from stage1_core.errors import InputError
-from stage1_core.scale import load_scale_config
-from stage1_core.seeds import SeedSet, load_seeds
+from stage1_core.infra import storage
+from stage1_core.infra.config import DEFAULT_PILOT_CONFIG, PilotConfig, load_pilot_config
+from stage1_core.infra.errors import InputError
+from stage1_core.scale.plan import load_scale_config
+from stage1_core.phases.seeds import SeedSet, load_seeds
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

@@ -1,4 +1,4 @@
-"""Tests of stage1_core.judge: a judge that reads only position cannot produce a win (exactly 1/2,
+"""Tests of stage1_core.train.judge: a judge that reads only position cannot produce a win (exactly 1/2,
 and marked uninformative); a consistent judge can; order-inconsistent pairs are ties; the length
 gap and the length-controlled win rate; and the eval's report marks an uninformative win rate."""
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from stage1_core import evaluation, judge
+from stage1_core.train import evaluation, judge
 
 TEMPLATE = "Instruction: {instruction}\nResponse A: {response_a}\nResponse B: {response_b}\nAnswer:"
 

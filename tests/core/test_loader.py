@@ -1,4 +1,4 @@
-"""Tests of stage1_core.loader for GPU-sized models, on the CPU: the fits-in-memory arithmetic and its
+"""Tests of stage1_core.model.loader for GPU-sized models, on the CPU: the fits-in-memory arithmetic and its
 error, quantize validation, safetensors header parameter counts, random-weight models (tiny), and
 the QC gate halting a random-weight run."""
 
@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import loader, qc
-from stage1_core.config import ModelConfig, QCThresholds
-from stage1_core.errors import InputError
-from stage1_core.schemas import GenerationParams
+from stage1_core.model import loader
+from stage1_core.phases import qc
+from stage1_core.infra.config import ModelConfig, QCThresholds
+from stage1_core.infra.errors import InputError
+from stage1_core.infra.schemas import GenerationParams
 
 GB = 1024 ** 3
 
@@ -196,7 +197,7 @@ def test_random_config_dims() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_backend():
-    from stage1_core.hf_backend import HFBackend
+    from stage1_core.model.hf_backend import HFBackend
 
     return HFBackend(ModelConfig(id="random:gemma3-tiny", device="cpu", engine="reference"))
 
@@ -237,7 +238,7 @@ def test_gate_always_halts_a_random_weight_run() -> None:
 def test_a_damaged_cached_model_folder_is_detected(tmp_path, monkeypatch) -> None:
     import json
 
-    from stage1_core.storage import sha256_file
+    from stage1_core.infra.storage import sha256_file
 
     monkeypatch.setenv("STAGE1_CACHE_DIR", str(tmp_path / "cache"))
     folder = tmp_path / "models" / "gemma3-abc-float32"
@@ -256,7 +257,7 @@ def test_a_damaged_cached_model_folder_is_detected(tmp_path, monkeypatch) -> Non
 
 
 def test_a_cached_folder_built_for_another_gguf_or_dtype_is_not_trusted(tmp_path) -> None:
-    from stage1_core.storage import sha256_file
+    from stage1_core.infra.storage import sha256_file
 
     folder = tmp_path / "gemma3-abc"
     folder.mkdir()

@@ -8,9 +8,10 @@ import random
 import pytest
 import yaml
 
-from stage1_core import dataset_card, filters, merge
-from stage1_core.fake import QUALIFIERS, TOPICS, VERBS
-from stage1_core.seeds import PACKAGED_SEEDS
+from stage1_core.scale import dataset_card, merge
+from stage1_core.phases import filters
+from stage1_core.model.fake import QUALIFIERS, TOPICS, VERBS
+from stage1_core.phases.seeds import PACKAGED_SEEDS
 
 
 def brute_force(texts, threshold=0.7):

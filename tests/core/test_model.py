@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import loader
+from stage1_core.model import loader
 from stage1_core import model as M
-from stage1_core.config import ModelConfig
-from stage1_core.errors import InputError, ModelGuardError
-from stage1_core.schemas import STOP_REASONS, GenerationParams
+from stage1_core.model.hf_backend import _NucleusTopP
+from stage1_core.infra.config import ModelConfig
+from stage1_core.infra.errors import InputError, ModelGuardError
+from stage1_core.infra.schemas import STOP_REASONS, GenerationParams
 
 
 @pytest.fixture
@@ -136,7 +137,7 @@ def test_fingerprint_hashes_shards_and_caches(tmp_path: Path, cache: Path, monke
     def boom(path: object) -> str:
         raise AssertionError("re-hashed a file whose (path, size, mtime) did not change")
 
-    monkeypatch.setattr(loader, "sha256_file", boom)  # cached_sha256 lives in stage1_core.loader
+    monkeypatch.setattr(loader, "sha256_file", boom)  # cached_sha256 lives in stage1_core.model.loader
     assert M.model_fingerprint(ModelConfig(id=str(folder))) == fp
     (folder / "model-00002-of-00002.safetensors").write_bytes(b"changed!")
     with pytest.raises(AssertionError, match="re-hashed"):
@@ -258,12 +259,12 @@ def test_nucleus_top_p_matches_transformers() -> None:
     torch.manual_seed(0)
     for temperature in (0.3, 0.5, 0.7):  # nucleus inside the top k: identical
         scores = torch.randn(4, 262144) * 4 / temperature
-        ours = M._NucleusTopP(0.9)(None, scores.clone())
+        ours = _NucleusTopP(0.9)(None, scores.clone())
         ref = TopPLogitsWarper(0.9)(None, scores.clone())
         assert torch.equal(torch.isinf(ours), torch.isinf(ref))
         assert torch.equal(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
     wide = torch.zeros(2, 5000)  # uniform: the nucleus is wider than k, the exact fallback runs
-    kept = (~torch.isinf(M._NucleusTopP(0.5, k=64)(None, wide))).sum(-1).tolist()
+    kept = (~torch.isinf(_NucleusTopP(0.5, k=64)(None, wide))).sum(-1).tolist()
     assert all(abs(k - 2500) <= 1 for k in kept)  # exact up to float summation at the boundary
 
 

@@ -1,7 +1,7 @@
 """Golden tests: exact rendered prompts and exact parses of run-on base-model text."""
 
-from stage1_core import prompts
-from stage1_core.config import Rubric, WorkedExample, load_pilot_config
+from stage1_core.phases import prompts
+from stage1_core.infra.config import Rubric, WorkedExample, load_pilot_config
 
 
 def test_instruction_prompt_golden():

@@ -1,4 +1,4 @@
-"""Tests of stage1_core.provenance: credential stripping, env allowlist, git info, ids and time."""
+"""Tests of stage1_core.infra.provenance: credential stripping, env allowlist, git info, ids and time."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import provenance
-from stage1_core.provenance import ENV_ALLOWLIST, environment_info, git_info, run_id, strip_credentials, utc_now
+from stage1_core.infra import provenance
+from stage1_core.infra.provenance import ENV_ALLOWLIST, environment_info, git_info, run_id, strip_credentials, utc_now
 
 
 @pytest.mark.parametrize(
@@ -120,5 +120,5 @@ def test_run_id_and_utc_now() -> None:
 def test_module_imports_neither_torch_nor_prefect() -> None:
     src = Path(provenance.__file__).read_text()
     assert not re.search(r"^(import|from) (torch|prefect)\b", src, re.MULTILINE)
-    seeds_src = (Path(provenance.__file__).parent / "seeds.py").read_text()
+    seeds_src = (Path(provenance.__file__).parents[1] / "phases" / "seeds.py").read_text()
     assert not re.search(r"^\s*(import|from) (torch|prefect)\b", seeds_src, re.MULTILINE)

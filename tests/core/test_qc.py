@@ -1,4 +1,4 @@
-"""Golden tests of stage1_core.qc: Wilson intervals, runaway/leakage detection, every operator at
+"""Golden tests of stage1_core.phases.qc: Wilson intervals, runaway/leakage detection, every operator at
 its exact boundary on both sides, the gate matrix, and the adjustment table with its bounds."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from stage1_core.config import InstructionGenerationConfig, QCThresholds, ResponseGenerationConfig, load_pilot_config
-from stage1_core.qc import (
+from stage1_core.infra.config import InstructionGenerationConfig, QCThresholds, ResponseGenerationConfig, load_pilot_config
+from stage1_core.phases.qc import (
     METRIC_NAMES,
     NO_ADJUSTMENT,
     GateDecision,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stage1_core import run
+from stage1_core.phases import run
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 

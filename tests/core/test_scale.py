@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stage1_core import faults, scale, shards, storage
-from stage1_core.errors import InputError
-from stage1_core.locks import LockedError, hold_lock
+from stage1_core.infra import faults, storage
+from stage1_core.scale import plan as scale, shards
+from stage1_core.infra.errors import InputError
+from stage1_core.infra.locks import LockedError, hold_lock
 
 FAKE = "fake:4"
 
@@ -119,7 +120,7 @@ def test_lock_is_exclusive_and_names_the_folder(tmp_path):
 
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
-    code = ("import sys, time; from stage1_core.locks import hold_lock\n"
+    code = ("import sys, time; from stage1_core.infra.locks import hold_lock\n"
             f"with hold_lock({str(tmp_path / '.lock')!r}):\n    print('held', flush=True); time.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -135,7 +136,7 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
 def _pilot_dir(tmp_path: Path, decision: str, temperature: float = 0.5) -> Path:
     d = tmp_path / f"pilot-{decision}"
     d.mkdir()
-    from stage1_core.config import load_pilot_config
+    from stage1_core.infra.config import load_pilot_config
 
     cfg = load_pilot_config(None, {"model": {"id": "fake:1"}, "seed": 7}).model_dump(mode="json")
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))

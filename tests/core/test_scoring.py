@@ -1,4 +1,4 @@
-"""Prefix-broadcast critic scoring (stage1_core.scoring) against the plain full-prompt forward.
+"""Prefix-broadcast critic scoring (stage1_core.model.scoring) against the plain full-prompt forward.
 
 Tiny random models of every supported family (no weights needed) and the real embedded gemma-3-270m:
 the prefix path must equal the plain left-padded forward, inside and past sliding windows, at batch
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from stage1_core import scoring
+from stage1_core.model import scoring
 
 _AB = ["A", " A", "B", " B"]
 _ITEMS = [
@@ -125,8 +125,8 @@ def test_attention_outside_a_scoring_pass_fails_loudly() -> None:
 
 
 def _critic_prompts(kind: str = "pair", n_items: int = 4) -> list[str]:
-    from stage1_core.config import load_pilot_config
-    from stage1_core.prompts import build_critic_prompt
+    from stage1_core.infra.config import load_pilot_config
+    from stage1_core.phases.prompts import build_critic_prompt
 
     critic = load_pilot_config().critic
     rubric = critic.pair_rubric if kind == "pair" else critic.instruction_rubric
@@ -268,8 +268,8 @@ class _Recording:
 
 @pytest.mark.parametrize("size", ["auto", 3])
 def test_critic_hands_the_backend_whole_lists(size) -> None:
-    from stage1_core.config import load_pilot_config
-    from stage1_core.critic import ABCritic
+    from stage1_core.infra.config import load_pilot_config
+    from stage1_core.phases.critic import ABCritic
 
     cfg = load_pilot_config().critic.model_copy(update={"batch_size": size, "label_swap": True, "calibrate": False})
     backend, ticks = _Recording(), []
@@ -283,7 +283,7 @@ def test_critic_hands_the_backend_whole_lists(size) -> None:
 def test_critic_batch_size_config() -> None:
     from pydantic import ValidationError
 
-    from stage1_core.config import load_pilot_config
+    from stage1_core.infra.config import load_pilot_config
 
     critic = load_pilot_config().critic
     assert critic.batch_size == "auto" and critic.model_copy(update={"batch_size": 256}).batch_size == 256
@@ -296,7 +296,7 @@ def test_critic_batch_size_config() -> None:
 def test_real_out_of_memory_halves_the_critic_batch_then_fails_clearly(real_backend, monkeypatch) -> None:
     import torch
 
-    from stage1_core.errors import DeviceOOM
+    from stage1_core.infra.errors import DeviceOOM
 
     prompts = _critic_prompts(n_items=5) + ["Is this a question? Answer:"]  # two groups of 5, one plain prompt
     reference = real_backend.next_token_logprobs(prompts, _AB, batch_size=2)

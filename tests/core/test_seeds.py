@@ -1,4 +1,4 @@
-"""Tests of stage1_core.seeds: the packaged seeds, both formats, every rejection, require_usable."""
+"""Tests of stage1_core.phases.seeds: the packaged seeds, both formats, every rejection, require_usable."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core.errors import InputError
-from stage1_core.seeds import PACKAGED_SEEDS, Seed, SeedSet, load_seeds, require_usable
+from stage1_core.infra.errors import InputError
+from stage1_core.phases.seeds import PACKAGED_SEEDS, Seed, SeedSet, load_seeds, require_usable
 
 PACKAGED_COUNT = 175
 PACKAGED_WITH_INPUT = 125

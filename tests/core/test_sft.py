@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from stage1_core import sft
-from stage1_core.errors import InputError
+from stage1_core.train import sft
+from stage1_core.infra.errors import InputError
 from tests.sft_support import make_run_dir
 
 

@@ -1,4 +1,4 @@
-"""Tests of stage1_core.stats: Wilson against known values, bootstrap determinism and coverage of
+"""Tests of stage1_core.infra.stats: Wilson against known values, bootstrap determinism and coverage of
 the point estimate, ratio bootstrap (perplexity), empty and invalid inputs."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stage1_core.stats import bootstrap_ci, bootstrap_ci_ratio, mean, wilson_ci
+from stage1_core.infra.stats import bootstrap_ci, bootstrap_ci_ratio, mean, wilson_ci
 
 
 @pytest.mark.parametrize(("k", "n", "low", "high"), [

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import faults, storage
-from stage1_core.errors import WriteError
+from stage1_core.infra import faults, storage
+from stage1_core.infra.errors import WriteError
 
 OLD = b'{"id": "r01-p000-i00", "instruction": "previous good row"}\n'
 NEW_ROWS = [{"id": f"r01-p000-i{i:02d}", "instruction": "new row " * 200} for i in range(50)]
@@ -202,9 +202,10 @@ def test_fault_specs_parse():
 
 
 def test_a_remembered_interrupt_stops_the_next_phase_and_batch(tmp_path) -> None:
-    """Ctrl-C is never lost (stage1_core/interrupts.py): once requested, a phase does not start and a
+    """Ctrl-C is never lost (stage1_core/infra/interrupts.py): once requested, a phase does not start and a
     running one stops at its next progress step, even if the first KeyboardInterrupt was swallowed."""
-    from stage1_core import interrupts, pipeline
+    from stage1_core.infra import interrupts
+    from stage1_core.phases import pipeline
 
     interrupts.request()
     try:

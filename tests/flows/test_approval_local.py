@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 
-from stage1_core import approval
+from stage1_core.phases import approval
 
 SCALE_VERDICT = "qc:\n  instruction_acceptance_min: 0.2\n  min_n: 3\n"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.pilot import build_parser, main
-from stage1_core.seeds import PACKAGED_SEEDS
+from stage1_core.phases.seeds import PACKAGED_SEEDS
 
 SEED_LINE = '{"id": "s%d", "instruction": "Write a sentence about topic number %d.", "input": "", "output": null}'
 

@@ -69,7 +69,7 @@ def test_ctrl_c_stops_cleanly(api_url, tmp_path):
 def test_second_pilot_on_a_locked_folder_exits_5_and_touches_nothing(run_cli, tmp_path):
     import os
 
-    from stage1_core.locks import LOCK_NAME, hold_lock
+    from stage1_core.infra.locks import LOCK_NAME, hold_lock
 
     out = tmp_path / "o"
     first = run_cli(*ARGS, "--output", "o")
@@ -112,7 +112,7 @@ def test_out_of_memory_is_not_retried_a_timeout_is():
     import torch
     from prefect.states import Failed
 
-    from stage1_core.errors import DeviceOOM
+    from stage1_core.infra.errors import DeviceOOM
     from tasks.phases import transient_only
 
     assert transient_only(None, None, Failed(data=TimeoutError("read timed out")))

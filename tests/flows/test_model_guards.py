@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import scale as core
-from stage1_core import shards
-from stage1_core.errors import InputError, ModelGuardError
+from stage1_core.scale import plan as core
+from stage1_core.scale import shards
+from stage1_core.infra.errors import InputError, ModelGuardError
 from tests.flows.conftest import REPO
 
 GUARD_FAIL = "fake:1,guard=1"

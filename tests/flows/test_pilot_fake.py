@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stage1_core import pipeline
+from stage1_core.phases import pipeline
 from tests.flows.conftest import read_jsonl
 
 FAKE = "fake:1"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import scale as core, shards
+from stage1_core.scale import plan as core, shards
 from tests.flows.conftest import read_jsonl
 
 FAKE = "fake:4"

@@ -61,7 +61,7 @@ def test_a_refused_write_is_not_retried():
 
     from prefect.states import Failed
 
-    from stage1_core.errors import WriteError
+    from stage1_core.infra.errors import WriteError
     from tasks.phases import transient_only
 
     e = WriteError("/o/pilot_data.jsonl", errno.ENOSPC, "No space left on device", "writing the temp file")

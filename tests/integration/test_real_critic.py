@@ -10,9 +10,9 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from stage1_core import critic_eval
-from stage1_core.config import load_pilot_config
-from stage1_core.critic import ABCritic
+from stage1_core.cli import critic_eval
+from stage1_core.infra.config import load_pilot_config
+from stage1_core.phases.critic import ABCritic
 
 pytestmark = pytest.mark.real_model
 

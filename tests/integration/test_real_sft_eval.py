@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core import evaluation, sft
+from stage1_core.train import evaluation, sft
 from tests.flows.conftest import REPO, read_jsonl
 from tests.sft_support import make_run_dir
 

@@ -1,0 +1,509 @@
+"""The validated config of a pilot run: one pydantic object, `extra="forbid"`, with bounds.
+
+Defaults live in `configs/pilot.yaml` (prompts and rubrics included); a user's `--config FILE` is
+deep-merged over them, CLI flags over that. `load_pilot_config` reports errors with file, line and
+field (line numbers come from the YAML node marks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stage1_core.infra.errors import InputError
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_PILOT_CONFIG = CONFIGS_DIR / "pilot.yaml"
+EMBEDDED_MODEL = "embedded:gemma-3-270m"
+
+MAX_ALIAS_NODES = 100_000
+"""Most YAML nodes that aliases (*name) may add beyond the file's own: more is an alias bomb."""
+
+MAX_ALIAS_CHARS = 1_000_000
+"""Most scalar characters that aliases may add beyond the file's own (a repeated prompt is a few KB)."""
+
+
+def _check_batch_size(v: int | str) -> int | str:
+    if isinstance(v, int) and not 0 < v <= 4096:
+        raise ValueError("batch_size must be 'auto' or an integer in 1..4096")
+    return v
+
+
+BatchSize = Annotated[int | Literal["auto"], AfterValidator(_check_batch_size)]
+"""A batch size: an integer in 1..4096, or "auto" (resolved per device where it is used)."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    id: str = Field(default=EMBEDDED_MODEL, min_length=1, description="embedded:gemma-3-270m, a local HF folder, a .gguf file, a model id already in the local HF cache, fake:<seed>, or random:gemma3-4b|12b|27b|tiny (random weights, benchmarks only)")
+    revision: str | None = None
+    bos_policy: Literal["auto", "always", "never"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    device: str = "auto"
+    allow_pickle: bool = False
+    batch_size: BatchSize = Field(default="auto", description="rows decoded together (engine slots) and "
+                                              "prompts per forward batch; auto: 16 on the CPU, chosen from free memory on a GPU")
+    engine: Literal["stage1", "reference"] = Field(default="stage1", description="stage1: the continuous-batching "
+                                                   "engine (static KV cache, on-device stops); reference: transformers generate")
+    quantize: Literal["none", "8bit", "4bit"] = Field(default="none", description="bitsandbytes weight quantization (CUDA only)")
+
+
+class InstructionGenerationConfig(StrictModel):
+    header: str = Field(min_length=1)
+    few_shot_k: int = Field(default=8, gt=0, le=64)
+    machine_examples: int = Field(default=0, ge=0, le=64, description="of the few_shot_k examples of a prompt, how "
+                                  "many are drawn from the instructions kept in earlier rounds (Self-Instruct: 2 of 8); "
+                                  "round 1 and a smaller pool use seeds for the rest")
+    prompts_per_round: int = Field(default=16, gt=0)
+    max_instruction_rounds: int = Field(default=12, gt=0)
+    max_new_tokens: int = Field(default=160, gt=0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature_cap: float = Field(default=1.0, gt=0.0, le=2.0, description="the iterate step never raises "
+                                   "temperature above this (a higher temperature set by hand is left alone)")
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    stop_sequences: list[str] = Field(default_factory=lambda: ["\n\n"])
+
+    @model_validator(mode="after")
+    def _machine(self) -> "InstructionGenerationConfig":
+        if self.machine_examples > self.few_shot_k:
+            raise ValueError(f"machine_examples ({self.machine_examples}) exceeds few_shot_k ({self.few_shot_k})")
+        return self
+
+
+class InstructionFilterConfig(StrictModel):
+    min_words: int = Field(default=3, gt=0)
+    max_words: int = Field(default=150, gt=0)
+    max_chars: int = Field(default=2000, gt=0)
+    blacklist: list[str] = Field(default_factory=list)
+    rouge_threshold: float = Field(default=0.7, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "InstructionFilterConfig":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        return self
+
+
+class WorkedExample(StrictModel):
+    instruction: str = Field(min_length=1)
+    response: str = Field(min_length=1)
+
+
+class ResponseGenerationConfig(StrictModel):
+    n_examples: int = Field(default=2, ge=0)
+    worked_examples: list[WorkedExample]
+    max_new_tokens: int = Field(default=96, gt=0)
+    max_new_tokens_cap: int = Field(default=384, gt=0)
+    min_new_tokens_floor: int = Field(default=32, gt=0)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    stop_sequences: list[str] = Field(default_factory=lambda: ["\n\n", "\nInstruction:", "\nResponse:"])
+
+    @model_validator(mode="after")
+    def _examples(self) -> "ResponseGenerationConfig":
+        if self.n_examples > len(self.worked_examples):
+            raise ValueError(f"n_examples ({self.n_examples}) exceeds the {len(self.worked_examples)} worked_examples given")
+        if self.max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) exceeds max_new_tokens_cap ({self.max_new_tokens_cap})")
+        return self
+
+
+class CriticExample(StrictModel):
+    """A labelled example shown in a few-shot rubric (its answer is rendered in the prompt's letters)."""
+
+    instruction: str = Field(min_length=1)
+    response: str | None = None
+    label: Literal["good", "bad"]
+
+
+class Rubric(StrictModel):
+    """A critic rubric: a template ending in "Answer:", the two option texts, optional few-shot examples.
+
+    `{option_a}` is the option whose answer is the first label (`good_option` unless swapped);
+    `{option_b}` the other (a Yes/No rubric may phrase the question in `{option_a}` alone).
+    `{examples}` is replaced by the examples, each rendered with `example_template`
+    (`{instruction}`, `{response}`, `{answer}`).
+    """
+
+    template: str = Field(min_length=1)
+    good_option: str = Field(min_length=1)
+    bad_option: str = Field(min_length=1)
+    examples: list[CriticExample] = Field(default_factory=list, max_length=32)
+    example_template: str = ""
+    labels: tuple[str, str] | None = Field(default=None, description="this rubric's answer words; null = critic.labels")
+    label_swap: bool | None = Field(default=None, description="null = critic.label_swap")
+    order_swap: bool | None = Field(default=None, description="null = critic.order_swap")
+
+    _placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{option_a}")
+    _example_placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{answer}")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        missing = [k for k in cls._placeholders if k not in template]
+        if missing:
+            raise ValueError(f"template lacks placeholder(s) {', '.join(missing)}")
+        if not template.rstrip().endswith("Answer:"):
+            raise ValueError("template must end with 'Answer:' (the critic reads the next token)")
+        return template
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: tuple[str, str] | None) -> tuple[str, str] | None:
+        return labels if labels is None else _check_labels(labels)
+
+    @model_validator(mode="after")
+    def _examples(self) -> "Rubric":
+        if self.examples:
+            if "{examples}" not in self.template:
+                raise ValueError("examples are given but the template lacks the {examples} placeholder")
+            missing = [k for k in self._example_placeholders if k not in self.example_template]
+            if missing:
+                raise ValueError(f"example_template lacks placeholder(s) {', '.join(missing)}")
+        return self
+
+
+class PairRubric(Rubric):
+    _placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{response}", "{option_a}")
+    _example_placeholders: ClassVar[tuple[str, ...]] = ("{instruction}", "{response}", "{answer}")
+
+    @model_validator(mode="after")
+    def _example_responses(self) -> "PairRubric":
+        bad = [i for i, ex in enumerate(self.examples) if not ex.response]
+        if bad:
+            raise ValueError(f"pair rubric examples need a response (example {bad[0]} has none)")
+        return self
+
+
+class PMIConfig(StrictModel):
+    """The PMI pair scorer: log p(response | instruction) - log p(response | content-free instruction)."""
+
+    template: str = Field(default="Instruction: {instruction}\nResponse:", min_length=1)
+    end: str = Field(default="\n\n", description="appended to the response: scores that the response ends there")
+    per_token: bool = Field(default=False, description="divide the PMI by the response's token count")
+    weight: float = Field(default=1.0, ge=0.0, le=100.0, description="weight of the PMI in pair_scorer rubric+pmi")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        if "{instruction}" not in template:
+            raise ValueError("template lacks placeholder {instruction}")
+        return template
+
+
+class CriticConfig(StrictModel):
+    instruction_rubric: Rubric
+    pair_rubric: PairRubric
+    labels: tuple[str, str] = ("A", "B")
+    threshold: float = Field(default=0.0, ge=-100.0, le=100.0)
+    instruction_threshold: float | None = Field(default=None, ge=-100.0, le=100.0, description="overrides threshold for instructions")
+    pair_threshold: float | None = Field(default=None, ge=-100.0, le=100.0, description="overrides threshold for pairs")
+    confidence_threshold: float = Field(default=1.0, ge=0.0)
+    calibrate: bool = True
+    label_swap: bool = True
+    order_swap: bool = False
+    pair_scorer: Literal["rubric", "pmi", "rubric+pmi"] = "rubric"
+    pmi: PMIConfig = Field(default_factory=PMIConfig)
+    pair_heuristics: bool = True
+    instruction_heuristics: bool = True
+    content_free_input: str = "N/A"
+    batch_size: BatchSize = Field(default="auto", description="prompts per critic forward pass; "
+                                              "auto: 256 on a GPU, 16 on the CPU")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: tuple[str, str]) -> tuple[str, str]:
+        return _check_labels(labels)
+
+
+def _check_labels(labels: tuple[str, str]) -> tuple[str, str]:
+    if labels[0].strip() == labels[1].strip() or not all(label.strip() for label in labels) \
+            or any(label != label.strip() for label in labels):
+        raise ValueError("labels must be two different non-empty words without spaces, e.g. [A, B] or [Yes, No]")
+    return labels
+
+
+class QCThresholds(StrictModel):
+    """Operators are binding: *_max are strict (<), *_min inclusive (>=); leakage_max is <=.
+    The critics' acceptance (*_critic_acceptance_min) is the quality bar and halts; yield
+    (instruction_acceptance_min, pair_acceptance_min) and near_duplicate_share_max iterate."""
+
+    runaway_rate_max: float = Field(default=0.05, gt=0.0, le=1.0)
+    token_limit_rate_max: float = Field(default=0.10, gt=0.0, le=1.0)
+    leakage_max: int = Field(default=0, ge=0)
+    median_response_tokens_max: float = Field(default=40, gt=0)
+    instruction_critic_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
+    pair_critic_acceptance_min: float = Field(default=0.5, ge=0.0, le=1.0)
+    instruction_acceptance_min: float = Field(default=0.25, ge=0.0, le=1.0)
+    pair_acceptance_min: float = Field(default=0.4, ge=0.0, le=1.0)
+    near_duplicate_share_max: float = Field(default=0.3, gt=0.0, le=1.0)
+    critic_min_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    critic_min_auc: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_n: int = Field(default=20, gt=0)
+
+
+class PilotConfig(StrictModel):
+    count: int = Field(default=100, gt=0, le=1_000_000)
+    seed: int = Field(default=42, ge=0)
+    seeds_path: str | None = None
+    max_iterations: int = Field(default=2, ge=0, le=20)
+    gpu_hour_usd: float | None = Field(default=None, ge=0.0, description="price of one GPU-hour, for the cost estimate")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    instruction_generation: InstructionGenerationConfig
+    instruction_filter: InstructionFilterConfig = Field(default_factory=InstructionFilterConfig)
+    response_generation: ResponseGenerationConfig
+    critic: CriticConfig
+    qc: QCThresholds = Field(default_factory=QCThresholds)
+
+
+CLI_FLAGS = {"count": "--count", "seed": "--seed", "seeds_path": "--seeds", "max_iterations": "--max-iterations",
+             "model.id": "--model", "model.bos_policy": "--bos-policy"}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `over` onto `base` (dicts merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest node of `loc` found in a composed YAML tree."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == str(key):
+                    line = k.start_mark.line + 1
+                    nxt = v
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    """Parse a YAML file that must hold a mapping; InputError with the line otherwise."""
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}", file=str(path), expected="a YAML file", fix="check the --config path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError("config file is not UTF-8", file=str(path), expected="UTF-8 YAML", fix="re-save the file as UTF-8") from e
+    try:
+        node = yaml.compose(text)
+        _check_nodes(node, str(path))
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = (mark.line + 1) if mark else None
+        if isinstance(e, yaml.reader.ReaderError):  # a forbidden character (NUL, C1 controls): no mark, a position
+            line = text.count("\n", 0, e.position) + 1
+        raise InputError(f"invalid YAML: {getattr(e, 'problem', e)}", file=str(path), line=line,
+                         expected="valid YAML", fix="fix the syntax at that line") from None
+    except RecursionError:
+        raise InputError("YAML is nested too deeply to read", file=str(path), expected="the layout of configs/pilot.yaml "
+                         "(a few levels of key: value)", fix="check that this is a config file") from None
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as e:
+        # PyYAML's constructors fail on some tagged or huge scalars (`!!int ` empty, `!!float x`,
+        # `!!bool x`, `!!timestamp x`, an integer of more than 4,300 digits) with plain Python errors.
+        line = _bad_scalar_line(node)
+        raise InputError(f"invalid YAML value: {e}", file=str(path), line=line, expected="a value of the type its tag "
+                         "(!!int, !!float, !!timestamp...) or its digits say, of at most 4,300 digits",
+                         fix="correct the value, or quote it to make it a string") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError("config must be a YAML mapping of keys to values", file=str(path), line=1,
+                         expected="key: value pairs at the top level", fix="see configs/pilot.yaml for the layout")
+    return data, node
+
+
+def _bad_scalar_line(root: yaml.Node | None) -> int | None:
+    """1-based line of the first scalar that PyYAML's safe constructor cannot build, if any."""
+    stack, seen = ([root] if root is not None else []), set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                yaml.constructor.SafeConstructor().construct_object(node)
+            except Exception:  # noqa: BLE001 -- any failure locates the value
+                return node.start_mark.line + 1
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(x for pair in reversed(node.value) for x in reversed(pair))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    return None
+
+
+def _check_nodes(root: yaml.Node | None, file: str) -> None:
+    """Reject repeated keys in a mapping and alias bombs, walking the composed tree without recursion.
+
+    PyYAML keeps the last of two equal keys silently, and composes an alias as the anchored node
+    itself, so nine aliases of a list of nine aliases... expand to millions of values (or, for an
+    alias inside its own anchor, forever) when the config is later dumped or hashed.
+    """
+    seen: set[int] = set()
+    extra_nodes = extra_chars = 0
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    while stack:
+        node, where = stack.pop()
+        again = id(node) in seen
+        if again:  # reached again through an alias (its expansion is reported at the alias's place)
+            extra_nodes += 1
+            extra_chars += len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+            if extra_nodes > MAX_ALIAS_NODES or extra_chars > MAX_ALIAS_CHARS:
+                raise InputError("YAML aliases expand too much (an alias bomb, or an alias inside its own anchor)",
+                                 file=file, line=node.start_mark.line + 1, field=where or None,
+                                 expected=f"aliases (*name) that add at most {MAX_ALIAS_NODES:,} values and "
+                                          f"{MAX_ALIAS_CHARS:,} characters",
+                                 fix="write the values out, or remove the aliases") from None
+        else:
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                first: dict[tuple[str, str], int] = {}
+                for k, _ in node.value:
+                    if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                        line = k.start_mark.line + 1
+                        if (k.tag, k.value) in first:
+                            field = f"{where}.{k.value}" if where else str(k.value)
+                            raise InputError(f"key '{k.value}' appears twice (lines {first[k.tag, k.value]} and {line}); "
+                                             "YAML would silently keep the last", file=file, line=line, field=field,
+                                             expected="each key at most once per mapping", fix="remove one of the two")
+                        first[k.tag, k.value] = line
+        if isinstance(node, yaml.MappingNode):
+            for k, v in reversed(node.value):
+                label = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+                stack.append((v, where if again else f"{where}.{label}" if where else label))
+                stack.append((k, where))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, where if again else f"{where}.{i}" if where else str(i))
+                         for i, v in reversed(list(enumerate(node.value))))
+
+
+def validate_pilot_config(data: dict[str, Any], source: str, node: yaml.Node | None = None) -> PilotConfig:
+    """Validate merged config data; the first error becomes an InputError naming the field."""
+    try:
+        return PilotConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            msg, expected = f"unknown config key '{field}'", "only the keys documented in docs/config.md (see configs/pilot.yaml)"
+            fix = "remove or rename the key"
+        else:
+            detail = err["msg"].removeprefix("Value error, ")
+            msg, expected = f"invalid value for '{field}': {detail}", _expected_from(err)
+            fix = "correct the value"
+        more = len(e.errors()) - 1
+        if more:
+            msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+        return_line = _yaml_line(node, loc) if node is not None else None
+        raise InputError(msg, file=source, line=return_line, field=field, expected=expected, fix=fix) from None
+
+
+def _expected_from(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if "gt" in ctx:
+        return f"a number > {ctx['gt']}"
+    if "ge" in ctx:
+        return f"a number >= {ctx['ge']}"
+    if "le" in ctx:
+        return f"a number <= {ctx['le']}"
+    if "expected" in ctx:
+        return f"one of {ctx['expected']}"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def load_settings(model: type[BaseModel], default: Path, config: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None, *, docs: str) -> Any:
+    """A flow's settings: `default` (a shipped YAML) <- the user's YAML <- `overrides`, validated by
+    `model`; the first error becomes an InputError naming the file, line and key (configs/sft.yaml,
+    configs/eval.yaml; the pilot's config has its own loader, `load_pilot_config`).
+
+    Args:
+        docs: where the keys are documented, for the error's `expected`.
+    """
+    base, _ = read_yaml_mapping(default)
+    data, node, source = base, None, str(default)
+    if config is not None:
+        user, node = read_yaml_mapping(Path(config))
+        data, source = deep_merge(base, user), str(config)
+    data = {**data, **(overrides or {})}
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        unknown = err["type"] == "extra_forbidden"
+        raise InputError(f"unknown config key '{field}'" if unknown else
+                         f"invalid value for '{field}': {err['msg'].removeprefix('Value error, ')}",
+                         file=source, line=_yaml_line(node, tuple(err["loc"])) if node is not None else None, field=field,
+                         expected=f"only the keys of {default.relative_to(CONFIGS_DIR.parent)} ({docs})" if unknown
+                         else _expected_from(err),
+                         fix="remove or rename the key" if unknown else "correct the value") from None
+
+
+def model_with(base: dict[str, Any], over: dict[str, Any], source: str) -> ModelConfig:
+    """A ModelConfig from `base` (a run's model section) with `over` (a flow config's `model:` keys) on top.
+
+    Raises:
+        InputError: naming `model.<key>` and `source`.
+    """
+    try:
+        return ModelConfig.model_validate({**base, **over})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = "model." + ".".join(str(p) for p in err["loc"])
+        raise InputError(f"invalid value for '{field}': {err['msg']}", field=field,
+                         expected="a key of the pilot's model section (docs/config.md)", fix=f"correct {source}") from None
+
+
+def load_pilot_config(user_config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PilotConfig:
+    """Defaults (configs/pilot.yaml) <- user YAML <- CLI overrides, validated.
+
+    Raises:
+        InputError: unreadable/invalid YAML, unknown keys, out-of-bound values.
+    """
+    base, _ = read_yaml_mapping(DEFAULT_PILOT_CONFIG)
+    data, node, source = base, None, str(DEFAULT_PILOT_CONFIG)
+    if user_config is not None:
+        user, node = read_yaml_mapping(Path(user_config))
+        data, source = deep_merge(base, user), str(user_config)
+        validate_pilot_config(data, source, node)  # errors point at the user's file
+    if overrides:
+        try:
+            return validate_pilot_config(deep_merge(data, overrides), "command line")
+        except InputError as e:
+            e.file, e.line = "command line", None
+            flag = CLI_FLAGS.get(e.field or "", "--" + (e.field or "").split(".")[-1].replace("_", "-"))
+            e.fix = f"correct {flag}"
+            raise
+    return validate_pilot_config(data, source, node)
+
+
+def config_slice(cfg: PilotConfig, *sections: str) -> dict[str, Any]:
+    """The JSON-able part of the config a phase depends on (for cache keys)."""
+    dumped = cfg.model_dump(mode="json")
+    return {s: dumped[s] for s in sections}

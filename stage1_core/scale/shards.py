@@ -1,0 +1,95 @@
+"""Shard files of a scale run and the manifest that makes a shard count as done.
+
+A shard `i` lives in `DIR/shards/`:
+    shard-0000i.jsonl               kept pairs (the dataset rows of this shard, before the merge)
+    shard-0000i.rejected.jsonl      every item the shard dropped, with phase and reason
+    shard-0000i.completions.jsonl   every response completion (raw text, stop reason) for QC
+    shard-0000i.manifest.json       written last: rows and sha256 of each file, identity, timings
+Each file is written atomically; the manifest only after all three. A shard counts as done only
+when its manifest parses, names this run identity, shard index and seed, and every file it lists
+exists with the recorded sha256 and row count (`valid_manifest`). Anything less is redone from
+scratch; a done shard is never recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stage1_core.infra import faults, storage
+
+SHARDS_DIR = "shards"
+FILES = ("data", "rejected", "completions")
+
+
+def stem(index: int) -> str:
+    """`shard-00007` for index 7."""
+    return f"shard-{index:05d}"
+
+
+def paths(out: str | Path, index: int) -> dict[str, Path]:
+    """Every path of shard `index` in output folder `out` (data, rejected, completions, manifest,
+    work: the shard's scratch folder, lock: its per-shard lock file)."""
+    base = Path(out) / SHARDS_DIR / stem(index)
+    return {"data": base.with_name(f"{base.name}.jsonl"), "rejected": base.with_name(f"{base.name}.rejected.jsonl"),
+            "completions": base.with_name(f"{base.name}.completions.jsonl"),
+            "manifest": base.with_name(f"{base.name}.manifest.json"), "work": base.with_name(f"{base.name}.work"),
+            "lock": base.with_name(f"{base.name}.lock")}
+
+
+def expected(plan: dict[str, Any], index: int) -> dict[str, Any]:
+    """What a valid manifest of shard `index` must record for this plan."""
+    shard = plan["shards"][index]
+    return {"shard": index, "shard_seed": shard["seed"], "size": shard["size"], "identity": plan["identity"]}
+
+
+def write(out: str | Path, index: int, rows: list[dict[str, Any]], rejected: list[dict[str, Any]],
+          completions: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """Write a shard's three files, then its manifest (last). Returns the manifest.
+
+    Args:
+        out: the run's output folder.
+        index: the shard index.
+        rows, rejected, completions: the shard's kept pairs, dropped items and response completions.
+        info: recorded in the manifest (must include the keys of `expected`).
+    """
+    p = paths(out, index)
+    p["manifest"].unlink(missing_ok=True)  # a stale manifest must never vouch for new files
+    for name, data in zip(FILES, (rows, rejected, completions)):
+        storage.write_jsonl_atomic(p[name], data)
+    faults.maybe_fault("shard_write", stem(index))
+    manifest = {**info, "files": {name: {**storage.file_manifest(p[name], n), "path": p[name].name}
+                                  for name, n in zip(FILES, (len(rows), len(rejected), len(completions)))}}
+    storage.write_json_atomic(p["manifest"], manifest)
+    return manifest
+
+
+def valid_manifest(out: str | Path, plan: dict[str, Any], index: int) -> dict[str, Any] | None:
+    """The manifest of shard `index` if the shard is complete for this plan, else None.
+
+    Complete: the manifest parses, records the expected identity, index, seed and size, and every
+    file it lists exists next to it with the recorded sha256 and row count.
+    """
+    p = paths(out, index)
+    try:
+        manifest = storage.read_json(p["manifest"])
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in expected(plan, index).items()):
+        return None
+    files = manifest.get("files") or {}
+    if set(files) != set(FILES):
+        return None
+    for rec in files.values():
+        f = p["manifest"].parent / rec["path"]
+        if not f.is_file():
+            return None
+        actual = storage.file_manifest(f)
+        if (actual["sha256"], actual["rows"]) != (rec["sha256"], rec["rows"]):
+            return None
+    return manifest
+
+
+def read(out: str | Path, manifest: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """Rows of one of a shard's files (`data`, `rejected`, `completions`)."""
+    return storage.read_jsonl(Path(out) / SHARDS_DIR / manifest["files"][name]["path"])
