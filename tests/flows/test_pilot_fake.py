@@ -211,7 +211,7 @@ class TestCacheMatrix:
         # Edit the QC module (a copy of the core with one more line in qc.py): only phase 5 misses.
         core = tmp_path / "core"
         shutil.copytree(pipeline.CORE_DIR, core, ignore=shutil.ignore_patterns("__pycache__"))
-        (core / "qc.py").write_text((core / "qc.py").read_text() + "\n# edited\n")
+        (core / "phases" / "qc.py").write_text((core / "phases" / "qc.py").read_text() + "\n# edited\n")
         run_pilot(out, config=str(cfg), overwrite=True)
         assert phases_of(cached(out)) == ALL
         monkeypatch.setattr(pipeline, "CORE_DIR", core)
