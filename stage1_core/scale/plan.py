@@ -26,8 +26,9 @@ from pydantic import Field, ValidationError
 from stage1_core.phases import pipeline, run
 from stage1_core.infra import provenance, storage
 from stage1_core.scale import shards
-from stage1_core.infra.config import (DEFAULT_PILOT_CONFIG, PilotConfig, StrictModel, deep_merge, load_pilot_config,
-                                read_yaml_mapping, validate_pilot_config)
+from stage1_core.infra.config import (DEFAULT_PILOT_CONFIG, PilotConfig, StrictModel, load_pilot_config,
+                                      validate_pilot_config)
+from stage1_core.infra.settings import deep_merge, read_yaml_mapping
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
 from stage1_core.phases.seeds import load_seeds, require_usable

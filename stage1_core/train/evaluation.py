@@ -34,12 +34,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pydantic import Field, field_validator
+from pydantic import ValidationError, Field, field_validator
 
 from stage1_core.train import checkers, eval_data, judge as judging, sft
 from stage1_core.infra import provenance, stats, storage
 from stage1_core.phases import qc
-from stage1_core.infra.config import CONFIGS_DIR, ModelConfig, StrictModel, load_settings, model_with
+from stage1_core.infra.config import CONFIGS_DIR, ModelConfig, StrictModel, model_with
+from stage1_core.infra.settings import input_error, load_settings
 from stage1_core.infra.errors import InputError
 from stage1_core.model import cut_at_stop
 from stage1_core.infra.schemas import Completion, GenerationParams
@@ -122,12 +123,9 @@ def judge_config(settings: EvalSettings, base: ModelConfig) -> ModelConfig:
     over = {"id": j} if isinstance(j, str) else dict(j)
     try:
         return ModelConfig.model_validate({"device": base.device, "dtype": base.dtype, **over})
-    except Exception as e:  # pydantic ValidationError: name the key
-        errs = getattr(e, "errors", lambda: [{"loc": (), "msg": str(e)}])()
-        field = "judge.model" + "".join(f".{p}" for p in errs[0]["loc"])
-        raise InputError(f"invalid value for '{field}': {errs[0]['msg']}", field=field,
-                         expected="a model id or path, or ModelConfig keys (docs/config.md, model section)",
-                         fix="correct judge.model in the eval config") from None
+    except ValidationError as e:
+        raise input_error(e, source=None, prefix="judge.model.", docs="ModelConfig keys, docs/config.md model section",
+                          fix="correct judge.model in the eval config") from None
 
 
 def check_dequantized(trained: dict[str, Any], current: dict[str, Any] | None, *, file: str,

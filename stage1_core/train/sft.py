@@ -33,8 +33,8 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import Field, model_validator
 
 from stage1_core.infra import faults, provenance, storage
-from stage1_core.infra.config import (CONFIGS_DIR, ModelConfig, StrictModel, load_settings, model_with,
-                                read_yaml_mapping, validate_pilot_config)
+from stage1_core.infra.config import CONFIGS_DIR, ModelConfig, StrictModel, model_with, validate_pilot_config
+from stage1_core.infra.settings import load_settings, read_yaml_mapping
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.jsonl import JsonlKind, read_jsonl, require_string
 

@@ -14,8 +14,12 @@ LAYERS = ("infra", "model", "phases", "scale", "train", "cli")
 MAX_LINES = 500
 # Files still over the limit while issue 21 splits them: none may grow, and each leaves this table
 # when it is split. The table must end empty.
-NOT_YET_SPLIT = {"model/loader.py": 982, "model/engine.py": 865, "train/evaluation.py": 583, "train/sft.py": 585,
-                 "infra/config.py": 509}
+NOT_YET_SPLIT = {
+    "model/loader.py": 982,
+    "model/engine.py": 865,
+    "train/evaluation.py": 583,
+    "train/sft.py": 585,
+}
 
 
 def modules() -> dict[str, Path]:
