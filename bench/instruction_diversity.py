@@ -52,7 +52,7 @@ OPTIONS = {
 
 def run_option(name: str, seed: int, rounds: int, root: Path) -> dict:
     from stage1_core.phases import pipeline, qc, run
-    from stage1_core.infra import storage
+    from stage1_core.infra import jsonl
 
     cfg_path = root / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(OPTIONS[name]))
@@ -69,7 +69,7 @@ def run_option(name: str, seed: int, rounds: int, root: Path) -> dict:
         kept = f["outputs"]["kept"]
         generated += g["generated"]
         tokens += g["tokens"]
-        reasons.update(r["reason"] for r in storage.read_jsonl(f["outputs"]["rejected"]["path"]))
+        reasons.update(r["reason"] for r in jsonl.read_rows(f["outputs"]["rejected"]["path"]))
     n_kept = f["kept_total"]
     judged = n_kept + reasons.get("critic", 0)
     near = sum(reasons.get(r, 0) for r in qc.NEAR_DUPLICATE_REASONS)  # as the gate's near_duplicate_share counts

@@ -1,4 +1,5 @@
-"""The one hardened JSON Lines reader: seeds, the critic dev set, eval prompts and references, SFT data.
+"""The one hardened JSON Lines reader: seeds, the critic dev set, eval prompts and references, SFT data,
+and a run's own files (`read_rows`: phase outputs, shards, the final data).
 
 A file is read as bytes and checked before any object is used: a directory, a missing or unreadable
 file, UTF-16, a JSON array instead of JSON Lines, invalid UTF-8, a line over `MAX_LINE_CHARS`,
@@ -42,6 +43,8 @@ class JsonlKind:
         dir_fix: the fix when the path is a directory.
         missing_fix: the fix when the file does not exist.
         empty_fix: the fix when the file has no objects.
+        allow_empty: a file without objects is valid (a run file that kept nothing).
+        max_line_chars: the longest accepted line.
     """
 
     item: str
@@ -49,6 +52,8 @@ class JsonlKind:
     dir_fix: str = "pass the .jsonl file inside it"
     missing_fix: str = "check the path"
     empty_fix: str = "add items, one JSON object per line"
+    allow_empty: bool = False
+    max_line_chars: int = MAX_LINE_CHARS
 
     @property
     def file(self) -> str:
@@ -121,7 +126,7 @@ def objects(body: bytes, file: str, kind: JsonlKind) -> Iterator[tuple[int, dict
             continue
         seen = True
         yield line_no, parse_line(text, file, line_no, kind)
-    if not seen:
+    if not seen and not kind.allow_empty:
         raise InputError(f"{kind.file} is empty (no {kind.item} objects)", file=file,
                          expected=f"one JSON object per line, e.g. {kind.example}", fix=kind.empty_fix)
 
@@ -131,6 +136,18 @@ def read_jsonl(path: str | Path, kind: JsonlKind) -> list[tuple[int, dict[str, A
     p = Path(path)
     body, _ = open_jsonl(p, kind)
     return list(objects(body, str(p), kind))
+
+
+RUN_FILE = JsonlKind(item="run file", example='{"id": "r01-p000-i00", "instruction": "..."}',
+                     missing_fix="rerun the run (a phase's output is missing: it was deleted or moved)",
+                     allow_empty=True, max_line_chars=10 * MAX_LINE_CHARS)
+"""A file a run wrote itself: it may be empty (nothing kept); a line may hold a long completion."""
+
+
+def read_rows(path: str | Path, kind: JsonlKind = RUN_FILE) -> list[dict[str, Any]]:
+    """The objects of a JSON Lines file, in order, through the same checks as every other file: a
+    run file edited by hand or cut short by a full disk is an InputError naming its line."""
+    return [obj for _, obj in read_jsonl(path, kind)]
 
 
 def decode_line(raw: bytes, file: str, line_no: int, kind: JsonlKind) -> str:
@@ -143,10 +160,10 @@ def decode_line(raw: bytes, file: str, line_no: int, kind: JsonlKind) -> str:
         raise InputError(f"{kind.file} is not valid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1} "
                          f"of this line ({e.reason})", file=file, line=line_no, expected="UTF-8 text",
                          fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-    if len(text) > MAX_LINE_CHARS:
-        raise InputError(f"line is too long ({len(text):,} characters; the limit is {MAX_LINE_CHARS:,})",
+    if len(text) > kind.max_line_chars:
+        raise InputError(f"line is too long ({len(text):,} characters; the limit is {kind.max_line_chars:,})",
                          file=file, line=line_no,
-                         expected=f"one {kind.item} object per line, at most {MAX_LINE_CHARS:,} characters",
+                         expected=f"one {kind.item} object per line, at most {kind.max_line_chars:,} characters",
                          fix=f"check that this is a {kind.file} and that each {kind.item} is on its own line; "
                              f"shorten the {kind.item}")
     return text

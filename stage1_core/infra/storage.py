@@ -92,12 +92,6 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return len(lines)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file written by this package (trusted; seeds use `seeds.load_seeds`)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def file_manifest(path: str | Path, rows: int | None = None) -> dict[str, Any]:
     """{path, rows, sha256} of a written file; rows counted from JSONL lines when not given (None for
     other files)."""

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from stage1_core.infra import codehash, faults, interrupts, storage
+from stage1_core.infra import codehash, faults, interrupts, jsonl, storage
 from stage1_core.phases import filters, prompts, qc
 from stage1_core.model import Backend
 from stage1_core.infra.config import (CriticConfig, InstructionFilterConfig, InstructionGenerationConfig, ModelConfig,
@@ -176,7 +176,7 @@ def generate_instructions(call: dict[str, Any], key: str | None = None, progress
     seedset = load_seeds(p["seeds_path"])
     usable = seedset.usable_seeds()
     rnd = p["round"]
-    pool = storage.read_jsonl(call["inputs"]["kept_before"]["path"]) \
+    pool = jsonl.read_rows(call["inputs"]["kept_before"]["path"]) \
         if ig.machine_examples and call["inputs"].get("kept_before") else []
     prompt_rows = []
     for i in range(ig.prompts_per_round):
@@ -222,8 +222,8 @@ def filter_instructions(call: dict[str, Any], key: str | None = None, progress: 
     fcfg = InstructionFilterConfig.model_validate(p["instruction_filter"])
     ccfg = CriticConfig.model_validate(p["critic"])
     seed_texts = [s.instruction for s in load_seeds(p["seeds_path"]).seeds]
-    previous = storage.read_jsonl(call["inputs"]["kept_before"]["path"]) if call["inputs"].get("kept_before") else []
-    generated = storage.read_jsonl(call["inputs"]["generated"]["path"])
+    previous = jsonl.read_rows(call["inputs"]["kept_before"]["path"]) if call["inputs"].get("kept_before") else []
+    generated = jsonl.read_rows(call["inputs"]["generated"]["path"])
     texts = [g["instruction"] for g in generated]
     _, rejected_rows = filters.filter_instructions(texts, fcfg, seed_texts, [k["instruction"] for k in previous])
     dropped = {r["index"]: r for r in rejected_rows}
@@ -265,7 +265,7 @@ def generate_responses(call: dict[str, Any], key: str | None = None, progress: P
     """Worked-example completion prompts for the first `count` kept instructions."""
     p, out = call["params"], Path(call["out_dir"])
     rg = ResponseGenerationConfig.model_validate(p["response_generation"])
-    kept = storage.read_jsonl(call["inputs"]["kept"]["path"])[: p["count"]]
+    kept = jsonl.read_rows(call["inputs"]["kept"]["path"])[: p["count"]]
     examples = rg.worked_examples[: rg.n_examples]
     params = GenerationParams(max_new_tokens=rg.max_new_tokens, temperature=rg.temperature, top_p=rg.top_p,
                               top_k=rg.top_k, stop_sequences=rg.stop_sequences)
@@ -291,7 +291,7 @@ def filter_pairs(call: dict[str, Any], key: str | None = None, progress: Progres
     labelled dev set."""
     p, out = call["params"], Path(call["out_dir"])
     ccfg = CriticConfig.model_validate(p["critic"])
-    rows = storage.read_jsonl(call["inputs"]["responses"]["path"])
+    rows = jsonl.read_rows(call["inputs"]["responses"]["path"])
     kept, rejected, judged = [], [], []
     for r in rows:
         reason = pair_reject_reason(r["response"], ccfg.pair_heuristics, r["instruction"])
@@ -362,12 +362,12 @@ def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = 
     qc_summary.json."""
     p, out, ins, meta = call["params"], Path(call["out_dir"]), call["inputs"], call["meta"]
     th = QCThresholds.model_validate(p["qc"])
-    generated = [g for m in ins["generated"] for g in storage.read_jsonl(m["path"])]
-    instr_rejected = [r for m in ins["instruction_rejected"] for r in storage.read_jsonl(m["path"])]
-    kept_pool = storage.read_jsonl(ins["kept"]["path"])
-    responses = storage.read_jsonl(ins["responses"]["path"])
-    pairs = storage.read_jsonl(ins["pairs_kept"]["path"])
-    pair_rejected = storage.read_jsonl(ins["pairs_rejected"]["path"])
+    generated = [g for m in ins["generated"] for g in jsonl.read_rows(m["path"])]
+    instr_rejected = [r for m in ins["instruction_rejected"] for r in jsonl.read_rows(m["path"])]
+    kept_pool = jsonl.read_rows(ins["kept"]["path"])
+    responses = jsonl.read_rows(ins["responses"]["path"])
+    pairs = jsonl.read_rows(ins["pairs_kept"]["path"])
+    pair_rejected = jsonl.read_rows(ins["pairs_rejected"]["path"])
     surplus = [{"phase": "instruction_filter", "id": k["id"], "instruction": k["instruction"], "reason": "surplus_over_count"}
                for k in kept_pool[p["count"]:]]
     distinct = len({filters.normalize(g["instruction"]) for g in generated}) if generated else 0

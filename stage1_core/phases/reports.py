@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stage1_core.infra import storage
+from stage1_core.infra import jsonl
 
 
 def _fmt(v: Any) -> str:
@@ -75,8 +75,8 @@ def decision_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
 def preview_markdown(manifest: dict[str, Any], n_kept: int = 10, n_rejected: int = 5) -> str:
     """Markdown: gate decision, 10 kept pairs, 5 rejected items with their reasons."""
     summary = manifest["summary"]
-    kept = storage.read_jsonl(manifest["outputs"]["pilot_data"]["path"])[:n_kept]
-    rejected = storage.read_jsonl(manifest["outputs"]["rejected"]["path"])
+    kept = jsonl.read_rows(manifest["outputs"]["pilot_data"]["path"])[:n_kept]
+    rejected = jsonl.read_rows(manifest["outputs"]["rejected"]["path"])
     # Show a spread of reasons, not five of the most common one.
     by_reason: dict[str, list[dict[str, Any]]] = {}
     for r in rejected:

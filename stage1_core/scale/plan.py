@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from stage1_core.phases import pipeline, run
-from stage1_core.infra import provenance, storage
+from stage1_core.infra import jsonl, provenance, storage
 from stage1_core.scale import shards
 from stage1_core.infra.config import (DEFAULT_PILOT_CONFIG, PilotConfig, StrictModel, load_pilot_config,
                                       validate_pilot_config)
@@ -309,11 +309,11 @@ def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path) -> dict[
             f = pipeline.run_phase(run.make_call(work_plan, "filter_instructions", meta=meta, round=rnd, inputs={
                 "generated": g["outputs"]["generated"], "kept_before": kept_pool}))
             kept_pool = f["outputs"]["kept"]
-            unanswered = storage.read_jsonl(kept_pool["path"])[counts["instructions_kept"]:]
+            unanswered = jsonl.read_rows(kept_pool["path"])[counts["instructions_kept"]:]
             counts["instructions_kept"] = f["kept_total"]
             counts["instructions_generated"] += g["generated"]
             tokens["instructions"] += g["tokens"]
-            rejected += storage.read_jsonl(f["outputs"]["rejected"]["path"])
+            rejected += jsonl.read_rows(f["outputs"]["rejected"]["path"])
             continue
         counts["batches"] += 1
         batch = counts["batches"]
@@ -327,13 +327,13 @@ def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path) -> dict[
                                               inputs={"responses": r["outputs"]["responses"]},
                                               extra={"measure_dev": measure_dev and batch == 1}))
         critic_dev = critic_dev or pf.get("critic_dev")
-        responses = storage.read_jsonl(r["outputs"]["responses"]["path"])
+        responses = jsonl.read_rows(r["outputs"]["responses"]["path"])
         counts["pairs_generated"] += len(responses)
         tokens["responses"] += r["tokens"]
         completions += [{"id": x["id"], "raw": x["raw"], "stop_reason": x["stop_reason"],
                          "completion_tokens": x["completion_tokens"]} for x in responses]
-        pairs += storage.read_jsonl(pf["outputs"]["kept"]["path"])
-        rejected += storage.read_jsonl(pf["outputs"]["rejected"]["path"])
+        pairs += jsonl.read_rows(pf["outputs"]["kept"]["path"])
+        rejected += jsonl.read_rows(pf["outputs"]["rejected"]["path"])
     rejected += [{"phase": "instruction_filter", "id": k["id"], "instruction": k["instruction"],
                   "reason": "surplus_over_count"} for k in unanswered]
     base = {"run_id": run_id, "git_sha": provenance.git_info(run.REPO_DIR)["sha"], "config_hash": plan["config_hash"],

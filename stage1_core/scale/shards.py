@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stage1_core.infra import faults, storage
+from stage1_core.infra import faults, jsonl, storage
 
 SHARDS_DIR = "shards"
 FILES = ("data", "rejected", "completions")
@@ -92,4 +92,4 @@ def valid_manifest(out: str | Path, plan: dict[str, Any], index: int) -> dict[st
 
 def read(out: str | Path, manifest: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """Rows of one of a shard's files (`data`, `rejected`, `completions`)."""
-    return storage.read_jsonl(Path(out) / SHARDS_DIR / manifest["files"][name]["path"])
+    return jsonl.read_rows(Path(out) / SHARDS_DIR / manifest["files"][name]["path"])

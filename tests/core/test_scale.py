@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stage1_core.infra import faults, storage
+from stage1_core.infra import faults, jsonl
 from stage1_core.scale import plan as scale, shards
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LockedError, hold_lock
@@ -83,7 +83,7 @@ def test_a_complete_shard_is_never_recomputed_and_a_broken_one_is_redone(tmp_pat
     assert shards.valid_manifest(plan["output"], plan, 1) is None
     redone = scale.compute_shard(plan, 1, "third")
     assert redone["run_id"] == "third"
-    assert strip_run(storage.read_jsonl(data)) == strip_run([json.loads(x) for x in original.decode().splitlines()])
+    assert strip_run(jsonl.read_rows(data)) == strip_run([json.loads(x) for x in original.decode().splitlines()])
 
 
 def test_a_manifest_of_another_identity_does_not_count(tmp_path):

@@ -218,3 +218,29 @@ def test_a_remembered_interrupt_stops_the_next_phase_and_batch(tmp_path) -> None
     finally:
         interrupts.clear()
     pipeline._counter(lambda done, total: None, 10)(1)  # cleared: no interrupt
+
+
+def test_run_files_are_read_by_the_one_hardened_reader(tmp_path) -> None:
+    """Issue 21: a run's own files go through the JSONL reader of seeds and eval data: an empty file is
+    valid (nothing kept), a line cut short by a full disk or a hand-edited repeated key is an
+    InputError naming the file and line, never a silent wrong value."""
+    from stage1_core.infra import jsonl
+    from stage1_core.infra.errors import InputError
+
+    assert not hasattr(storage, "read_jsonl")  # one reader
+    empty = tmp_path / "pairs.rejected.jsonl"
+    empty.write_text("")
+    assert jsonl.read_rows(empty) == []
+    good = tmp_path / "kept.jsonl"
+    storage.write_jsonl_atomic(good, [{"id": "a", "x": 1}, {"id": "b", "x": 2}])
+    assert jsonl.read_rows(good) == [{"id": "a", "x": 1}, {"id": "b", "x": 2}]
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"id": "a"}\n{"id": "b", "instr')
+    with pytest.raises(InputError) as e:
+        jsonl.read_rows(cut)
+    assert e.value.file == str(cut) and e.value.line == 2 and "invalid JSON" in str(e.value)
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text('{"id": "a", "id": "b"}\n')
+    with pytest.raises(InputError) as e:
+        jsonl.read_rows(twice)
+    assert e.value.line == 1 and e.value.field == "id"
