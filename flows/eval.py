@@ -18,7 +18,7 @@ from prefect import flow
 from pydantic import Field
 
 from flows import runtime
-from stage1_core.train import evaluation
+from stage1_core.train import eval_report, evaluation
 from stage1_core.infra import provenance
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                              dry_text=evaluation.dry_run_text, start=lambda plan: eval_flow(**params))
     if isinstance(result, int):
         return result
-    print(evaluation.report_text(result["report"]))
+    print(eval_report.report_text(result["report"]))
     print(f"report in {result['output']}/{evaluation.REPORT} — exit {result['exit_code']}")
     return result["exit_code"]
 

@@ -157,7 +157,7 @@ def run_chain(result: dict[str, Any], steps: list[str], sft_config: str | None,
                                          "eval_loss": s["eval_loss"]}}
         print(f"--then: adapter in {trained['output']} (train loss {s['train_loss']:.4f}, eval loss {s['eval_loss']:.4f})")
         if "eval" in steps:
-            from stage1_core.train import evaluation
+            from stage1_core.train import eval_report
 
             ev = eval_flow(adapter=trained["output"], output=str(out.with_name(out.name + "-eval")), config=eval_config)
             r = ev["report"]
@@ -165,7 +165,7 @@ def run_chain(result: dict[str, Any], steps: list[str], sft_config: str | None,
                                                                    "tuned": r["tuned"]["stop_rate"]},
                              "win_rate": r["win_rate"]["tuned_over_base"], "judge_status": r["judge"]["status"]}
             print(f"--then: eval report in {ev['output']}: stop rate base {r['base']['stop_rate']:.3f} -> tuned "
-                  f"{r['tuned']['stop_rate']:.3f}, win rate tuned over base {evaluation.win_rate_line(r)}")
+                  f"{r['tuned']['stop_rate']:.3f}, win rate tuned over base {eval_report.win_rate_line(r)}")
     manifest_path = out / "session_manifest.json"
     storage.write_json_atomic(manifest_path, {**storage.read_json(manifest_path), "chain": chain})
     return chain

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from stage1_core.train import evaluation
+from stage1_core.train import eval_report, evaluation
 
 
 @task(name="prepare_eval", persist_result=False, cache_policy=NO_CACHE)
@@ -62,9 +62,9 @@ def evaluate(plan: dict[str, Any], base: Any, tuned: Any, judge: Any) -> dict[st
 def publish(report: dict[str, Any]) -> None:
     """The metric table and the markdown report (win rate, judge, verifiable accuracy by type) as
     Prefect artifacts; an uninformative win rate is logged as a warning."""
-    line = evaluation.win_rate_line(report)
-    create_table_artifact(evaluation.report_table(report), key="stage1-eval",
+    line = eval_report.win_rate_line(report)
+    create_table_artifact(eval_report.report_table(report), key="stage1-eval",
                           description=f"Eval base vs tuned (win rate tuned over base: {line})")
-    create_markdown_artifact(evaluation.report_markdown(report), key="stage1-eval-report", description="Eval report")
+    create_markdown_artifact(eval_report.report_markdown(report), key="stage1-eval-report", description="Eval report")
     if report["judge"]["status"] == "uninformative":
         get_run_logger().warning(f"eval: the win rate is uninformative: {report['judge']['reason']}")

@@ -1,4 +1,4 @@
-"""Atomic file writers and hashing: a run never leaves a half-written final file.
+"""The atomic writers and hashing: a run never leaves a half-written final file or folder.
 
 Every writer writes `NAME.tmp-<pid>` in the same folder, fsyncs, then `os.replace`s it onto NAME.
 An OSError on the way (disk full, quota, permissions, read-only file system) becomes one
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -71,6 +72,49 @@ def _remove(tmp: Path) -> str | None:
     except OSError:
         return str(tmp) if os.path.lexists(tmp) else None
     return None
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes atomically (see the module docstring): a PNG, an archive."""
+    _atomic_write_bytes(Path(path), data)
+
+
+def fsync_dir(d: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under `root`, then `root` itself."""
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(root)
+
+
+def publish_dir(staging: str | Path, final: str | Path) -> None:
+    """The atomic writer for a folder: `staging` (complete, in the same parent) is flushed and renamed
+    onto `final`, replacing an earlier `final`, so a reader sees the old folder or the new one whole,
+    never a half-written one.
+
+    Raises:
+        WriteError: the operating system refused the flush or the rename.
+    """
+    staging, final = Path(staging), Path(final)
+    try:
+        fsync_tree(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        fsync_dir(final.parent)
+    except OSError as e:
+        raise WriteError(str(final), e.errno or 0, e.strerror or str(e), "renaming the finished folder onto it",
+                         temp_left=str(staging) if staging.exists() else None, existed=final.exists()) from e
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

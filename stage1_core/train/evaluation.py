@@ -28,32 +28,23 @@ The tuned model is the base model loaded again with the adapter merged into its 
 
 from __future__ import annotations
 
-import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError, Field, field_validator
 
-from stage1_core.train import checkers, eval_data, judge as judging, sft
-from stage1_core.infra import provenance, stats, storage
-from stage1_core.phases import qc
+from stage1_core.train import checkers, eval_data, eval_metrics, eval_report, judge as judging, sft
+from stage1_core.infra import provenance, storage
 from stage1_core.infra.config import CONFIGS_DIR, ModelConfig, StrictModel, model_with
 from stage1_core.infra.settings import input_error, load_settings
 from stage1_core.infra.errors import InputError
-from stage1_core.model import cut_at_stop
 from stage1_core.infra.schemas import Completion, GenerationParams
 
 DEFAULT_EVAL_CONFIG = CONFIGS_DIR / "eval.yaml"
 REPORT = "eval_report.json"
 REPORT_MD = "eval_report.md"
 RESPONSES = "responses.jsonl"
-STOPPED = ("eos", "blank_line")
-VERIFIABLE = ("verifiable_accuracy", "verifiable_prompt_loose", "verifiable_instruction_strict",
-              "verifiable_instruction_loose")
-MODEL_METRICS = ("stop_rate", "empty_rate", "runaway_rate", "token_limit_rate", "mean_tokens", *VERIFIABLE,
-                 "perplexity")
 
 
 class JudgeSettings(StrictModel):
@@ -301,17 +292,7 @@ def load_models(plan: dict[str, Any]) -> tuple[Any, Any, Any]:
     return base, tuned, judge
 
 
-# --------------------------------------------------------------------------- metrics
-
-def response_of(c: Completion, stop_sequences: Sequence[str]) -> str:
-    """The response text of a completion: cut at the first stop sequence, stripped."""
-    return cut_at_stop(c.text, list(stop_sequences)).strip()
-
-
-def _rate(k: int, n: int) -> tuple[float | None, list[float] | None]:
-    ci = stats.wilson_ci(k, n)
-    return (k / n if n else None), (list(ci) if ci else None)
-
+# --------------------------------------------------------------------------- generation
 
 def generation_settings(item: eval_data.EvalPrompt, settings: EvalSettings) -> tuple[int, tuple[str, ...]]:
     """(max_new_tokens, stop sequences) a prompt generates under: the general ones without IFEval
@@ -321,76 +302,6 @@ def generation_settings(item: eval_data.EvalPrompt, settings: EvalSettings) -> t
     if checkers.needs_blank_lines(item.instruction_ids):
         return settings.verifiable.max_new_tokens, tuple(settings.verifiable.multiline_stop_sequences)
     return settings.verifiable.max_new_tokens, tuple(settings.stop_sequences)
-
-
-def verifiable_metrics(rows: Sequence[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
-    """IFEval's four accuracies over the rows that carry instructions, with intervals: prompt-level
-    (Wilson over prompts) and instruction-level (bootstrap over prompts of passed / instructions)."""
-    checked = [r for r in rows if r["instruction_ids"]]
-    out: dict[str, Any] = {"verifiable_n": len(checked),
-                           "verifiable_instructions": sum(len(r["instruction_ids"]) for r in checked)}
-    for mode, prompt_key, ins_key in (("strict", "verifiable_accuracy", "verifiable_instruction_strict"),
-                                      ("loose", "verifiable_prompt_loose", "verifiable_instruction_loose")):
-        out[prompt_key], out[f"{prompt_key}_ci"] = _rate(sum(all(r[mode]) for r in checked), len(checked))
-        num = [float(sum(r[mode])) for r in checked]
-        den = [float(len(r[mode])) for r in checked]
-        out[ins_key] = sum(num) / sum(den) if checked else None
-        ci = stats.bootstrap_ci_ratio(num, den, n_boot=n_boot, seed=seed) if checked else None
-        out[f"{ins_key}_ci"] = list(ci) if ci else None
-    return out
-
-
-def by_type(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per IFEval instruction id: n and each model's strict and loose accuracy with Wilson intervals."""
-    out: dict[str, dict[str, Any]] = {}
-    for iid in sorted({i for r in rows["base"] for i in r["instruction_ids"]}):
-        entry: dict[str, Any] = {}
-        for model, rs in rows.items():
-            res = [(r["strict"][k], r["loose"][k]) for r in rs for k, i in enumerate(r["instruction_ids"]) if i == iid]
-            entry["n"] = len(res)
-            for j, mode in enumerate(("strict", "loose")):
-                entry[f"{model}_{mode}"], entry[f"{model}_{mode}_ci"] = _rate(sum(x[j] for x in res), len(res))
-        out[iid] = entry
-    return out
-
-
-def model_metrics(items: Sequence[eval_data.EvalPrompt], completions: Sequence[Completion],
-                  stops: Sequence[Sequence[str]], nll: Sequence[tuple[float, int]], n_boot: int,
-                  seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One model's metrics and per-prompt rows.
-
-    Args:
-        items: the eval prompts.
-        completions: the model's completion of each prompt's zero-shot prompt.
-        stops: per prompt, the stop sequences its completion ran under.
-        nll: (sum of log-probabilities, tokens) of each reference response.
-    Returns:
-        (metrics with `<metric>_ci` beside each, rows per prompt).
-    """
-    rows, n = [], len(items)
-    for it, c, stop in zip(items, completions, stops):
-        resp = response_of(c, stop)
-        res = checkers.follows(it.instruction_ids, it.kwargs, resp) if it.checked else {"strict": [], "loose": []}
-        rows.append({"id": it.id, "response": resp, "raw": c.text, "stop_reason": c.stop_reason, "n_tokens": c.n_tokens,
-                     "stopped": bool(resp) and c.stop_reason in STOPPED, "empty": not resp,
-                     "runaway": qc.is_runaway(c.text, c.stop_reason), "token_limit": c.stop_reason == "token_limit",
-                     "instruction_ids": list(it.instruction_ids), "strict": res["strict"], "loose": res["loose"]})
-    out: dict[str, Any] = {"n": n}
-    for name, key in (("stop_rate", "stopped"), ("empty_rate", "empty"), ("runaway_rate", "runaway"),
-                      ("token_limit_rate", "token_limit")):
-        out[name], out[f"{name}_ci"] = _rate(sum(r[key] for r in rows), n)
-    tokens = [float(r["n_tokens"]) for r in rows]
-    out["mean_tokens"] = statistics.fmean(tokens) if tokens else None
-    ci = stats.bootstrap_ci(tokens, n_boot=n_boot, seed=seed)
-    out["mean_tokens_ci"] = list(ci) if ci else None
-    out.update(verifiable_metrics(rows, n_boot, seed))
-    neg = [-lp for lp, _ in nll]
-    toks = [float(t) for _, t in nll]
-    out["perplexity"] = math.exp(sum(neg) / sum(toks)) if nll and sum(toks) > 0 else None
-    ci = stats.bootstrap_ci_ratio(neg, toks, transform=math.exp, n_boot=n_boot, seed=seed) if nll else None
-    out["perplexity_ci"] = list(ci) if ci else None
-    out["perplexity_tokens"] = int(sum(toks))
-    return out, rows
 
 
 def generate_all(backend: Any, items: Sequence[eval_data.EvalPrompt], settings: EvalSettings,
@@ -449,7 +360,7 @@ def evaluate(plan: dict[str, Any], *, base: Any = None, tuned: Any = None, judge
 
         comps, stops = generate_all(backend, items, settings, progress=step)
         nll = backend.continuation_logprobs(ref_prompts, ref_conts)
-        per_model[name], rows[name] = model_metrics(items, comps, stops, nll, settings.bootstrap_samples, settings.seed)
+        per_model[name], rows[name] = eval_metrics.model_metrics(items, comps, stops, nll, settings.bootstrap_samples, settings.seed)
         seconds[name] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     base_texts, tuned_texts = [r["response"] for r in rows["base"]], [r["response"] for r in rows["tuned"]]
@@ -468,14 +379,14 @@ def evaluate(plan: dict[str, Any], *, base: Any = None, tuned: Any = None, judge
         "judge": {"model": plan.get("judge_config", {}).get("id", cfg.id), "is_base_model": plan.get("judge_is_base", True),
                   "weights_sha256": judge_fp.get("weights_sha256"), "fingerprint": judge_fp,
                   "status": "informative" if informative else "uninformative",
-                  "reason": (f"position consistency {_f(win['position_consistency'])} >= floor "
+                  "reason": (f"position consistency {eval_report.fmt(win['position_consistency'])} >= floor "
                              f"{settings.judge.consistency_floor}" if informative else
-                             f"position consistency {_f(win['position_consistency'])} < floor "
+                             f"position consistency {eval_report.fmt(win['position_consistency'])} < floor "
                              f"{settings.judge.consistency_floor}: the judge's verdicts follow the order the responses "
                              "are shown in more than the responses; do not read the win rate as a preference"),
                   "template": settings.judge.template, "labels": list(settings.judge.labels),
                   "consistency_floor": settings.judge.consistency_floor},
-        "verifiable_by_type": by_type(rows),
+        "verifiable_by_type": eval_metrics.by_type(rows),
         "settings": {"prompt": sft.PROMPT_TEMPLATE, "zero_shot": True, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
                      "max_new_tokens": settings.max_new_tokens, "stop_sequences": list(settings.stop_sequences),
                      "verifiable": {"max_new_tokens": settings.verifiable.max_new_tokens,
@@ -506,76 +417,6 @@ def evaluate(plan: dict[str, Any], *, base: Any = None, tuned: Any = None, judge
          "tuned": {k: v for k, v in tu.items() if k not in ("id", "instruction_ids")},
          "judge": v}
         for it, b, tu, v in zip(items, rows["base"], rows["tuned"], verdicts)])
-    storage.write_text_atomic(out / REPORT_MD, report_markdown(report))
+    storage.write_text_atomic(out / REPORT_MD, eval_report.report_markdown(report))
     storage.write_json_atomic(out / REPORT, report)  # last: its presence means the evaluation is complete
     return report
-
-
-# --------------------------------------------------------------------------- report
-
-def _f(v: Any, digits: int = 3) -> str:
-    return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def _ci(v: Any) -> str:
-    return "" if not v else f" [{v[0]:.3f}, {v[1]:.3f}]"
-
-
-def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per metric: base, tuned, each with its interval (the Prefect table artifact)."""
-    return [{"metric": m, "base": _f(report["base"][m]) + _ci(report["base"].get(f"{m}_ci")),
-             "tuned": _f(report["tuned"][m]) + _ci(report["tuned"].get(f"{m}_ci"))} for m in MODEL_METRICS]
-
-
-def win_rate_line(report: dict[str, Any]) -> str:
-    """The win rate as the report states it: marked uninformative below the consistency floor."""
-    w, j = report["win_rate"], report["judge"]
-    value = f"{_f(w['tuned_over_base'])}{_ci(w['tuned_over_base_ci'])}"
-    lc = f"{_f(w['length_controlled'])}{_ci(w['length_controlled_ci'])}"
-    if j["status"] == "uninformative":
-        return (f"UNINFORMATIVE (judge position consistency {_f(w['position_consistency'])} < floor "
-                f"{j['consistency_floor']}); raw {value}, length-controlled {lc}")
-    return f"{value}, length-controlled {lc}"
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """eval_report.md: the metric table, the win rate with its judge, verifiable accuracy per type, settings."""
-    w, s, j = report["win_rate"], report["settings"], report["judge"]
-    v = s["verifiable"]
-    lines = [f"# Eval: {report['base_model']['id']} vs + adapter", "",
-             f"{report['prompts']['n']} held-out prompts, {report['prompts']['with_instructions']} with "
-             f"{report['prompts']['instructions']} IFEval instructions; zero-shot `{s['prompt']!r}`, greedy. Prompts "
-             f"without instructions: up to {s['max_new_tokens']} tokens, stops {s['stop_sequences']!r}. With "
-             f"instructions: up to {v['max_new_tokens']} tokens; the {v['multiline_prompts']} that need blank lines stop "
-             f"only at {v['multiline_stop_sequences']!r}. Perplexity on {report['reference']['n']} reference "
-             f"responses. Intervals: {s['intervals']}.", "",
-             "| metric | base | tuned |", "|---|---|---|"]
-    lines += [f"| {r['metric']} | {r['base']} | {r['tuned']} |" for r in report_table(report)]
-    lines += ["", f"## Win rate, tuned over base: {win_rate_line(report)}", "",
-              f"Judge: {j['model']}{' (the base model)' if j['is_base_model'] else ''}, weights sha256 "
-              f"{(j['weights_sha256'] or '—')[:16]}. Each pair shown in both orders; a pair whose orders disagree is a tie.",
-              "", "| | value |", "|---|---|"]
-    for key, label in (("tuned_over_base", "win rate (ties 1/2)"), ("length_controlled", "length-controlled win rate"),
-                       ("position_consistency", "position consistency"),
-                       ("first_position_share", "verdicts for the first-shown response"),
-                       ("judge_mean_p_first", "mean P(first shown)"), ("length_diff_chars", "length gap, tuned - base (chars)"),
-                       ("length_slope", "judge's log-odds per unit of tanh(length gap / sd)")):
-        lines.append(f"| {label} | {_f(w[key])}{_ci(w.get(f'{key}_ci'))} |")
-    lines.append(f"| wins / losses / ties / equal responses | {w['wins']} / {w['losses']} / {w['ties']} / "
-                 f"{w['equal_responses']} |")
-    lines += ["", f"Status: **{j['status']}** — {j['reason']}.", "",
-              "## Verifiable instructions by type (IFEval rules)", "",
-              "| instruction | n | base strict | tuned strict | base loose | tuned loose |", "|---|---|---|---|---|---|"]
-    for iid, e in report["verifiable_by_type"].items():
-        lines.append(f"| {iid} | {e['n']} | " + " | ".join(
-            f"{_f(e[k])}{_ci(e[k + '_ci'])}" for k in ("base_strict", "tuned_strict", "base_loose", "tuned_loose")) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def report_text(report: dict[str, Any]) -> str:
-    """The CLI's summary lines."""
-    b, t = report["base"], report["tuned"]
-    return "\n".join([f"{'metric':<30} {'base':>8} {'tuned':>8}"] +
-                     [f"{m:<30} {_f(b[m]):>8} {_f(t[m]):>8}" for m in MODEL_METRICS] +
-                     [f"win rate (tuned over base): {win_rate_line(report)}",
-                      f"judge {report['judge']['model']}: {report['judge']['status']} ({report['judge']['reason']})"])

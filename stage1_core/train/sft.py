@@ -19,12 +19,10 @@ Run it: `python -m flows.sft --data RUN_DIR --output DIR`; tests: `python -m pyt
 
 from __future__ import annotations
 
-import hashlib
-import json
+import io
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -32,16 +30,15 @@ from typing import Any, Callable, Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from stage1_core.infra import faults, provenance, storage
-from stage1_core.infra.config import CONFIGS_DIR, ModelConfig, StrictModel, model_with, validate_pilot_config
-from stage1_core.infra.settings import load_settings, read_yaml_mapping
+from stage1_core.infra import provenance, storage
+from stage1_core.infra.config import CONFIGS_DIR, ModelConfig, StrictModel, model_with
+from stage1_core.infra.settings import load_settings
 from stage1_core.infra.errors import InputError
-from stage1_core.infra.jsonl import JsonlKind, read_jsonl, require_string
+from stage1_core.train import sft_data, trainer as sft_trainer
 
 log = logging.getLogger("stage1.sft")
 
 DEFAULT_SFT_CONFIG = CONFIGS_DIR / "sft.yaml"
-RUN_DATA_FILES = {"pilot": "pilot_data.jsonl", "scale": "scale_data.jsonl"}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
 SUMMARY = "training_summary.json"
@@ -52,7 +49,6 @@ PROMPT_TEMPLATE = "Instruction: {instruction}\nResponse:"
 IGNORE = -100
 """The label of a token the loss skips (prompt tokens, padding)."""
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class LoraSettings(StrictModel):
@@ -89,88 +85,6 @@ class SFTSettings(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
 
-# --------------------------------------------------------------------------- the run's data
-
-def read_run(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
-    """What SFT needs from a finished pilot or scale folder: its gate, data file and model.
-
-    Args:
-        run_dir: the pilot's or scale run's --output folder.
-        force: train even though the gate did not say scale (recorded as forced).
-    Returns:
-        {path, kind ("pilot" | "scale"), decision (the gate's word), reasons, forced, data (path),
-        data_sha256, model (the run's ModelConfig dump), run_id}.
-    Raises:
-        InputError: not a finished run folder, or its gate did not say scale (unless `force`).
-    """
-    d = Path(run_dir)
-    where = {"field": "--data", "expected": "the output folder of a finished pilot or scale run"}
-    if not d.is_dir():
-        raise InputError(f"run folder not found: {d}", file=str(d), fix="pass the pilot's or scale run's --output folder",
-                         **where)
-    manifest_path = d / "session_manifest.json"
-    kind = next((k for k, name in RUN_DATA_FILES.items() if (d / name).is_file()), None)
-    try:
-        manifest = storage.read_json(manifest_path)
-        gate = manifest["decision"] if kind == "pilot" else manifest["qc"]["decision"]
-        decision = gate["decision"]
-    except (OSError, ValueError, KeyError, TypeError):
-        kind = None
-    if kind is None:
-        raise InputError("not a finished run: session_manifest.json or the data file (pilot_data.jsonl / "
-                         "scale_data.jsonl) is missing or incomplete", file=str(manifest_path),
-                         fix="let the run finish (rerun its command to resume it), then train on it", **where)
-    if decision != "scale" and not force:
-        reasons = "; ".join(str(r) for r in (gate.get("reasons") or [])[:3])
-        raise InputError(f"the run's gate said '{decision}', not 'scale'" + (f" ({reasons})" if reasons else ""),
-                         file=str(manifest_path), field="decision", expected="a run whose gate said scale",
-                         fix="iterate until the gate says scale, or pass --force to train anyway "
-                             "(recorded as forced: true in training_summary.json)")
-    cfg_path = d / "config.yaml"
-    data, node = read_yaml_mapping(cfg_path)
-    data.pop("scale", None)
-    model = validate_pilot_config(data, str(cfg_path), node).model.model_dump(mode="json")
-    data_path = d / RUN_DATA_FILES[kind]
-    return {"path": str(d.resolve()), "kind": kind, "decision": decision, "reasons": list(gate.get("reasons") or []),
-            "forced": decision != "scale", "data": str(data_path.resolve()), "data_sha256": storage.sha256_file(data_path),
-            "model": model, "run_id": manifest.get("run_id")}
-
-
-SFT_DATA = JsonlKind(item="SFT data", example='{"id": "p1", "instruction": "Name a fruit.", "response": "An apple."}',
-                     missing_fix="pass a finished pilot or scale run folder (its pilot_data.jsonl / scale_data.jsonl)",
-                     empty_fix="use the run's own data file (it is written atomically), or rerun the run")
-"""How errors name an SFT data file (stage1_core.infra.jsonl reads it)."""
-
-
-def read_pairs(path: str | Path) -> list[dict[str, str]]:
-    """The (id, instruction, response) of every row of a run's data file, through the hardened reader
-    (stage1_core.infra.jsonl: bad UTF-8, over-long lines, repeated keys, invalid JSON are errors naming the line).
-
-    Raises:
-        InputError: a reader error, or a row without a non-empty instruction or response (naming
-            file, line and field); fewer than 2 rows (one is held out for the eval loss).
-    """
-    rows: list[dict[str, str]] = []
-    name = str(path)
-    for n, row in read_jsonl(path, SFT_DATA):
-        instruction = require_string(row, "instruction", name, n, SFT_DATA)
-        response = require_string(row, "response", name, n, SFT_DATA)
-        rows.append({"id": str(row.get("id", f"line-{n}")), "instruction": instruction, "response": response})
-    if len(rows) < 2:
-        raise InputError(f"{len(rows)} pairs: SFT needs at least 2 (one is held out for the eval loss)", file=str(path),
-                         expected="a run that kept 2 or more pairs", fix="run a larger pilot (--count)")
-    return rows
-
-
-def split_pairs(rows: Sequence[dict[str, str]], eval_fraction: float, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Deterministic held-out split: rows ordered by sha256(seed, id); the first ceil(fraction * n)
-    (at least 1, at most n - 1) are the eval slice. Returns (train, eval), each in file order."""
-    n_eval = min(len(rows) - 1, max(1, math.ceil(eval_fraction * len(rows))))
-    ranked = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{seed}:{rows[i]['id']}:{i}".encode()).hexdigest())
-    held = set(ranked[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
-
-
 # --------------------------------------------------------------------------- config and plan
 
 def load_sft_config(config: str | Path | None = None, seed: int | None = None) -> SFTSettings:
@@ -195,7 +109,7 @@ def prepare_sft(*, data: str, output: str, config: str | None = None, seed: int 
     from stage1_core.model import check_quantize, model_fingerprint, resolve_model
     from stage1_core.phases.run import check_output_dir
 
-    run = read_run(data, force)
+    run = sft_data.read_run(data, force)
     settings = load_sft_config(config, seed)
     cfg = model_config(run["model"], settings)
     r = resolve_model(cfg)
@@ -203,7 +117,7 @@ def prepare_sft(*, data: str, output: str, config: str | None = None, seed: int 
         raise InputError(f"the run's model is {cfg.id}: SFT needs real weights", field="model.id",
                          expected="the run's real base model", fix="train on a run made with a real model")
     check_quantize(cfg, r)
-    pairs = read_pairs(run["data"])
+    pairs = sft_data.read_pairs(run["data"])
     fingerprint = model_fingerprint(cfg)
     dumped = settings.model_dump(mode="json")
     identity = {"data_sha256": run["data_sha256"], "sft_config_sha256": storage.sha256_text(storage.canonical_json(dumped)),
@@ -290,84 +204,6 @@ class Collator:
             labels[i, :n] = torch.tensor(f["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-def complete_checkpoints(folder: str | Path) -> list[Path]:
-    """The `checkpoint-N` folders under `folder`, oldest step first. Only renamed (finished) ones
-    carry that name: a checkpoint is written under `.staging-<pid>/` and renamed when complete."""
-    d = Path(folder)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_trainer_class() -> type:
-    """A transformers Trainer whose checkpoints appear whole or not at all."""
-    from transformers import Trainer
-    from transformers.trainer_utils import rotate_checkpoints
-
-    class AtomicCheckpointTrainer(Trainer):
-        _staging: str | None = None
-
-        def _get_output_dir(self, trial: Any) -> str:
-            return self._staging or super()._get_output_dir(trial)
-
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            root = Path(self.args.output_dir)
-            name = f"checkpoint-{self.state.global_step}"
-            staging = root / f".staging-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            self._staging = str(staging)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging = None
-            _fsync_tree(staging / name)
-            faults.maybe_fault("sft_save", name)
-            final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging / name, final)
-            _fsync_dir(root)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=None, use_mtime=False)
-
-    return AtomicCheckpointTrainer
-
-
-def _progress_callback(total_steps: Callable[[], int], on_step: Callable[[int, int, dict[str, float]], None] | None) -> Any:
-    from transformers import TrainerCallback
-
-    class StepCallback(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            faults.maybe_fault("sft_step", str(state.global_step))
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
-            if on_step is not None and logs and "loss" in logs:
-                on_step(state.global_step, state.max_steps, logs)
-
-    return StepCallback()
 
 
 # --------------------------------------------------------------------------- training
@@ -457,8 +293,8 @@ def train(plan: dict[str, Any], *, backend: Any = None,
     if backend is None:
         backend = load_base(plan)
     load_s = float(backend.fingerprint.get("load_seconds") or 0.0)  # the load's own time, wherever it happened
-    rows = read_pairs(plan["run"]["data"])
-    train_rows, eval_rows = split_pairs(rows, settings.eval_fraction, settings.seed)
+    rows = sft_data.read_pairs(plan["run"]["data"])
+    train_rows, eval_rows = sft_data.split_pairs(rows, settings.eval_fraction, settings.seed)
     train_ex, skipped_train = encode_pairs(backend, train_rows, settings.max_seq_len)
     eval_ex, skipped_eval = encode_pairs(backend, eval_rows, settings.max_seq_len)
     if not train_ex or not eval_ex:
@@ -469,10 +305,10 @@ def train(plan: dict[str, Any], *, backend: Any = None,
     model.train()
     args = training_arguments(settings, str(out / CHECKPOINTS), backend.device, str(model.dtype).removeprefix("torch."),
                               quantized)
-    trainer = _atomic_trainer_class()(model=model, args=args, train_dataset=train_ex, eval_dataset=eval_ex,
+    trainer = sft_trainer.atomic_trainer_class()(model=model, args=args, train_dataset=train_ex, eval_dataset=eval_ex,
                                       data_collator=Collator(backend.pad_id),
-                                      callbacks=[_progress_callback(lambda: 0, on_step)])
-    checkpoints = complete_checkpoints(out / CHECKPOINTS)
+                                      callbacks=[sft_trainer.progress_callback(lambda: 0, on_step)])
+    checkpoints = sft_trainer.complete_checkpoints(out / CHECKPOINTS)
     resume = str(checkpoints[-1]) if checkpoints else None
     start_tokens = 0
     if resume:
@@ -527,11 +363,11 @@ def _write_adapter(model: Any, out: Path) -> None:
     staging = out / f".adapter-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging), safe_serialization=True)
-    _fsync_tree(staging)
+    storage.fsync_tree(staging)
     for p in sorted(staging.iterdir(), key=lambda p: p.name == ADAPTER_CONFIG):  # the config last
         if p.is_file():
             os.replace(p, out / p.name)
-    _fsync_dir(out)
+    storage.fsync_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -556,12 +392,10 @@ def write_loss_png(summary: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(path, buf.getvalue())
 
 
 def read_summary(adapter_dir: str | Path) -> dict[str, Any]:

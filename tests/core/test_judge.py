@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from stage1_core.train import evaluation, judge
+from stage1_core.train import eval_metrics, eval_report, judge
 
 TEMPLATE = "Instruction: {instruction}\nResponse A: {response_a}\nResponse B: {response_b}\nAnswer:"
 
@@ -125,7 +125,7 @@ def test_length_gap_and_length_controlled_win_rate() -> None:
 
 
 def _report(win: dict, status: str) -> dict:
-    metrics = {m: 0.5 for m in evaluation.MODEL_METRICS} | {f"{m}_ci": [0.4, 0.6] for m in evaluation.MODEL_METRICS}
+    metrics = {m: 0.5 for m in eval_metrics.MODEL_METRICS} | {f"{m}_ci": [0.4, 0.6] for m in eval_metrics.MODEL_METRICS}
     return {"base": metrics, "tuned": metrics, "win_rate": win,
             "judge": {"model": "embedded:gemma-3-270m", "is_base_model": True, "weights_sha256": "ab" * 32,
                       "status": status, "reason": "position consistency 0.000 < floor 0.5: ...", "consistency_floor": 0.5},
@@ -145,13 +145,13 @@ def test_the_report_marks_an_uninformative_win_rate_everywhere() -> None:
     _, s = _run(PositionalJudge(), BASE, TUNED)
     s.pop("informative")
     r = _report(s, "uninformative")
-    line = evaluation.win_rate_line(r)
+    line = eval_report.win_rate_line(r)
     assert line.startswith("UNINFORMATIVE (judge position consistency 0.000 < floor 0.5)")
-    md = evaluation.report_markdown(r)
+    md = eval_report.report_markdown(r)
     assert "Win rate, tuned over base: UNINFORMATIVE" in md and "Status: **uninformative**" in md
     assert "| punctuation:no_comma | 3 | 0.333 [0.100, 0.800] | 1.000" in md
     assert "| position consistency | 0.000" in md and "| length-controlled win rate | 0.500" in md
-    assert "judge embedded:gemma-3-270m: uninformative" in evaluation.report_text(r)
+    assert "judge embedded:gemma-3-270m: uninformative" in eval_report.report_text(r)
     _, s = _run(ContentJudge(), BASE, TUNED)
     s.pop("informative")
-    assert evaluation.win_rate_line(_report(s, "informative")).startswith("1.000 [1.000, 1.000], length-controlled")
+    assert eval_report.win_rate_line(_report(s, "informative")).startswith("1.000 [1.000, 1.000], length-controlled")

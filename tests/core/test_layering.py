@@ -17,8 +17,6 @@ MAX_LINES = 500
 NOT_YET_SPLIT = {
     "model/loader.py": 982,
     "model/engine.py": 865,
-    "train/evaluation.py": 583,
-    "train/sft.py": 585,
 }
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from stage1_core.train import sft
+from stage1_core.train import sft, sft_data, trainer
 from stage1_core.infra.errors import InputError
 from tests.sft_support import make_run_dir
 
@@ -27,26 +27,26 @@ def test_collator_pads_right_and_masks_padding_out_of_the_loss():
 
 def test_split_is_deterministic_disjoint_and_holds_out_at_least_one():
     rows = [{"id": f"r{i}", "instruction": f"q{i}", "response": f"a{i}"} for i in range(24)]
-    train, held = sft.split_pairs(rows, 0.1, seed=42)
+    train, held = sft_data.split_pairs(rows, 0.1, seed=42)
     assert len(held) == 3 and len(train) == 21
     assert {r["id"] for r in train}.isdisjoint(r["id"] for r in held)
-    assert sft.split_pairs(rows, 0.1, seed=42) == (train, held)
-    assert sft.split_pairs(rows, 0.1, seed=7)[1] != held
-    assert [len(x) for x in sft.split_pairs(rows[:2], 0.4, seed=0)] == [1, 1]
+    assert sft_data.split_pairs(rows, 0.1, seed=42) == (train, held)
+    assert sft_data.split_pairs(rows, 0.1, seed=7)[1] != held
+    assert [len(x) for x in sft_data.split_pairs(rows[:2], 0.4, seed=0)] == [1, 1]
 
 
 def test_a_run_whose_gate_did_not_say_scale_is_refused_unless_forced(tmp_path):
     d = make_run_dir(tmp_path / "run", decision="halt")
     with pytest.raises(InputError) as e:
-        sft.read_run(d)
+        sft_data.read_run(d)
     assert "'halt'" in e.value.message and "--force" in e.value.fix and e.value.file.endswith("session_manifest.json")
-    run = sft.read_run(d, force=True)
+    run = sft_data.read_run(d, force=True)
     assert run["forced"] is True and run["decision"] == "halt" and run["kind"] == "pilot"
     assert run["model"]["id"] == "embedded:gemma-3-270m"
 
 
 def test_a_scale_folder_is_read_from_its_qc_decision(tmp_path):
-    run = sft.read_run(make_run_dir(tmp_path / "s", kind="scale"))
+    run = sft_data.read_run(make_run_dir(tmp_path / "s", kind="scale"))
     assert run["kind"] == "scale" and run["forced"] is False and run["data"].endswith("scale_data.jsonl")
 
 
@@ -54,7 +54,7 @@ def test_an_unfinished_run_folder_is_bad_input(tmp_path):
     d = make_run_dir(tmp_path / "run")
     (d / "session_manifest.json").unlink()
     with pytest.raises(InputError, match="not a finished run"):
-        sft.read_run(d)
+        sft_data.read_run(d)
 
 
 def test_a_data_row_without_a_response_names_the_line(tmp_path):
@@ -62,7 +62,7 @@ def test_a_data_row_without_a_response_names_the_line(tmp_path):
     p.write_text(json.dumps({"id": "a", "instruction": "x", "response": "y"}) + "\n"
                  + json.dumps({"id": "b", "instruction": "x", "response": " "}) + "\n")
     with pytest.raises(InputError) as e:
-        sft.read_pairs(p)
+        sft_data.read_pairs(p)
     assert (e.value.line, e.value.field) == (2, "response")
 
 
@@ -88,7 +88,7 @@ def test_complete_checkpoints_ignore_staging_folders(tmp_path):
     for name in ("checkpoint-10", "checkpoint-2", ".staging-123", "checkpoint-x"):
         (tmp_path / name).mkdir()
     (tmp_path / ".staging-123" / "checkpoint-20").mkdir()
-    assert [p.name for p in sft.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert [p.name for p in trainer.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
 
 
 def test_sft_data_goes_through_the_hardened_reader(tmp_path):
@@ -96,9 +96,9 @@ def test_sft_data_goes_through_the_hardened_reader(tmp_path):
     p.write_text(json.dumps({"id": "a", "instruction": "x", "response": "y"}) + "\n"
                  + '{"id": "b", "instruction": "x", "response": "y", "response": "z"}\n')
     with pytest.raises(InputError) as e:
-        sft.read_pairs(p)
+        sft_data.read_pairs(p)
     assert (e.value.line, e.value.field) == (2, "response") and "appears twice" in e.value.message
     p.write_bytes(b'{"id": "a", "instruction": "x", "response": "y"}\n{"id": "b", "instruction": "caf\xe9"}\n')
     with pytest.raises(InputError) as e:
-        sft.read_pairs(p)
+        sft_data.read_pairs(p)
     assert e.value.line == 2 and "SFT data file is not valid UTF-8" in e.value.message

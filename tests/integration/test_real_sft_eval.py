@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core.train import evaluation, sft
+from stage1_core.train import eval_metrics, sft, trainer
 from tests.flows.conftest import REPO, read_jsonl
 from tests.sft_support import make_run_dir
 
@@ -92,7 +92,7 @@ def test_sft_then_eval_on_the_embedded_model(tmp_path, real_backend):
     report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
     for model in ("base", "tuned"):
         m = report[model]
-        for key in evaluation.MODEL_METRICS:
+        for key in eval_metrics.MODEL_METRICS:
             assert isinstance(m[key], float), (model, key)
             lo, hi = m[f"{key}_ci"]
             assert lo <= m[key] <= hi, (model, key)
@@ -147,7 +147,7 @@ def test_killed_training_resumes_to_the_same_final_loss(tmp_path, api_url):
     # killed while writing its second checkpoint (step 6): checkpoint-3 is whole, checkpoint-6 never appears
     killed = _sft(api_url, *common, "--output", str(out), fault="sft_save:2")
     assert killed.returncode == -signal.SIGKILL
-    assert [p.name for p in sft.complete_checkpoints(out / sft.CHECKPOINTS)] == ["checkpoint-3"]
+    assert [p.name for p in trainer.complete_checkpoints(out / sft.CHECKPOINTS)] == ["checkpoint-3"]
     assert (out / sft.CHECKPOINTS / "checkpoint-3" / "trainer_state.json").is_file()
     assert [p.name for p in (out / sft.CHECKPOINTS).glob(".staging-*/checkpoint-*")] == ["checkpoint-6"]
     assert not (out / sft.SUMMARY).exists() and not (out / sft.ADAPTER_CONFIG).exists()
