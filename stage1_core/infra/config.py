@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stage1_core.infra import settings
+from stage1_core.infra.schemas import GenerationParams, MaxNewTokens, StopSequences, Temperature, TopK, TopP
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_PILOT_CONFIG = CONFIGS_DIR / "pilot.yaml"
@@ -54,13 +55,16 @@ class InstructionGenerationConfig(StrictModel):
                                   "round 1 and a smaller pool use seeds for the rest")
     prompts_per_round: int = Field(default=16, gt=0)
     max_instruction_rounds: int = Field(default=12, gt=0)
-    max_new_tokens: int = Field(default=160, gt=0)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    max_new_tokens: MaxNewTokens = 160
+    temperature: Temperature = 1.0
     temperature_cap: float = Field(default=1.0, gt=0.0, le=2.0, description="the iterate step never raises "
                                    "temperature above this (a higher temperature set by hand is left alone)")
-    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    stop_sequences: list[str] = Field(default_factory=lambda: ["\n\n"])
+    top_p: TopP = 0.9
+    top_k: TopK = 0
+    stop_sequences: StopSequences = Field(default_factory=lambda: ["\n\n"])
+
+    def sampling(self) -> GenerationParams:
+        return GenerationParams.of(self)
 
     @model_validator(mode="after")
     def _machine(self) -> "InstructionGenerationConfig":
@@ -91,13 +95,16 @@ class WorkedExample(StrictModel):
 class ResponseGenerationConfig(StrictModel):
     n_examples: int = Field(default=2, ge=0)
     worked_examples: list[WorkedExample]
-    max_new_tokens: int = Field(default=96, gt=0)
+    max_new_tokens: MaxNewTokens = 96
     max_new_tokens_cap: int = Field(default=384, gt=0)
     min_new_tokens_floor: int = Field(default=32, gt=0)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    stop_sequences: list[str] = Field(default_factory=lambda: ["\n\n", "\nInstruction:", "\nResponse:"])
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.9
+    top_k: TopK = 0
+    stop_sequences: StopSequences = Field(default_factory=lambda: ["\n\n", "\nInstruction:", "\nResponse:"])
+
+    def sampling(self) -> GenerationParams:
+        return GenerationParams.of(self)
 
     @model_validator(mode="after")
     def _examples(self) -> "ResponseGenerationConfig":

@@ -28,7 +28,6 @@ from stage1_core.model import Backend
 from stage1_core.infra.config import (CriticConfig, InstructionFilterConfig, InstructionGenerationConfig, ModelConfig,
                                 QCThresholds, ResponseGenerationConfig)
 from stage1_core.phases.critic import ABCritic, instruction_reject_reason, pair_reject_reason
-from stage1_core.infra.schemas import GenerationParams
 from stage1_core.phases.seeds import load_seeds
 
 CORE_DIR = Path(__file__).resolve().parents[1]
@@ -189,8 +188,7 @@ def generate_instructions(call: dict[str, Any], key: str | None = None, progress
             rng.shuffle(lines)
         prompt_rows.append({"seed_ids": [s.id for s in chosen], "machine_ids": [mid for _, mid in lines if mid],
                             "prompt": prompts.build_instruction_prompt(ig.header, [t for t, _ in lines])})
-    params = GenerationParams(max_new_tokens=ig.max_new_tokens, temperature=ig.temperature, top_p=ig.top_p,
-                              top_k=ig.top_k, stop_sequences=ig.stop_sequences)
+    params = ig.sampling()
     step = _counter(progress, len(prompt_rows))
     comps = _backend(call).generate([r["prompt"] for r in prompt_rows], params, _derive_seed(p["seed"], "gen", rnd), step,
                                     ids=[f"r{rnd:02d}-p{i:03d}" for i in range(len(prompt_rows))])
@@ -267,8 +265,7 @@ def generate_responses(call: dict[str, Any], key: str | None = None, progress: P
     rg = ResponseGenerationConfig.model_validate(p["response_generation"])
     kept = jsonl.read_rows(call["inputs"]["kept"]["path"])[: p["count"]]
     examples = rg.worked_examples[: rg.n_examples]
-    params = GenerationParams(max_new_tokens=rg.max_new_tokens, temperature=rg.temperature, top_p=rg.top_p,
-                              top_k=rg.top_k, stop_sequences=rg.stop_sequences)
+    params = rg.sampling()
     step = _counter(progress, len(kept))
     backend = _backend(call)
     comps = backend.generate([prompts.build_response_prompt(k["instruction"], examples) for k in kept], params,

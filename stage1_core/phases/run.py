@@ -23,6 +23,7 @@ from stage1_core.infra.config import (InstructionGenerationConfig, PilotConfig, 
                                 load_pilot_config)
 from stage1_core.phases.critic import rubric_variants
 from stage1_core.infra.errors import InputError, ModelGuardError
+from stage1_core.infra.schemas import GenerationParams
 from stage1_core.infra.locks import LOCK_NAME
 from stage1_core.phases.seeds import load_seeds, require_usable
 
@@ -240,7 +241,7 @@ def make_call(plan: dict[str, Any], phase: str, *, meta: dict[str, Any], iterati
         params = {"qc": cfg["qc"], "count": cfg["count"], "seed": cfg["seed"], "iteration": iteration,
                   "max_iterations": cfg["max_iterations"], "model_id": plan["model"]["id"],
                   "model_sha": plan["model"]["weights_sha256"],
-                  "generation": {"instruction": _gen_params(ig), "response": _gen_params(rg)}}
+                  "generation": generation_record(ig, rg)}
         out_dir = out / "iterations" / f"{iteration:02d}"
     else:
         raise ValueError(f"unknown phase {phase!r}")
@@ -258,8 +259,10 @@ def instruction_inputs(ig: dict[str, Any], kept: dict[str, Any] | None) -> dict[
     return {"kept_before": kept} if ig.get("machine_examples") and kept else None
 
 
-def _gen_params(section: dict[str, Any]) -> dict[str, Any]:
-    return {k: section[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "stop_sequences")}
+def generation_record(instruction: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    """The sampling settings of both generation phases, as provenance and the qc key record them."""
+    return {"instruction": GenerationParams.of(instruction).model_dump(mode="json"),
+            "response": GenerationParams.of(response).model_dump(mode="json")}
 
 
 def next_settings(instruction: dict[str, Any], response: dict[str, Any],

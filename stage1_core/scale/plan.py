@@ -339,8 +339,7 @@ def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path) -> dict[
     base = {"run_id": run_id, "git_sha": provenance.git_info(run.REPO_DIR)["sha"], "config_hash": plan["config_hash"],
             "model": {"id": plan["model"]["id"], "weights_sha256": plan["model"]["weights_sha256"]},
             "seed": cfg["seed"], "shard": index, "shard_seed": info["seed"],
-            "generation": {"instruction": run._gen_params(cfg["instruction_generation"]),
-                           "response": run._gen_params(cfg["response_generation"])}}
+            "generation": run.generation_record(cfg["instruction_generation"], cfg["response_generation"])}
     rows = [pipeline.data_row({**x, "id": prefix + x["id"]}, base) for x in pairs]
     for x in (*rejected, *completions):
         x["id"] = prefix + x["id"]
