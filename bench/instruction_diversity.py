@@ -52,11 +52,13 @@ OPTIONS = {
 
 def run_option(name: str, seed: int, rounds: int, root: Path) -> dict:
     from stage1_core.phases import pipeline, qc, run
+    from stage1_core.phases.options import PilotOptions
     from stage1_core.infra import jsonl
 
     cfg_path = root / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(OPTIONS[name]))
-    plan = run.prepare_pilot(output=str(root / f"{name}-seed{seed}"), config=str(cfg_path), seed=seed, count=100)
+    plan = run.prepare_pilot(PilotOptions(output=str(root / f"{name}-seed{seed}"), config=str(cfg_path), seed=seed,
+                                          count=100))
     run.claim_output(plan, "bench")
     meta = {"run_id": "bench", "git_sha": None, "config_hash": plan["config_hash"]}
     kept, generated, reasons, tokens = None, 0, Counter(), 0

@@ -16,89 +16,71 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import Field
+from pydantic import ValidationError
 
 from flows import runtime
-from stage1_core.phases import approval, reports, run
+from stage1_core.infra import settings
+from stage1_core.infra.config import load_pilot_config
+from stage1_core.phases import approval, options, reports, run
+from stage1_core.phases.options import LOCAL_OUTPUT, PilotOptions
 from stage1_core.infra import provenance, storage
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
 from tasks import phases as t
 
-LOCAL_OUTPUT = "artifacts/pilot"
 APPROVAL_REQUEST = ".approval_request.json"
 
 
 def _run_name() -> str:
-    """`pilot-{count}-seed{seed}`; under a deployment with the run id's first 8 characters added,
-    because the name is the run's output folder there and two runs must not share one."""
+    """`pilot-{count}-seed{seed}` (the config's values when not given); under a deployment with the run
+    id's first 8 characters added, because the name is the run's output folder there and two runs must
+    not share one."""
     from prefect.runtime import deployment, flow_run
 
     p = flow_run.parameters
-    name = f"pilot-{p.get('count', 100)}-seed{p.get('seed', 42)}"
+    count, seed = p.get("count"), p.get("seed")
+    if count is None or seed is None:
+        try:
+            cfg = load_pilot_config(p.get("config"))
+            count, seed = count if count is not None else cfg.count, seed if seed is not None else cfg.seed
+        except InputError:  # the flow reports it; the name only needs to be a name
+            pass
+    name = f"pilot-{count}-seed{seed}"
     return f"{name}-{str(flow_run.id)[:8]}" if deployment.id else name
 
 
-@flow(name="stage1", flow_run_name=_run_name, log_prints=True)
-def pilot(count: Annotated[int, Field(gt=0, le=1_000_000)] = 100,
-          output: str | None = None,
-          seed: Annotated[int, Field(ge=0)] = 42,
-          seeds: str | None = None,
-          config: str | None = None,
-          model: str | None = None,
-          max_iterations: Annotated[int, Field(ge=0, le=20)] | None = None,
-          bos_policy: Literal["auto", "always", "never"] | None = None,
-          allow_pickle: bool | None = None,
-          overwrite: bool = False,
-          scale_count: Annotated[int, Field(ge=0, le=10_000_000)] = 0,
-          require_approval: bool = False,
-          approval_timeout_s: Annotated[int, Field(gt=0)] = 86_400,
-          run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None,
-          then: str | None = None,
-          sft_config: str | None = None,
-          eval_config: str | None = None) -> dict[str, Any]:
-    """Stage 1 pilot: generate and filter instructions, generate and filter responses, QC + gate.
-
-    Args:
-        count: candidate pairs (instructions that pass filtering and get a response).
-        output: output folder; under a deployment defaults to ${STAGE1_OUTPUT_ROOT}/{deployment}/{flow_run_name}.
-        seed: the run seed. seeds/config/model/max_iterations/bos_policy/allow_pickle: as the CLI flags.
-        overwrite: replace an output folder of another run identity.
-        scale_count: when > 0 and the final decision is scale, start `stage1/scale` for this many
-            examples (under a deployment; a local run prints the command).
-        require_approval: ask a human before a `scale` verdict counts (suspends under a deployment,
-            asks on the terminal locally).
-        approval_timeout_s: no answer within this many seconds records `rejected (timeout)`.
-        run_key: under a deployment without `output`: write to ${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key},
-            so rerunning a crashed run with the same key resumes it (phases reused from the cache).
-        then: "sft" or "sft,eval": when the final decision is scale, train a LoRA adapter on the kept
-            pairs (flows.sft, into {output}-sft) and evaluate it (flows.eval, into {output}-eval), in
-            this run; any other decision stops the chain with the gate's reasons.
-        sft_config: --config of the chained SFT (YAML over configs/sft.yaml).
-        eval_config: --config of the chained eval (YAML over configs/eval.yaml).
-    """
-    steps = check_chain(then, sft_config, eval_config)
+def _pilot(**params: Any) -> dict[str, Any]:
+    opts = PilotOptions.model_construct(**params)  # validated at the flow's edge against the same declaration
+    steps = check_chain(opts.then, opts.sft_config, opts.eval_config)
     t0, started, run_id = time.perf_counter(), provenance.utc_now(), provenance.run_id()
     deployment = runtime.deployment_name()
-    if require_approval and deployment is None and not sys.stdin.isatty():
+    if opts.require_approval and deployment is None and not sys.stdin.isatty():
         raise InputError("require_approval needs a terminal to ask on (stdin is not a terminal)",
                          field="require_approval", expected="an interactive terminal, or a run of the stage1/pilot deployment",
                          fix="run it in a terminal, under the deployment (the run suspends for approval), or without it")
-    output = runtime.run_output(output, LOCAL_OUTPUT, run_key)
-    plan = t.prepare_run({"output": output, "config": config, "overwrite": overwrite, "count": count, "seed": seed,
-                          "seeds": seeds, "model": model, "max_iterations": max_iterations, "bos_policy": bos_policy,
-                          "allow_pickle": allow_pickle})
+    opts = opts.model_copy(update={"output": runtime.run_output(opts.output, LOCAL_OUTPUT, opts.run_key)})
+    plan = t.prepare_run(opts)
     t.load_model(plan)  # guards and sentinels first: a model that fails them leaves the folder as it was
     with hold_lock(Path(plan["output"]) / LOCK_NAME):  # a second run on this folder exits 5, touching nothing
-        result = _run_locked(plan, run_id=run_id, started=started, t0=t0, count=count, deployment=deployment,
-                             require_approval=require_approval, approval_timeout_s=approval_timeout_s)
+        result = _run_locked(plan, run_id=run_id, started=started, t0=t0, count=plan["config"]["count"],
+                             deployment=deployment, require_approval=opts.require_approval,
+                             approval_timeout_s=opts.approval_timeout_s)
     runtime.add_tags(f"gate:{result['decision']}")
-    result["scale_run"] = hand_off(result, scale_count, deployment)
-    result["chain"] = run_chain(result, steps, sft_config, eval_config)
+    result["scale_run"] = hand_off(result, opts.scale_count, deployment)
+    result["chain"] = run_chain(result, steps, opts.sft_config, opts.eval_config)
     return result
+
+
+# The flow's parameters are the options' declaration (stage1_core.phases.options): its signature,
+# Prefect's parameter schema and the deployment form all come from PilotOptions.
+_pilot.__signature__ = options.flow_signature(PilotOptions)  # type: ignore[attr-defined]
+_pilot.__doc__ = options.flow_docstring("Stage 1 pilot: generate and filter instructions, generate and filter "
+                                        "responses, QC + gate.", PilotOptions)
+_pilot.__name__ = _pilot.__qualname__ = "pilot"
+pilot = flow(name="stage1", flow_run_name=_run_name, log_prints=True)(_pilot)
 
 
 THEN_STEPS = ("sft", "sft,eval")
@@ -328,85 +310,51 @@ def hand_off(result: dict[str, Any], scale_count: int, deployment: str | None) -
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI: one flag per option of PilotOptions (stage1_core.phases.options), plus --dry-run."""
     ap = argparse.ArgumentParser(
         prog="python -m flows.pilot",
         description="Stage 1 pilot: turn a base model into instruction data, gated on measured quality.",
         epilog="Exit codes: 0 scale, 3 iterate (only with --max-iterations 0; writes suggested_config.yaml), "
                "4 halt (incl. iterations exhausted), 2 invalid input (nothing written), 5 output folder locked by "
                "another run, 1 unexpected error, "
-               "130 interrupted. Docs: docs/quickstart.md, docs/phases.md, docs/outputs.md.")
-    ap.add_argument("--count", type=int, default=None,
-                    help="candidate pairs: instructions that pass filtering and get a response (default 100)")
-    ap.add_argument("--output", default="artifacts/pilot", help="output folder (default artifacts/pilot)")
-    ap.add_argument("--seed", type=int, default=None, help="run seed: seed sampling, generation (default 42)")
-    ap.add_argument("--seeds", metavar="PATH", default=None,
-                    help="seed tasks, JSON Lines (ours or Self-Instruct format); default: the packaged 175 Self-Instruct tasks")
-    ap.add_argument("--config", metavar="PATH", default=None,
-                    help="YAML config merged over configs/pilot.yaml (a run's config.yaml reproduces it)")
-    ap.add_argument("--model", default=None,
-                    help="embedded:gemma-3-270m (default), a local HF folder, a .gguf file, a model id already in "
-                         "the local HF cache (never downloaded), or fake:<seed> for tests")
-    ap.add_argument("--bos-policy", choices=["auto", "always", "never"], default=None,
-                    help="prepend BOS? auto uses the per-family table; required for unknown families")
-    ap.add_argument("--max-iterations", type=int, default=None,
-                    help="reruns the gate may ask for (default 2); 0 surfaces 'iterate' as exit 3")
-    ap.add_argument("--allow-pickle", action="store_true",
-                    help="allow pickle weights (.bin/.pt) for --model; refused by default (they can run code)")
+               "130 interrupted. Docs: docs/quickstart.md, docs/phases.md, docs/outputs.md, docs/config.md (options).")
+    options.add_arguments(ap, PilotOptions)
     ap.add_argument("--dry-run", action="store_true",
                     help="validate everything, print the plan (phases, prompts, estimated tokens and time), exit 0 "
                          "without loading the model")
-    ap.add_argument("--scale-count", type=int, default=0, metavar="N",
-                    help="when the final decision is scale, print the command that scales to N examples "
-                         "(under the stage1/pilot deployment the scale run is started for you)")
-    ap.add_argument("--require-approval", action="store_true",
-                    help="ask on the terminal before a scale verdict counts (exit 2 when stdin is not a terminal)")
-    ap.add_argument("--approval-timeout", type=int, default=86_400, metavar="SECONDS",
-                    help="no answer within this many seconds records 'rejected (timeout)' (default 86400)")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace an output folder that belongs to another run (different config, seeds or model)")
-    ap.add_argument("--then", default=None, metavar="STEPS",
-                    help="sft or sft,eval: when the final decision is scale, train a LoRA adapter on the kept pairs "
-                         "(into OUTPUT-sft) and evaluate it (into OUTPUT-eval); any other decision stops the chain")
-    ap.add_argument("--sft-config", metavar="PATH", default=None, help="with --then: YAML over configs/sft.yaml")
-    ap.add_argument("--eval-config", metavar="PATH", default=None, help="with --then: YAML over configs/eval.yaml")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.require_approval and not sys.stdin.isatty():
+    given = options.from_args(PilotOptions, args)
+    try:
+        opts = PilotOptions.model_validate({"output": LOCAL_OUTPUT, **given})
+    except ValidationError as e:  # a bound argparse does not know (--count 0, --scale-count -1)
+        err = settings.input_error(e, source="command line", docs="python -m flows.pilot --help")
+        err.fix = f"correct {PilotOptions.model_fields[err.field.split('.')[0]].json_schema_extra['flag']}"
+        print(err.render(), file=sys.stderr)
+        print("nothing was written.", file=sys.stderr)
+        return 2
+    if opts.require_approval and not sys.stdin.isatty():
         print(InputError("--require-approval needs a terminal to ask on (stdin is not a terminal)",
                          field="--require-approval", expected="an interactive terminal",
                          fix="run it in a terminal, or through the stage1/pilot deployment (the run suspends "
                              "for approval in the Prefect UI)").render(), file=sys.stderr)
         print("nothing was written.", file=sys.stderr)
         return 2
-    for flag, value, low in (("--scale-count", args.scale_count, 0), ("--approval-timeout", args.approval_timeout, 1)):
-        if value < low:
-            print(InputError(f"{flag} must be >= {low}, got {value}", field=flag, expected=f"an integer >= {low}",
-                             fix=f"pass {flag} {max(low, 1)} or more").render(), file=sys.stderr)
-            return 2
     try:
-        check_chain(args.then, args.sft_config, args.eval_config)
+        check_chain(opts.then, opts.sft_config, opts.eval_config)
     except InputError as e:
         print(e.render(), file=sys.stderr)
         print("nothing was written.", file=sys.stderr)
         return 2
-    params = {"count": args.count, "seed": args.seed, "seeds": args.seeds, "model": args.model,
-              "max_iterations": args.max_iterations, "bos_policy": args.bos_policy,
-              "allow_pickle": args.allow_pickle or None}
 
     def start(plan: dict[str, Any]) -> dict[str, Any]:
-        cfg = plan["config"]
-        return pilot(count=cfg["count"], output=args.output, seed=cfg["seed"], seeds=args.seeds, config=args.config,
-                     model=args.model, max_iterations=cfg["max_iterations"], bos_policy=args.bos_policy,
-                     allow_pickle=args.allow_pickle or None, overwrite=args.overwrite, scale_count=args.scale_count,
-                     require_approval=args.require_approval, approval_timeout_s=args.approval_timeout,
-                     then=args.then, sft_config=args.sft_config, eval_config=args.eval_config)
+        return pilot(**opts.model_dump(exclude_none=True))
 
-    result = runtime.run_cli(lambda: run.prepare_pilot(output=args.output, config=args.config, overwrite=args.overwrite,
-                                                       **params),
-                             dry_run=args.dry_run, dry_text=run.dry_run_text, start=start, load=run.load_model)
+    result = runtime.run_cli(lambda: run.prepare_pilot(opts), dry_run=args.dry_run, dry_text=run.dry_run_text,
+                             start=start, load=run.load_model)
     if isinstance(result, int):
         return result
     summary = run.read_summary(result["output"])

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from prefect.input import RunInput
 
 from stage1_core.infra import interrupts
-from stage1_core.phases import run
+from stage1_core.phases import options, run
 from stage1_core.infra.errors import InputError, WriteError
 from stage1_core.infra.locks import LockedError
 
@@ -29,8 +29,7 @@ def deployment_name() -> str | None:
     return deployment.name if deployment.id else None
 
 
-RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-"""A run key is one folder name: letters, digits, '.', '_', '-' (the schema refuses anything else)."""
+RUN_KEY_PATTERN = options.RUN_KEY_PATTERN
 
 
 def run_output(explicit: str | None, local_default: str | None, run_key: str | None = None) -> str | None:

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from stage1_core.phases import pipeline, reports, run
+from stage1_core.phases.options import PilotOptions
 from stage1_core.infra import storage
 from tasks.caching import PHASE_CACHE
 
@@ -169,9 +170,9 @@ def publish_final(result: dict[str, Any], last_qc: dict[str, Any]) -> None:
 
 
 @task(name="prepare_run", persist_result=False)
-def prepare_run(params: dict[str, Any]) -> dict[str, Any]:
+def prepare_run(opts: PilotOptions) -> dict[str, Any]:
     """Validate config, seeds, model and output folder; returns the plan (raises on bad input)."""
-    return run.prepare_pilot(**params)
+    return run.prepare_pilot(opts)
 
 
 @task(name="load_model", cache_policy=NO_CACHE, persist_result=False)

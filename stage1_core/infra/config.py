@@ -263,10 +263,6 @@ class PilotConfig(StrictModel):
     qc: QCThresholds = Field(default_factory=QCThresholds)
 
 
-CLI_FLAGS = {"count": "--count", "seed": "--seed", "seeds_path": "--seeds", "max_iterations": "--max-iterations",
-             "model.id": "--model", "model.bos_policy": "--bos-policy"}
-
-
 def model_with(base: dict[str, Any], over: dict[str, Any], source: str) -> ModelConfig:
     """A ModelConfig from `base` (a run's model section) with `over` (a flow config's `model:` keys) on top.
 
@@ -288,15 +284,17 @@ def validate_pilot_config(data: dict[str, Any], source: str, node: Any = None) -
     return settings.validate(PilotConfig, data, source=source, node=node, docs=PILOT_DOCS)
 
 
-def load_pilot_config(user_config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PilotConfig:
+def load_pilot_config(user_config: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                      flags: dict[str, str] | None = None) -> PilotConfig:
     """Defaults (configs/pilot.yaml) <- user YAML <- CLI overrides, validated (`settings.load_settings`).
 
     Raises:
         InputError: unreadable/invalid YAML, unknown keys, out-of-bound values; an override's error
-            names the command line and its flag (`CLI_FLAGS`).
+            names the command line and its flag (`flags`: config key -> flag, the pilot's
+            `options.CONFIG_FLAGS`).
     """
     return settings.load_settings(PilotConfig, DEFAULT_PILOT_CONFIG, user_config, overrides,
-                                  docs=PILOT_DOCS, flags=CLI_FLAGS)
+                                  docs=PILOT_DOCS, flags=flags)
 
 
 def config_slice(cfg: PilotConfig, *sections: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from stage1_core.phases.critic import rubric_variants
 from stage1_core.infra.errors import InputError, ModelGuardError
 from stage1_core.infra.schemas import GenerationParams
 from stage1_core.infra.locks import LOCK_NAME
+from stage1_core.phases.options import CONFIG_FLAGS, LOCAL_OUTPUT, PilotOptions
 from stage1_core.phases.seeds import load_seeds, require_usable
 
 RUN_MARKER = ".stage1_run.json"
@@ -40,17 +41,10 @@ CPU_SAMPLED_TOK_S = 42.7
 CPU_CRITIC_PROMPTS_S = 9.6
 
 
-def build_overrides(*, count: int | None = None, seed: int | None = None, seeds: str | None = None,
-                    model: str | None = None, max_iterations: int | None = None,
-                    bos_policy: str | None = None, allow_pickle: bool | None = None) -> dict[str, Any]:
-    """CLI/deployment parameters as a config overlay (None = not given)."""
-    top = {"count": count, "seed": seed, "seeds_path": seeds, "max_iterations": max_iterations}
-    model_over = {"id": model, "bos_policy": bos_policy, "allow_pickle": allow_pickle}
-    over: dict[str, Any] = {k: v for k, v in top.items() if v is not None}
-    model_over = {k: v for k, v in model_over.items() if v is not None}
-    if model_over:
-        over["model"] = model_over
-    return over
+def build_overrides(**given: Any) -> dict[str, Any]:
+    """Pilot options (count, seed, seeds, model, max_iterations, bos_policy, allow_pickle; None = not
+    given) as a config overlay (`PilotOptions.config_overrides`)."""
+    return PilotOptions.model_construct(**given).config_overrides()
 
 
 def check_output_dir(output: str | Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -99,21 +93,19 @@ def check_output_dir(output: str | Path, identity: dict[str, Any], overwrite: bo
     return {"path": abspath, "state": "new"}
 
 
-def prepare_pilot(*, output: str, config: str | None = None, overwrite: bool = False,
-                  **overrides: Any) -> dict[str, Any]:
+def prepare_pilot(opts: PilotOptions) -> dict[str, Any]:
     """Validate everything and return the run plan. Writes nothing, loads no model.
 
     Args:
-        output: the output folder.
-        config: a YAML config overlay (optional).
-        overwrite: allow replacing a folder of another run identity.
-        **overrides: count, seed, seeds, model, max_iterations, bos_policy, allow_pickle (None = not given).
+        opts: the run's options (`output` set); those that override config keys are laid over the
+            config (`PilotOptions.config_overrides`).
     Raises:
         InputError: any bad input.
     """
     from stage1_core.model import model_fingerprint, resolve_model
 
-    cfg = load_pilot_config(config, build_overrides(**overrides))
+    output, config = opts.output or LOCAL_OUTPUT, opts.config
+    cfg = load_pilot_config(config, opts.config_overrides(), flags=CONFIG_FLAGS)
     seedset = load_seeds(cfg.seeds_path)
     require_usable(seedset, cfg.instruction_generation.few_shot_k)
     resolve_model(cfg.model)
@@ -122,7 +114,7 @@ def prepare_pilot(*, output: str, config: str | None = None, overwrite: bool = F
     config_hash = storage.sha256_text(storage.canonical_json(dumped))
     identity = {"config_sha256": config_hash, "seeds_sha256": seedset.sha256,
                 "model_weights_sha256": fingerprint["weights_sha256"]}
-    folder = check_output_dir(output, identity, overwrite)
+    folder = check_output_dir(output, identity, opts.overwrite)
     return {"config": dumped, "config_hash": config_hash, "output": folder["path"], "folder_state": folder["state"],
             "seeds": seedset.summary(), "model": fingerprint, "identity": identity,
             "config_source": str(config) if config else None}

@@ -31,6 +31,7 @@ from stage1_core.infra.config import (DEFAULT_PILOT_CONFIG, PilotConfig, StrictM
 from stage1_core.infra.settings import deep_merge, read_yaml_mapping
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
+from stage1_core.phases.options import CONFIG_FLAGS
 from stage1_core.phases.seeds import load_seeds, require_usable
 
 # Settings that change how a run is operated, not what it computes: left out of the run identity,
@@ -149,7 +150,7 @@ def load_scale_config(*, config: str | None, pilot: dict[str, Any] | None, overr
     if data:  # errors in the file point at the file, not at the command line
         base, _ = read_yaml_mapping(DEFAULT_PILOT_CONFIG)
         validate_pilot_config(deep_merge(base, data), source, node)
-    cfg = load_pilot_config(None, deep_merge(data, overrides))
+    cfg = load_pilot_config(None, deep_merge(data, overrides), flags=CONFIG_FLAGS)
     if cfg.seeds_path and not Path(cfg.seeds_path).is_absolute():
         cfg.seeds_path = str(Path(cfg.seeds_path).resolve())  # shard runs may start elsewhere
     return {**cfg.model_dump(mode="json"), "scale": _scale_settings(section, scale_over, source).model_dump(mode="json")}

@@ -222,3 +222,19 @@ def test_progress_is_visible_with_sane_rates_and_timed_loads(run_cli):
     logs = r.stdout + err  # Prefect's log lines
     assert re.search(r"model fake:1 ready in [0-9.]+ s", logs)
     assert re.search(r"critic dev set: \d+ items scored in [0-9.]+ s", logs)
+
+
+def test_the_flow_takes_its_parameters_from_the_options_declaration():
+    """Issue 21: the flow's Prefect parameter schema (the deployment form, `--param` validation) is the
+    PilotOptions declaration: same names and order, the config key's bounds, the meanings."""
+    from flows.pilot import pilot
+    from stage1_core.phases.options import PilotOptions
+
+    props = pilot.parameters.model_dump()["properties"]
+    assert list(props) == list(PilotOptions.model_fields)
+    count = next(a for a in props["count"]["anyOf"] if a.get("type") == "integer")
+    assert count["exclusiveMinimum"] == 0 and count["maximum"] == 1_000_000 and props["count"]["default"] is None
+    assert props["count"]["description"] == PilotOptions.model_fields["count"].description
+    assert any(a.get("pattern") for a in props["run_key"]["anyOf"])
+    with pytest.raises(Exception, match="count"):
+        pilot.validate_parameters({"count": 0})
