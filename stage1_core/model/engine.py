@@ -183,7 +183,7 @@ def token_strings(tokenizer: Any) -> list[str]:
 
 
 def _cache_path(name: str) -> "Any":
-    from stage1_core.model.loader import cache_dir
+    from stage1_core.model.cache import cache_dir
 
     return cache_dir() / "engine" / name
 
@@ -596,7 +596,7 @@ class Engine:
         if self.slots_cfg:
             return max(1, min(self.slots_cfg, n_prompts))
         if not self.cuda:
-            from stage1_core.model.loader import AUTO_BATCH
+            from stage1_core.model.sizing import AUTO_BATCH
 
             return max(1, min(AUTO_BATCH["cpu"], n_prompts))
         free, _ = torch.cuda.mem_get_info(self.device)

@@ -24,8 +24,12 @@ from stage1_core.infra.config import ModelConfig
 from stage1_core.infra.errors import DeviceOOM, InputError
 from stage1_core.model.generation import classify_stop, find_stop
 from stage1_core.model.guards import Sentinel, check_control_tokens, find_control_token_ids, run_sentinels
-from stage1_core.model.loader import (RANDOM_SENTINELS_NOTE, ResolvedModel, _fingerprint_of, cached_dequantized, load_hf_model, resolve_batch_size,
-                                resolve_device, resolve_model)
+from stage1_core.model.dequantized import cached_dequantized
+from stage1_core.model.fingerprint import _fingerprint_of
+from stage1_core.model.loader import load_hf_model
+from stage1_core.model.random_weights import RANDOM_SENTINELS_NOTE
+from stage1_core.model.resolve import ResolvedModel, resolve_device, resolve_model
+from stage1_core.model.sizing import resolve_batch_size
 from stage1_core.infra.schemas import Completion, GenerationParams
 
 log = logging.getLogger("stage1.model")

@@ -57,7 +57,7 @@ def test_auto_device_and_dtype_are_hashed_resolved(tmp_path: Path, monkeypatch, 
     cuda_other = pipeline.cache_key(_call(tmp_path, **real, device="cuda",
                                           dtype="bfloat16" if gpu_dtype == "float32" else "float32"))
     # "auto" is a hit exactly for what it resolves to here: float32 on the CPU; on a GPU float32 for
-    # the 270M (at most loader.SMALL_MODEL_PARAMS), bfloat16 for a 4B.
+    # the 270M (at most sizing.SMALL_MODEL_PARAMS), bfloat16 for a 4B.
     assert (auto == cuda) if gpu else (auto == cpu)
     assert auto != cuda_other
     assert cpu != cuda

@@ -1,6 +1,7 @@
-"""Tests of stage1_core.model.loader for GPU-sized models, on the CPU: the fits-in-memory arithmetic and its
-error, quantize validation, safetensors header parameter counts, random-weight models (tiny), and
-the QC gate halting a random-weight run."""
+"""Tests of stage1_core.model's resolve, sizing, random_weights, dequantized and loader modules for
+GPU-sized models, on the CPU: the fits-in-memory arithmetic and its error, quantize validation,
+safetensors header parameter counts, random-weight models (tiny), and the QC gate halting a
+random-weight run."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core.model import loader
+from stage1_core.model import dequantized, fingerprint, loader, random_weights, resolve, sizing
 from stage1_core.phases import qc
 from stage1_core.infra.config import ModelConfig, QCThresholds
 from stage1_core.infra.errors import InputError
@@ -23,19 +24,19 @@ GB = 1024 ** 3
 
 
 def test_estimate_memory_arithmetic() -> None:
-    shape = loader.ModelShape(n_params=4_000_000_000, layers=34, kv_heads=4, head_dim=256)
-    est = loader.estimate_memory(shape, weight_bytes=2, kv_bytes=2, batch=64, context=1024, available=80 * GB)
+    shape = sizing.ModelShape(n_params=4_000_000_000, layers=34, kv_heads=4, head_dim=256)
+    est = sizing.estimate_memory(shape, weight_bytes=2, kv_bytes=2, batch=64, context=1024, available=80 * GB)
     assert est.weights == 8_000_000_000
     assert est.kv_cache == 34 * 2 * 4 * 256 * 2 * 64 * 1024 == 9_126_805_504
     assert est.needed == est.weights + est.kv_cache and est.available == 80 * GB
-    half = loader.estimate_memory(shape, weight_bytes=0.5, kv_bytes=2, batch=1, context=1024)
+    half = sizing.estimate_memory(shape, weight_bytes=0.5, kv_bytes=2, batch=1, context=1024)
     assert half.weights == 2_000_000_000 and half.kv_cache == 34 * 2 * 4 * 256 * 2 * 1024 and half.available is None
 
 
 def test_check_fits_error_prints_the_numbers_and_fix() -> None:
-    est = loader.MemoryEstimate(weights=54 * GB, kv_cache=10 * GB, available=40 * GB)
+    est = sizing.MemoryEstimate(weights=54 * GB, kv_cache=10 * GB, available=40 * GB)
     with pytest.raises(InputError) as e:
-        loader.check_fits(est, device="cuda", batch=64, quantize="none", dtype="bfloat16")
+        sizing.check_fits(est, device="cuda", batch=64, quantize="none", dtype="bfloat16")
     text = e.value.render()
     assert "needs 64.0 GB" in text and "weights 54.0 GB in bfloat16" in text and "KV cache 10.0 GB" in text
     assert "40.0 GB available" in text and "64 rows x 1024 tokens" in text
@@ -45,32 +46,32 @@ def test_check_fits_error_prints_the_numbers_and_fix() -> None:
 
 
 def test_check_fits_passes_when_it_fits_or_memory_unknown() -> None:
-    loader.check_fits(loader.MemoryEstimate(30 * GB, 10 * GB, 40 * GB), device="cuda", batch=8, quantize="none",
+    sizing.check_fits(sizing.MemoryEstimate(30 * GB, 10 * GB, 40 * GB), device="cuda", batch=8, quantize="none",
                       dtype="bfloat16")
-    loader.check_fits(loader.MemoryEstimate(30 * GB, 10 * GB, None), device="mps", batch=8, quantize="none",
+    sizing.check_fits(sizing.MemoryEstimate(30 * GB, 10 * GB, None), device="mps", batch=8, quantize="none",
                       dtype="bfloat16")
     with pytest.raises(InputError, match="needs 40.0 GB"):
-        loader.check_fits(loader.MemoryEstimate(30 * GB, 10 * GB, 40 * GB - 1), device="cuda", batch=8,
+        sizing.check_fits(sizing.MemoryEstimate(30 * GB, 10 * GB, 40 * GB - 1), device="cuda", batch=8,
                           quantize="none", dtype="bfloat16")
 
 
 def test_check_memory_uses_batch_and_quantize(monkeypatch: pytest.MonkeyPatch) -> None:
-    r = loader.resolve_model(ModelConfig(id="random:gemma3-27b", device="cpu"))
-    monkeypatch.setattr(loader, "available_memory", lambda device: 1000 * GB)
-    est = loader.check_memory(r, ModelConfig(id="random:gemma3-27b", device="cpu", dtype="bfloat16", batch_size=2), "cpu")
+    r = resolve.resolve_model(ModelConfig(id="random:gemma3-27b", device="cpu"))
+    monkeypatch.setattr(sizing, "available_memory", lambda device: 1000 * GB)
+    est = sizing.check_memory(r, ModelConfig(id="random:gemma3-27b", device="cpu", dtype="bfloat16", batch_size=2), "cpu")
     assert est is not None
-    assert est.weights == loader.random_param_count(loader.RANDOM_MODELS["gemma3-27b"]) * 2
+    assert est.weights == random_weights.random_param_count(random_weights.RANDOM_MODELS["gemma3-27b"]) * 2
     assert est.kv_cache == 62 * 2 * 16 * 128 * 2 * 2 * 1024
-    monkeypatch.setattr(loader, "available_memory", lambda device: 10 * GB)
+    monkeypatch.setattr(sizing, "available_memory", lambda device: 10 * GB)
     with pytest.raises(InputError, match=r"weights 5\d\.\d GB in bfloat16"):
-        loader.check_memory(r, ModelConfig(id="random:gemma3-27b", device="cpu", dtype="bfloat16"), "cpu")
+        sizing.check_memory(r, ModelConfig(id="random:gemma3-27b", device="cpu", dtype="bfloat16"), "cpu")
 
 
 def test_random_param_count_matches_known_sizes() -> None:
     # Gemma 3 text decoders: 4B ~3.88e9, 12B ~11.77e9, 27B ~27.0e9 parameters
-    assert round(loader.random_param_count(loader.RANDOM_MODELS["gemma3-4b"]) / 1e9, 2) == 3.88
-    assert round(loader.random_param_count(loader.RANDOM_MODELS["gemma3-12b"]) / 1e9, 1) == 11.8
-    assert round(loader.random_param_count(loader.RANDOM_MODELS["gemma3-27b"]) / 1e9, 1) == 27.0
+    assert round(random_weights.random_param_count(random_weights.RANDOM_MODELS["gemma3-4b"]) / 1e9, 2) == 3.88
+    assert round(random_weights.random_param_count(random_weights.RANDOM_MODELS["gemma3-12b"]) / 1e9, 1) == 11.8
+    assert round(random_weights.random_param_count(random_weights.RANDOM_MODELS["gemma3-27b"]) / 1e9, 1) == 27.0
 
 
 def test_safetensors_header_param_count(tmp_path: Path) -> None:
@@ -81,27 +82,27 @@ def test_safetensors_header_param_count(tmp_path: Path) -> None:
               metadata={"format": "pt"})
     save_file({"c.weight": torch.zeros(2, 3, 7, dtype=torch.bfloat16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
     files = sorted(tmp_path.glob("*.safetensors"))
-    assert loader.safetensors_param_count(files) == 12 + 5 + 42
+    assert sizing.safetensors_param_count(files) == 12 + 5 + 42
     (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
     with pytest.raises(InputError, match="bad header"):
-        loader.safetensors_param_count([tmp_path / "bad.safetensors"])
+        sizing.safetensors_param_count([tmp_path / "bad.safetensors"])
 
 
 def test_param_count_reads_the_headers_of_each_kind(tmp_path: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    embedded = loader.resolve_model(ModelConfig())
+    embedded = resolve.resolve_model(ModelConfig())
     # google/gemma-3-270m: 268,098,176 parameters (the GGUF's tensor table, no weights loaded)
-    assert loader.param_count(embedded) == 268_098_176
-    assert loader.param_count(loader.resolve_model(ModelConfig(id="random:gemma3-4b"))) == \
-        loader.random_param_count(loader.RANDOM_MODELS["gemma3-4b"])
-    assert loader.param_count(loader.resolve_model(ModelConfig(id="fake:1"))) is None
+    assert sizing.param_count(embedded) == 268_098_176
+    assert sizing.param_count(resolve.resolve_model(ModelConfig(id="random:gemma3-4b"))) == \
+        random_weights.random_param_count(random_weights.RANDOM_MODELS["gemma3-4b"])
+    assert sizing.param_count(resolve.resolve_model(ModelConfig(id="fake:1"))) is None
     save_file({"w": torch.zeros(10, 10)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
-    folder = loader.ResolvedModel(kind="hf_folder", id=str(tmp_path), path=str(tmp_path), gguf_file=None,
-                                  family="gemma3_text", bos_policy="always")
-    assert loader.param_count(folder) == 100
+    folder = resolve.ResolvedModel(kind="hf_folder", id=str(tmp_path), path=str(tmp_path), gguf_file=None,
+                                   family="gemma3_text", bos_policy="always")
+    assert sizing.param_count(folder) == 100
 
 
 @pytest.mark.parametrize("model_id, on_gpu", [("embedded:gemma-3-270m", "float32"), ("random:gemma3-tiny", "float32"),
@@ -110,14 +111,14 @@ def test_auto_dtype_keeps_float32_for_small_models_on_a_gpu(monkeypatch: pytest.
                                                             on_gpu: str) -> None:
     import torch
 
-    r = loader.resolve_model(ModelConfig(id=model_id))
-    assert loader.resolve_dtype("auto", "cpu", r) == "float32"
-    assert loader.resolve_dtype("auto", "cuda", r) == on_gpu
-    assert loader.resolve_dtype("bfloat16", "cuda", r) == "bfloat16"  # an explicit dtype is never overridden
-    assert loader.resolve_dtype("float32", "cuda", r) == "float32"
-    assert loader.resolve_dtype("auto", "cuda") == "bfloat16"  # size unknown: the accelerator default
+    r = resolve.resolve_model(ModelConfig(id=model_id))
+    assert sizing.resolve_dtype("auto", "cpu", r) == "float32"
+    assert sizing.resolve_dtype("auto", "cuda", r) == on_gpu
+    assert sizing.resolve_dtype("bfloat16", "cuda", r) == "bfloat16"  # an explicit dtype is never overridden
+    assert sizing.resolve_dtype("float32", "cuda", r) == "float32"
+    assert sizing.resolve_dtype("auto", "cuda") == "bfloat16"  # size unknown: the accelerator default
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert loader.model_fingerprint(ModelConfig(id=model_id))["dtype"] == on_gpu  # what the manifest records
+    assert fingerprint.model_fingerprint(ModelConfig(id=model_id))["dtype"] == on_gpu  # what the manifest records
 
 
 def test_shape_of_a_saved_tiny_model(tmp_path: Path) -> None:
@@ -129,9 +130,9 @@ def test_shape_of_a_saved_tiny_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(tmp_path))
-    r = loader.ResolvedModel("hf_folder", str(tmp_path), str(tmp_path), None, "llama", "always")
-    shape = loader._shape_of(r, tmp_path)
-    assert shape == loader.ModelShape(sum(p.numel() for p in model.state_dict().values()), 2, 2, 8)
+    r = resolve.ResolvedModel("hf_folder", str(tmp_path), str(tmp_path), None, "llama", "always")
+    shape = sizing._shape_of(r, tmp_path)
+    assert shape == sizing.ModelShape(sum(p.numel() for p in model.state_dict().values()), 2, 2, 8)
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -140,11 +141,11 @@ def test_shape_of_a_saved_tiny_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize("quantize", ["8bit", "4bit"])
 def test_quantize_on_cpu_is_an_input_error(quantize: str) -> None:
     with pytest.raises(InputError) as e:
-        loader.resolve_model(ModelConfig(id="random:gemma3-tiny", device="cpu", quantize=quantize))
+        resolve.resolve_model(ModelConfig(id="random:gemma3-tiny", device="cpu", quantize=quantize))
     assert e.value.field == "model.quantize" and e.value.fix
     with pytest.raises(InputError) as e:
-        loader.check_quantize(ModelConfig(id="x", device="cpu", quantize=quantize),
-                              loader.ResolvedModel("hf_folder", "x", "/x", None, "llama", "always"))
+        resolve.check_quantize(ModelConfig(id="x", device="cpu", quantize=quantize),
+                               resolve.ResolvedModel("hf_folder", "x", "/x", None, "llama", "always"))
     assert e.value.field == "model.quantize" and "CUDA" in e.value.message and "quantize: none" in e.value.fix
 
 
@@ -152,18 +153,18 @@ def test_quantize_without_bitsandbytes_on_a_gpu_host(monkeypatch: pytest.MonkeyP
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(loader, "_bitsandbytes_importable", lambda: False)
-    r = loader.ResolvedModel("hf_folder", "x", "/x", None, "llama", "always")
+    monkeypatch.setattr(resolve, "_bitsandbytes_importable", lambda: False)
+    r = resolve.ResolvedModel("hf_folder", "x", "/x", None, "llama", "always")
     with pytest.raises(InputError) as e:
-        loader.check_quantize(ModelConfig(id="x", device="cuda", quantize="4bit"), r)
+        resolve.check_quantize(ModelConfig(id="x", device="cuda", quantize="4bit"), r)
     assert e.value.field == "model.quantize" and "bitsandbytes" in e.value.message and "stage1[gpu]" in e.value.fix
-    monkeypatch.setattr(loader, "_bitsandbytes_importable", lambda: True)
-    loader.check_quantize(ModelConfig(id="x", device="cuda", quantize="4bit"), r)  # passes
-    loader.check_quantize(ModelConfig(id="x", device="cpu", quantize="none"), r)
+    monkeypatch.setattr(resolve, "_bitsandbytes_importable", lambda: True)
+    resolve.check_quantize(ModelConfig(id="x", device="cuda", quantize="4bit"), r)  # passes
+    resolve.check_quantize(ModelConfig(id="x", device="cpu", quantize="none"), r)
 
 
 def test_quantize_is_in_the_fingerprint() -> None:
-    fp = loader.model_fingerprint(ModelConfig(id="random:gemma3-tiny", device="cpu"))
+    fp = fingerprint.model_fingerprint(ModelConfig(id="random:gemma3-tiny", device="cpu"))
     assert fp["quantize"] == "none"
 
 
@@ -172,13 +173,13 @@ def test_quantize_is_in_the_fingerprint() -> None:
 
 def test_random_ids_resolve_without_files() -> None:
     for name in ("gemma3-tiny", "gemma3-4b", "gemma3-12b", "gemma3-27b"):
-        r = loader.resolve_model(ModelConfig(id=f"random:{name}", device="cpu"))
+        r = resolve.resolve_model(ModelConfig(id=f"random:{name}", device="cpu"))
         assert (r.kind, r.path, r.gguf_file, r.family, r.bos_policy) == ("random", None, None, "gemma3_text", "always")
-    fp = loader.model_fingerprint(ModelConfig(id="random:gemma3-4b", device="cpu"))
+    fp = fingerprint.model_fingerprint(ModelConfig(id="random:gemma3-4b", device="cpu"))
     assert fp["sentinels"] == "skipped (random weights)" and fp["kind"] == "random"
     assert fp["weights_sha256"] == hashlib.sha256(b"random:gemma3-4b:random-weights-v1").hexdigest()
     with pytest.raises(InputError) as e:
-        loader.resolve_model(ModelConfig(id="random:gemma3-70b"))
+        resolve.resolve_model(ModelConfig(id="random:gemma3-70b"))
     assert e.value.field == "model.id" and "random:gemma3-27b" in (e.value.expected or "")
 
 
@@ -186,7 +187,7 @@ def test_random_config_dims() -> None:
     class Tok:
         bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
 
-    c = loader.random_gemma3_config(loader.RANDOM_MODELS["gemma3-27b"], Tok())
+    c = random_weights.random_gemma3_config(random_weights.RANDOM_MODELS["gemma3-27b"], Tok())
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             c.intermediate_size, c.query_pre_attn_scalar, c.vocab_size) == (5376, 62, 32, 16, 128, 21504, 168, 262144)
     assert c.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"] and c.sliding_window == 1024
@@ -208,7 +209,8 @@ def test_random_tiny_loads_without_sentinels(tiny_backend) -> None:
     assert fp["chat_template_disabled"] is True and tiny_backend.tokenizer.chat_template is None
     model = tiny_backend.model
     assert model.config.hidden_size == 64 and model.config.vocab_size == 262144
-    assert sum(p.numel() for p in model.parameters()) == loader.random_param_count(loader.RANDOM_MODELS["gemma3-tiny"])
+    assert sum(p.numel() for p in model.parameters()) == \
+        random_weights.random_param_count(random_weights.RANDOM_MODELS["gemma3-tiny"])
     std = float(model.model.layers[0].mlp.up_proj.weight.detach().std())
     assert 0.015 < std < 0.025
 
@@ -246,14 +248,14 @@ def test_a_damaged_cached_model_folder_is_detected(tmp_path, monkeypatch) -> Non
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"weights" * 1000)
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
-    (folder / loader.SOURCE_RECORD).write_text(json.dumps({"files": files}))
-    assert loader.cached_folder_problem(folder) is None
+    (folder / dequantized.SOURCE_RECORD).write_text(json.dumps({"files": files}))
+    assert dequantized.cached_folder_problem(folder) is None
     (folder / "model.safetensors").write_bytes(b"weights" * 500)  # truncated
-    assert "model.safetensors does not match" in loader.cached_folder_problem(folder)
+    assert "model.safetensors does not match" in dequantized.cached_folder_problem(folder)
     (folder / "model.safetensors").unlink()
-    assert loader.cached_folder_problem(folder) == "model.safetensors missing"
-    (folder / loader.SOURCE_RECORD).unlink()  # a folder of an older version, or a half-copied one
-    assert "missing or unreadable" in loader.cached_folder_problem(folder)
+    assert dequantized.cached_folder_problem(folder) == "model.safetensors missing"
+    (folder / dequantized.SOURCE_RECORD).unlink()  # a folder of an older version, or a half-copied one
+    assert "missing or unreadable" in dequantized.cached_folder_problem(folder)
 
 
 def test_a_cached_folder_built_for_another_gguf_or_dtype_is_not_trusted(tmp_path) -> None:
@@ -263,11 +265,12 @@ def test_a_cached_folder_built_for_another_gguf_or_dtype_is_not_trusted(tmp_path
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"w" * 100)
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
-    (folder / loader.SOURCE_RECORD).write_text(json.dumps({"files": files, "gguf_sha256": "a" * 64, "dtype": "float32"}))
-    assert loader.cached_folder_problem(folder, gguf_sha256="a" * 64, dtype="float32") is None
-    assert "gguf_sha256" in loader.cached_folder_problem(folder, gguf_sha256="b" * 64, dtype="float32")
-    assert "dtype" in loader.cached_folder_problem(folder, gguf_sha256="a" * 64, dtype="bfloat16")
-    record = loader.dequantized_record(folder)
+    (folder / dequantized.SOURCE_RECORD).write_text(json.dumps({"files": files, "gguf_sha256": "a" * 64,
+                                                                "dtype": "float32"}))
+    assert dequantized.cached_folder_problem(folder, gguf_sha256="a" * 64, dtype="float32") is None
+    assert "gguf_sha256" in dequantized.cached_folder_problem(folder, gguf_sha256="b" * 64, dtype="float32")
+    assert "dtype" in dequantized.cached_folder_problem(folder, gguf_sha256="a" * 64, dtype="bfloat16")
+    record = dequantized.dequantized_record(folder)
     assert record["weights_sha256"] == hashlib.sha256(files["model.safetensors"].encode()).hexdigest()
 
 
@@ -300,12 +303,12 @@ def test_every_model_load_passes_use_kernels_false(tmp_path, monkeypatch, device
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"x")
-    r = loader.ResolvedModel(kind="hf_folder", id=str(folder), path=str(folder), gguf_file=None, family="gemma3_text",
-                             bos_policy="always")
+    r = resolve.ResolvedModel(kind="hf_folder", id=str(folder), path=str(folder), gguf_file=None,
+                              family="gemma3_text", bos_policy="always")
     for quantize in ("none", "4bit") if device != "cpu" else ("none",):
         loader.load_hf_model(r, ModelConfig(id=str(folder), quantize=quantize), device)
-    gguf = loader.ResolvedModel(kind="gguf", id="x.gguf", path=str(tmp_path / "x.gguf"), gguf_file="x.gguf",
-                                family="gemma3", bos_policy="always")
+    gguf = resolve.ResolvedModel(kind="gguf", id="x.gguf", path=str(tmp_path / "x.gguf"), gguf_file="x.gguf",
+                                 family="gemma3", bos_policy="always")
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     monkeypatch.setenv("STAGE1_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(Exception):  # the fake model cannot be saved; the load call is what is checked

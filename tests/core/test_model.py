@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core.model import loader
+from stage1_core.model import cache as model_cache
 from stage1_core import model as M
 from stage1_core.model.hf_backend import _NucleusTopP
 from stage1_core.infra.config import ModelConfig
@@ -137,7 +137,7 @@ def test_fingerprint_hashes_shards_and_caches(tmp_path: Path, cache: Path, monke
     def boom(path: object) -> str:
         raise AssertionError("re-hashed a file whose (path, size, mtime) did not change")
 
-    monkeypatch.setattr(loader, "sha256_file", boom)  # cached_sha256 lives in stage1_core.model.loader
+    monkeypatch.setattr(model_cache, "sha256_file", boom)  # cached_sha256 lives in stage1_core.model.cache
     assert M.model_fingerprint(ModelConfig(id=str(folder))) == fp
     (folder / "model-00002-of-00002.safetensors").write_bytes(b"changed!")
     with pytest.raises(AssertionError, match="re-hashed"):
