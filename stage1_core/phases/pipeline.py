@@ -91,7 +91,7 @@ batch size changes speed, not outputs."""
 def model_settings(model: dict[str, Any]) -> dict[str, Any]:
     """The `model` section of a call as the cache key hashes it: every key (id, revision, bos_policy,
     dtype, device, allow_pickle, engine, quantize, ...) but OUTPUT_NEUTRAL_MODEL_KEYS, with `device`
-    and `dtype` resolved ("auto" is float32 on the CPU, and on a GPU float32 up to loader.SMALL_MODEL_PARAMS
+    and `dtype` resolved ("auto" is float32 on the CPU, and on a GPU float32 up to sizing.SMALL_MODEL_PARAMS
     parameters, else bfloat16: a phase computed on one must not count as a hit on the other). Fake models
     compute the same on any device: left as given."""
     settings = {k: v for k, v in model.items() if k not in OUTPUT_NEUTRAL_MODEL_KEYS}
