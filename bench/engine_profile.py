@@ -4,7 +4,7 @@
 
 Prefills `batch` 128-token prompts into the engine's cache, then runs `steps` eager decode steps under
 torch.profiler and prints the top kernels by device time, plus the step time with and without the
-CUDA graph.
+CUDA graph, each with the fused q/k/v and gate/up GEMMs and without (the profile runs the fused path).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 import torch  # noqa: E402
 
 from stage1_core.infra.config import ModelConfig  # noqa: E402
-from stage1_core.model.engine import Sampling, _State  # noqa: E402
+from stage1_core.model.engine import _State  # noqa: E402
+from stage1_core.model.sampling import Sampling  # noqa: E402
 from stage1_core.model import load_backend  # noqa: E402
 
 
@@ -51,17 +52,20 @@ def main() -> int:
     with torch.inference_mode():
         toks = torch.randint(10, 1000, (s, 128), device=dev)
         eng.dec.prefill(toks, torch.full((s,), 128, device=dev), torch.arange(s, device=dev), eng._cache)
-        for graphs in ((False, True) if dev.type == "cuda" else (False,)):
-            eng.use_graphs = graphs
-            step = eng._step_fn(st, smp, nxt, fire, ctx, s)
-            for _ in range(3):
-                step(192)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(10):
-                step(192)
-            sync()
-            print(f"graphs={graphs}: {1000 * (time.perf_counter() - t0) / 10:.2f} ms/step (context 192, {s} rows)")
+        for fused in ((False, True) if eng.dec.fused else (False,)):
+            eng.dec.use_fused = fused
+            for graphs in ((False, True) if dev.type == "cuda" else (False,)):
+                eng.use_graphs = graphs
+                step = eng._step_fn(st, smp, nxt, fire, ctx, s)
+                for _ in range(3):
+                    step(192)
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    step(192)
+                sync()
+                print(f"fused={fused} graphs={graphs}: {1000 * (time.perf_counter() - t0) / 10:.2f} ms/step "
+                      f"(context 192, {s} rows)")
         eng.use_graphs = False
         step = eng._step_fn(st, smp, nxt, fire, ctx, s)
         with torch.profiler.profile(activities=acts) as prof:

@@ -1,19 +1,26 @@
 """Benchmark: the stage1 generation engine against plain `model.generate` on one GPU (not a test).
 
-    python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE]
+    python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
 
 One JSON file holds every record, rewritten after each one (`bench/results/gpu_engine-<date>.json`
 by default; an existing file's records for other (model, batch, dtype) keys are kept):
-`{"records": [{"model", "batch", "dtype", "engine", "plain_warm_tok_s", "engine_tok_s",
-"engine_sampled_tok_s", "ratio", "engine_ms_step", "limit_fraction", "token_match",
-"critic_prompts_s", "critic_mfu", "peak_mem_gb", ...}]}`.
+`{"records": [{"model", "batch", "dtype", "engine", "plain_warm_tok_s", "hf_cb_tok_s", "engine_tok_s",
+"engine_sampled_tok_s", "ratio", "engine_ms_step", "limit_fraction", "token_match", "fused",
+"critic_prompts_s", "critic_mfu", "peak_mem_gb", "lock_sha256", ...}]}`.
 - plain: `model.generate`, sdpa attention, default cache, no logits processors, `max_new` tokens forced
   (min_new_tokens), synchronised timing, the same prompts, the same process. Every path (plain,
   engine greedy, engine sampled) gets one warm-up call at the full batch and length, then the best
   of three timed calls (`timing`); `lock_sha256` names the dependency lock it ran on.
 - engine: `HFBackend.generate` at the default config (engine: stage1, stop sequences armed), greedy
   (`engine_tok_s`, `ratio` = engine / warmed plain) and sampled at temperature 0.7, top-p 0.9; one warm-up call.
+  `--fuse both` measures the engine twice on the same loaded model, q/k/v and gate/up as separate GEMMs
+  (the record's `unfused` block, `unfused_ratio`) and fused (the record's engine_* fields, `fused`: true),
+  each warmed and best of three; `fused_over_unfused` = fused / unfused greedy tok/s.
+- hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
+  prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
+  engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
+  before it). `--no-hf-cb` skips it.
 - 4b/12b/27b: `random:gemma3-*` (random weights on the embedded tokenizer), 128-token prompts, 128 new
   tokens. 270m: the embedded weights in bf16 and float32 on 256 real phase-1 and phase-3 prompts;
   `token_match` = tokens in the common prefix of engine and plain greedy output / reference tokens,
@@ -157,7 +164,7 @@ def param_bytes(model: Any) -> tuple[int, int]:
 
 
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
-               forced_plain: bool, token_match: float | None) -> dict[str, Any]:
+               forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True) -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -172,28 +179,27 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     rec["plain_ms_step"] = round(1000 * secs / max_new, 2)
     greedy = GenerationParams(max_new_tokens=max_new, temperature=0.0, stop_sequences=STOPS)
     sampled = GenerationParams(max_new_tokens=max_new, temperature=0.7, top_p=0.9, stop_sequences=STOPS)
-    engine_run(backend, prompts, greedy)  # warm-up (stop tables, first graphs), full size
-    (tok, secs, stats), _ = best_of(lambda: engine_run(backend, prompts, greedy), seconds_of=lambda r: r[1])
-    rec["engine_tok_s"] = round(tok / secs, 1)
-    rec["engine_tokens"] = tok
-    rec["engine_ms_step"] = round(1000 * secs / max(1, stats.steps), 2) if stats else None
-    rec["engine_steps"] = stats.steps if stats else None
-    rec["engine_slots"] = stats.slots if stats else None
-    rec["engine_graphs"] = stats.graphs if stats else None
-    engine_run(backend, prompts, sampled)  # warm-up of the sampling graphs
-    (tok_s, secs_s, _), _ = best_of(lambda: engine_run(backend, prompts, sampled), seconds_of=lambda r: r[1])
-    rec["engine_sampled_tok_s"] = round(tok_s / secs_s, 1)
-    rec["sampled_over_greedy"] = round(rec["engine_sampled_tok_s"] / rec["engine_tok_s"], 3)
     rec["timing"] = f"warm-up at full size, then best of {REPEATS}"
     rec["lock_sha256"] = lock_sha256()
-    rec["ratio"] = round(rec["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
     n_params, w_bytes = param_bytes(backend.model)
     eng = backend.engine()
-    if eng is not None and stats is not None and stats.steps:
-        prompt_len = sum(len(x) for x in backend.encode(prompts)) / len(prompts)
-        kv = eng.kv_bytes_per_token() * min(batch, len(prompts)) * (prompt_len + max_new / 2)
-        rec["limit_ms_step"] = round(1000 * (w_bytes + kv) / HBM_BYTES_S, 2)
-        rec["limit_fraction"] = round(rec["limit_ms_step"] / rec["engine_ms_step"], 3)
+    can_fuse = eng is not None and bool(eng.dec.fused)
+    variants = {"both": [False, True], "on": [True], "off": [False]}[fuse] if can_fuse else [False]
+    paths = {}
+    for fused in variants:  # the same loaded model and engine, fusion switched per call
+        if eng is not None:
+            eng.dec.use_fused = fused
+        paths[fused] = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
+    main = paths[variants[-1]]
+    rec.update(main)
+    rec["fused"] = variants[-1]
+    rec["ratio"] = round(rec["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
+    if len(variants) == 2:
+        base = paths[False]
+        rec["unfused"] = base
+        rec["fused_over_unfused"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
+        rec["fused_over_unfused_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
+        rec["unfused_ratio"] = round(base["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
     rate, n_tok = critic_rate(backend, prompts)
     rec["critic_prompts_s"] = round(rate, 1)
     rec["critic_prompt_tokens"] = round(n_tok, 1)
@@ -201,7 +207,60 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     rec["token_match"] = token_match
     rec["parameters"] = n_params
     rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
+    if hf_cb:  # last: it sizes its paged cache from free memory (the engine's cache is released first)
+        rec.update(hf_cb_rate(backend, prompts, max_new))
     return rec
+
+
+def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sampled: GenerationParams,
+                 batch: int, max_new: int, w_bytes: int) -> dict[str, Any]:
+    """Engine greedy and sampled tok/s (each warmed at full size, best of REPEATS) and the limit fraction."""
+    out: dict[str, Any] = {}
+    engine_run(backend, prompts, greedy)  # warm-up (stop tables, first graphs), full size
+    (tok, secs, stats), _ = best_of(lambda: engine_run(backend, prompts, greedy), seconds_of=lambda r: r[1])
+    out["engine_tok_s"] = round(tok / secs, 1)
+    out["engine_tokens"] = tok
+    out["engine_ms_step"] = round(1000 * secs / max(1, stats.steps), 2) if stats else None
+    out["engine_steps"] = stats.steps if stats else None
+    out["engine_slots"] = stats.slots if stats else None
+    out["engine_graphs"] = stats.graphs if stats else None
+    engine_run(backend, prompts, sampled)  # warm-up of the sampling graphs
+    (tok_s, secs_s, _), _ = best_of(lambda: engine_run(backend, prompts, sampled), seconds_of=lambda r: r[1])
+    out["engine_sampled_tok_s"] = round(tok_s / secs_s, 1)
+    out["sampled_over_greedy"] = round(out["engine_sampled_tok_s"] / out["engine_tok_s"], 3)
+    eng = backend.engine()
+    if eng is not None and stats is not None and stats.steps:
+        prompt_len = sum(len(x) for x in backend.encode(prompts)) / len(prompts)
+        kv = eng.kv_bytes_per_token() * min(batch, len(prompts)) * (prompt_len + max_new / 2)
+        out["limit_ms_step"] = round(1000 * (w_bytes + kv) / HBM_BYTES_S, 2)
+        out["limit_fraction"] = round(out["limit_ms_step"] / out["engine_ms_step"], 3)
+    return out
+
+
+def hf_cb_rate(backend: Any, prompts: list[str], max_new: int) -> dict[str, Any]:
+    """transformers' own continuous batching (`model.generate_batch`, default settings, greedy) on the
+    same prompts: one timed call (its CUDA-graph warm-up inside), tokens it generated / seconds."""
+    from transformers import GenerationConfig
+
+    eng = backend.engine()
+    if eng is not None:
+        eng.release()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=backend.eos_ids,
+                           pad_token_id=backend.pad_id)
+    try:
+        with torch.inference_mode():
+            outs, secs = timed(lambda: backend.model.generate_batch(inputs=backend.encode(prompts), generation_config=cfg))
+        tokens = sum(len(o.generated_tokens) for o in outs.values())
+        return {"hf_cb_tok_s": round(tokens / secs, 1), "hf_cb_tokens": tokens, "hf_cb_seconds": round(secs, 2),
+                "hf_cb_timing": "one call, default ContinuousBatchingConfig (its CUDA-graph warm-up included)"}
+    except Exception as e:  # noqa: BLE001 - the reference point is optional; the record says why it is missing
+        traceback.print_exc()
+        return {"hf_cb_tok_s": None, "hf_cb_error": f"{type(e).__name__}: {e}"[:500]}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def measure_token_match(backend: Any, prompts: list[str], max_new: int) -> float:
@@ -243,7 +302,14 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bfloat16,float32", help="270m only")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script with random:gemma3-tiny")
+    ap.add_argument("--fuse", choices=("on", "off", "both"), default="on",
+                    help="engine with fused q/k/v and gate/up GEMMs (on), without (off), or both in turn on one "
+                         "loaded model (both: the record's engine_* fields are the fused path's, `unfused` the other)")
+    ap.add_argument("--no-hf-cb", action="store_true", help="skip transformers' generate_batch (hf_cb_tok_s)")
     a = ap.parse_args()
+    if a.fuse == "off":
+        os.environ["STAGE1_ENGINE_FUSE"] = "0"
+    opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb}
     date = dt.date.today().isoformat()
     out = Path(a.out or REPO / "bench" / "results" / f"gpu_engine-{date}{'-smoke' if a.smoke else ''}.json")
     records: list[dict[str, Any]] = json.loads(out.read_text())["records"] if out.is_file() else []
@@ -258,7 +324,7 @@ def main() -> int:
                 for dtype in a.dtypes.split(","):
                     backend = load_backend(ModelConfig(dtype=dtype))
                     match = measure_token_match(backend, prompts, 64 if not a.smoke else 8)
-                    rec = record_for(backend, "270m", len(prompts), dtype, prompts, max_new, True, match)
+                    rec = record_for(backend, "270m", len(prompts), dtype, prompts, max_new, True, match, **opts)
                     rec["load_seconds"] = backend.fingerprint.get("load_seconds")
                     upsert(records, rec)
                     write(out, records)
@@ -272,7 +338,7 @@ def main() -> int:
             max_new, plen = (8, 32) if a.smoke else (128, 128)
             prompts_all = bench_prompts(backend, max(batches), plen)
             for b in batches:
-                rec = record_for(backend, name, b, cfg.dtype, prompts_all[:b], max_new, True, None)
+                rec = record_for(backend, name, b, cfg.dtype, prompts_all[:b], max_new, True, None, **opts)
                 rec["load_seconds"] = round(load_s, 1)
                 upsert(records, rec)
                 write(out, records)

@@ -1,5 +1,6 @@
-"""The generation engine (stage1_core/model/engine.py): stop automaton, counter-based sampling, and exact
-agreement with transformers' `generate` — on tiny random models (fast) and the embedded model."""
+"""The generation engine (stage1_core/model/engine.py and its parts: stops.py, sampling.py, decoder.py,
+fusion.py): stop automaton, counter-based sampling, fused projections, and exact agreement with
+transformers' `generate` — on tiny random models (fast) and the embedded model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from stage1_core.model import engine as E  # noqa: E402
+from stage1_core.model import fusion as F  # noqa: E402
+from stage1_core.model import sampling as S  # noqa: E402
+from stage1_core.model import stops as T  # noqa: E402
 from stage1_core.model.generation import find_stop  # noqa: E402
 from stage1_core.infra.schemas import GenerationParams  # noqa: E402
 
@@ -44,7 +48,7 @@ def _automaton(tokens: list[int], nxt: Any, fires: Any) -> int | None:
 
 
 def test_stop_tables_agree_with_find_stop_on_random_sequences() -> None:
-    nxt, fires = E.build_stop_tables(PIECES, STOPS)
+    nxt, fires = T.build_stop_tables(PIECES, STOPS)
     rng = random.Random(0)
     hits = 0
     for _ in range(3000):
@@ -56,7 +60,7 @@ def test_stop_tables_agree_with_find_stop_on_random_sequences() -> None:
 
 
 def test_stop_split_across_tokens_and_inside_one_token() -> None:
-    nxt, fires = E.build_stop_tables(PIECES, STOPS)
+    nxt, fires = T.build_stop_tables(PIECES, STOPS)
     ids = {p: i for i, p in enumerate(PIECES)}
     assert _automaton([ids["a"], ids["\nIns"], ids["truction:"]], nxt, fires) == 2
     assert _automaton([ids["a"], ids["\nR"], ids["esponse:"]], nxt, fires) == 2
@@ -86,18 +90,18 @@ class _ListingTokenizer:
 def test_token_texts_and_stop_tables_are_cached_on_disk(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STAGE1_CACHE_DIR", str(tmp_path))
     tok = _ListingTokenizer()
-    key = E.vocab_key(tok)
-    assert E.cached_token_strings(tok, key) == PIECES and tok.calls == 1
-    assert E.cached_token_strings(tok, key) == PIECES and tok.calls == 1  # read back, not decoded again
-    first = E.cached_stop_tables(PIECES, STOPS, key)
+    key = T.vocab_key(tok)
+    assert T.cached_token_strings(tok, key) == PIECES and tok.calls == 1
+    assert T.cached_token_strings(tok, key) == PIECES and tok.calls == 1  # read back, not decoded again
+    first = T.cached_stop_tables(PIECES, STOPS, key)
     files = sorted(p.name for p in (tmp_path / "engine").iterdir())
     assert len(files) == 2 and not any(".tmp" in f for f in files)
-    again = E.cached_stop_tables(PIECES, list(reversed(STOPS)), key)  # same set of stops: same file
+    again = T.cached_stop_tables(PIECES, list(reversed(STOPS)), key)  # same set of stops: same file
     assert (again[0] == first[0]).all() and (again[1] == first[1]).all()
     for f in (tmp_path / "engine").iterdir():  # a corrupt cache is rebuilt, never trusted
         f.write_bytes(b"garbage")
-    assert E.cached_token_strings(tok, key) == PIECES and tok.calls == 2
-    rebuilt = E.cached_stop_tables(PIECES, STOPS, key)
+    assert T.cached_token_strings(tok, key) == PIECES and tok.calls == 2
+    rebuilt = T.cached_stop_tables(PIECES, STOPS, key)
     assert (rebuilt[0] == first[0]).all() and (rebuilt[1] == first[1]).all()
 
 
@@ -106,26 +110,26 @@ def test_token_texts_and_stop_tables_are_cached_on_disk(tmp_path: Any, monkeypat
 def test_mul32_and_uniform_are_exact_32_bit_arithmetic() -> None:
     rng = random.Random(1)
     xs = [rng.randrange(1 << 32) for _ in range(500)] + [0, (1 << 32) - 1]
-    got = E._mul32(torch.tensor(xs, dtype=torch.long), 0x846CA68B).tolist()
+    got = S._mul32(torch.tensor(xs, dtype=torch.long), 0x846CA68B).tolist()
     assert got == [(x * 0x846CA68B) % (1 << 32) for x in xs]
-    seeds = torch.tensor([E.row_seed(7, f"id{i}") for i in range(4000)])
-    u = E.uniform(seeds, torch.zeros_like(seeds))
+    seeds = torch.tensor([S.row_seed(7, f"id{i}") for i in range(4000)])
+    u = S.uniform(seeds, torch.zeros_like(seeds))
     assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
     assert abs(float(u.mean()) - 0.5) < 0.02
-    assert torch.equal(u, E.uniform(seeds, torch.zeros_like(seeds)))  # counter-based: no hidden state
-    assert not torch.equal(u, E.uniform(seeds, torch.ones_like(seeds)))  # the step matters
-    assert E.row_seed(7, "a") != E.row_seed(8, "a") and E.row_seed(7, "a") != E.row_seed(7, "b")
+    assert torch.equal(u, S.uniform(seeds, torch.zeros_like(seeds)))  # counter-based: no hidden state
+    assert not torch.equal(u, S.uniform(seeds, torch.ones_like(seeds)))  # the step matters
+    assert S.row_seed(7, "a") != S.row_seed(8, "a") and S.row_seed(7, "a") != S.row_seed(7, "b")
 
 
-def _sampling(t: float, p: float, k: int) -> E.Sampling:
-    return E.Sampling(E.sampling_mode(t, p, k), torch.tensor(t), torch.tensor(p), torch.tensor(k))
+def _sampling(t: float, p: float, k: int) -> S.Sampling:
+    return S.Sampling(S.sampling_mode(t, p, k), torch.tensor(t), torch.tensor(p), torch.tensor(k))
 
 
 @pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (0.9, 0), (1.0, 3)])
 def test_sampling_follows_the_distribution(top_p: float, top_k: int) -> None:
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]]).repeat(20000, 1)
-    seeds = torch.tensor([E.row_seed(3, f"r{i}") for i in range(20000)])
-    draws = E.sample(logits, _sampling(0.7, top_p, top_k), seeds, torch.zeros(20000, dtype=torch.long))
+    seeds = torch.tensor([S.row_seed(3, f"r{i}") for i in range(20000)])
+    draws = S.sample(logits, _sampling(0.7, top_p, top_k), seeds, torch.zeros(20000, dtype=torch.long))
     probs = torch.softmax(logits[0] / 0.7, -1)
     if top_k:
         probs[top_k:] = 0
@@ -135,7 +139,7 @@ def test_sampling_follows_the_distribution(top_p: float, top_k: int) -> None:
     probs = probs / probs.sum()
     freq = torch.bincount(draws, minlength=6).float() / 20000
     assert torch.allclose(freq, probs, atol=0.015), (freq, probs)
-    assert E.sample(logits[:2], _sampling(0.0, 1.0, 0), seeds[:2], seeds[:2]).tolist() == [0, 0]
+    assert S.sample(logits[:2], _sampling(0.0, 1.0, 0), seeds[:2], seeds[:2]).tolist() == [0, 0]
 
 
 # --------------------------------------------------------------------------- tiny random models
@@ -163,6 +167,11 @@ def _tiny(kind: str, vocab: int = 96, std: float = 0.35) -> Any:
             layer_types=["sliding_attention", "sliding_attention", "full_attention"], max_position_embeddings=256,
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "qwen2":  # biases on q/k/v: the fused projection carries a fused bias
+        cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = transformers.Qwen2ForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -188,17 +197,72 @@ def _reference(model: Any, prompts: list[list[int]], max_new: int) -> list[list[
     return out
 
 
-@pytest.mark.parametrize("kind,matmul_decode", [("gemma3", False), ("llama", False), ("gemma3", True),
-                                                ("llama", True)])
-def test_tiny_greedy_equals_transformers_generate(kind: str, matmul_decode: bool) -> None:
+@pytest.mark.parametrize("kind,matmul_decode,fuse", [
+    ("gemma3", False, True), ("llama", False, True), ("gemma3", True, True), ("llama", True, True),
+    ("qwen2", True, True), ("gemma3", True, False), ("qwen2", False, False)])
+def test_tiny_greedy_equals_transformers_generate(kind: str, matmul_decode: bool, fuse: bool) -> None:
     model = _tiny(kind)
     prompts = _prompts(7, 96)
     ref = _reference(model, prompts, 12)
-    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=3)
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=3, fuse=fuse)
+    assert eng.dec.use_fused == fuse
     eng.dec.matmul_decode = matmul_decode  # the CUDA decode attention, checked here on the CPU
     got = eng.generate(prompts, [f"p{i}" for i in range(7)], 12, 0.0, 1.0, 0, [], seed=0)
     assert got == ref
     assert eng.stats.prefills >= 3  # 7 prompts through 3 slots: rows were refilled
+    if fuse:  # the model's own modules still compute what they computed before (plain generate after fusion)
+        assert _reference(model, prompts[:2], 12) == ref[:2]
+
+
+# --------------------------------------------------------------------------- fused projections
+
+def _param_storage_bytes(model: Any) -> int:
+    """Bytes of the distinct storages behind the model's parameters (views counted once)."""
+    seen = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def test_fused_weights_are_the_models_own_memory_and_decode_like_the_unfused_path() -> None:
+    model = _tiny("gemma3", std=0.1)
+    before = _param_storage_bytes(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=4)
+    assert eng.dec.use_fused and all(f.qkv is not None and f.gate_up is not None for f in eng.dec.fused)
+    attn, mlp, f0 = model.model.layers[0].self_attn, model.model.layers[0].mlp, eng.dec.fused[0]
+    assert f0.qkv.sizes == (64, 32, 32) and f0.gate_up.sizes == (128, 128)
+    assert attn.q_proj.weight.data_ptr() == f0.qkv.weight.data_ptr()  # views into the fused tensor
+    assert mlp.up_proj.weight.data_ptr() == f0.gate_up.weight[128].data_ptr()
+    assert _param_storage_bytes(model) == before  # no second copy of the weights
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # same values, same names
+    again = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=4)  # a second engine reuses the fusion
+    assert again.dec.fused[0].qkv is f0.qkv and _param_storage_bytes(model) == before
+
+    prompts, ids = _prompts(9, 96, seed=5), [f"f{i}" for i in range(9)]
+    runs = {}
+    for fused in (True, False):
+        eng.dec.use_fused = fused
+        runs[fused] = (eng.generate(prompts, ids, 10, 0.0, 1.0, 0, STOPS, seed=1),
+                       eng.generate(prompts, ids, 10, 0.8, 0.9, 0, STOPS, seed=1))
+    assert runs[True] == runs[False]
+
+
+def test_projections_that_are_not_plain_linear_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Wrapped(torch.nn.Linear):  # stands for a quantized or adapter-wrapped projection
+        pass
+
+    model = _tiny("llama")
+    layer = model.model.layers[1]
+    wrapped = Wrapped(64, 128, bias=False)
+    wrapped.load_state_dict(layer.mlp.gate_proj.state_dict())
+    layer.mlp.gate_proj = wrapped
+    prompts = _prompts(5, 96, seed=6)
+    ref = _reference(model, prompts, 10)
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=2)
+    assert eng.dec.fused[1].gate_up is None and eng.dec.fused[1].qkv is not None
+    assert eng.dec.fused[0].gate_up is not None
+    assert eng.generate(prompts, [str(i) for i in range(5)], 10, 0.0, 1.0, 0, [], seed=0) == ref
+    monkeypatch.setenv(F.ENV, "0")  # the benchmark's unfused baseline
+    assert not E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[]).dec.use_fused
 
 
 def test_tiny_sampling_independent_of_batch_and_order() -> None:

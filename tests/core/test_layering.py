@@ -15,7 +15,6 @@ MAX_LINES = 500
 # Files still over the limit while issue 21 splits them: none may grow, and each leaves this table
 # when it is split. The table must end empty.
 NOT_YET_SPLIT = {
-    "model/engine.py": 865,
 }
 
 
