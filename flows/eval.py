@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow
-from pydantic import Field
 
 from flows import runtime
+from stage1_core.infra import options
 from stage1_core.train import eval_report, evaluation
+from stage1_core.train.options import EvalOptions
 from stage1_core.infra import provenance
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
@@ -35,29 +36,12 @@ def _run_name() -> str:
     return f"{name}-{str(flow_run.id)[:8]}" if runtime.deployment_name() else name
 
 
-@flow(name="stage1", flow_run_name=_run_name, log_prints=True)
-def eval_flow(adapter: str, output: str | None = None, prompts: str | None = None, config: str | None = None,
-              overwrite: bool = False,
-              run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None) -> dict[str, Any]:
-    """Stage 1 eval: stop rate, runaway and token-limit rates, IFEval verifiable accuracy (strict and
-    loose, per prompt and per instruction), perplexity, and a judged win rate of base + adapter over the
-    base model (order-inconsistent verdicts are ties; length-controlled; marked uninformative when the
-    judge's position consistency is below the floor), with intervals.
-
-    Args:
-        adapter: a finished SFT output folder (training_summary.json names the base model).
-        output: the report's folder; under a deployment defaults to ${STAGE1_OUTPUT_ROOT}/{deployment}/{flow_run_name}.
-        prompts: JSONL with id and instruction per line (optional IFEval instruction_id_list and kwargs);
-            default: the shipped held-out set.
-        config: YAML merged over configs/eval.yaml.
-        overwrite: replace an output folder of another evaluation.
-        run_key: under a deployment without `output`: write to ${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key}.
-    """
-    output = runtime.run_output(output, None, run_key)
+def _eval_flow(**params: Any) -> dict[str, Any]:
+    opts = EvalOptions.model_construct(**params)  # validated at the flow's edge against the same declaration
+    output = runtime.run_output(opts.output, None, opts.run_key)
     if output is None:
         raise InputError("no output folder", field="output", expected="a folder path", fix="pass --output DIR")
-    plan = t.prepare_eval({"adapter": adapter, "output": output, "prompts": prompts, "config": config,
-                           "overwrite": overwrite})
+    plan = t.prepare_eval(opts.model_copy(update={"output": output}))
     base, tuned, judge = t.load_models(plan)  # before the folder is touched
     out = Path(plan["output"])
     with hold_lock(out / LOCK_NAME):
@@ -74,28 +58,33 @@ def eval_flow(adapter: str, output: str | None = None, prompts: str | None = Non
     return {"exit_code": 0, "output": plan["output"], "report": report}
 
 
+# The flow's parameters are the options' declaration (stage1_core.train.options).
+_eval_flow.__signature__ = options.flow_signature(EvalOptions)  # type: ignore[attr-defined]
+_eval_flow.__doc__ = options.flow_docstring(
+    "Stage 1 eval: stop rate, runaway and token-limit rates, IFEval verifiable accuracy (strict and loose, per "
+    "prompt and per instruction), perplexity, and a judged win rate of base + adapter over the base model "
+    "(order-inconsistent verdicts are ties; length-controlled; marked uninformative when the judge's position "
+    "consistency is below the floor), with intervals.", EvalOptions)
+_eval_flow.__name__ = _eval_flow.__qualname__ = "eval_flow"
+eval_flow = flow(name="stage1", flow_run_name=_run_name, log_prints=True)(_eval_flow)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m flows.eval",
         description="Stage 1 eval: compare the base model with base + adapter on held-out prompts (zero-shot, greedy).",
         epilog="Exit codes: 0 report written, 2 bad input (nothing written), 5 output folder locked by another run, "
                "1 unexpected error, 130 interrupted. Docs: docs/eval.md.")
-    ap.add_argument("--adapter", required=True, metavar="DIR", help="a finished python -m flows.sft output folder")
-    ap.add_argument("--output", required=True, metavar="DIR", help="where eval_report.json and eval_report.md go")
-    ap.add_argument("--prompts", metavar="FILE", default=None,
-                    help="JSONL: id and instruction per line, optional IFEval instruction_id_list and kwargs "
-                         "(default: the shipped held-out prompts)")
-    ap.add_argument("--config", metavar="PATH", default=None, help="YAML merged over configs/eval.yaml")
-    ap.add_argument("--overwrite", action="store_true", help="replace an output folder of another evaluation")
+    options.add_arguments(ap, EvalOptions)
     ap.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit 0; loads and writes nothing")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    params = {"adapter": a.adapter, "output": a.output, "prompts": a.prompts, "config": a.config,
-              "overwrite": a.overwrite}
-    result = runtime.run_cli(lambda: evaluation.prepare_eval(**params), dry_run=a.dry_run,
+    params = options.from_args(EvalOptions, a)
+    result = runtime.run_cli(lambda: evaluation.prepare_eval(**EvalOptions(**params).model_dump(exclude={"run_key"})),
+                             dry_run=a.dry_run,
                              dry_text=evaluation.dry_run_text, start=lambda plan: eval_flow(**params))
     if isinstance(result, int):
         return result

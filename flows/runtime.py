@@ -29,7 +29,7 @@ def deployment_name() -> str | None:
     return deployment.name if deployment.id else None
 
 
-RUN_KEY_PATTERN = options.RUN_KEY_PATTERN
+RUN_KEY_PATTERN = options.RUN_KEY_PATTERN  # one declaration (stage1_core.infra.options)
 
 
 def run_output(explicit: str | None, local_default: str | None, run_key: str | None = None) -> str | None:

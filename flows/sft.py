@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow
-from pydantic import Field
 
 from flows import runtime
 from stage1_core.infra import provenance
 from stage1_core.phases import reports
+from stage1_core.infra import options
 from stage1_core.train import sft
+from stage1_core.train.options import SFTOptions
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
 from tasks import sft as t
@@ -35,28 +36,13 @@ def _run_name() -> str:
     return f"{name}-{str(flow_run.id)[:8]}" if runtime.deployment_name() else name
 
 
-@flow(name="stage1", flow_run_name=_run_name, log_prints=True)
-def sft_flow(data: str, output: str | None = None, config: str | None = None,
-             seed: Annotated[int, Field(ge=0)] | None = None, force: bool = False, overwrite: bool = False,
-             run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None) -> dict[str, Any]:
-    """Stage 1 SFT: a LoRA adapter trained on a finished run's kept pairs (loss on response tokens only).
-
-    Args:
-        data: the pilot's or scale run's output folder.
-        output: the adapter's folder; under a deployment defaults to ${STAGE1_OUTPUT_ROOT}/{deployment}/{flow_run_name}.
-        config: YAML merged over configs/sft.yaml.
-        seed: the training seed (default: the config's).
-        force: train on a run whose gate did not say scale (recorded in training_summary.json).
-        overwrite: replace an output folder of another SFT identity.
-        run_key: under a deployment without `output`: write to ${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key},
-            so rerunning a crashed run with the same key resumes from its checkpoints.
-    """
+def _sft_flow(**params: Any) -> dict[str, Any]:
+    opts = SFTOptions.model_construct(**params)  # validated at the flow's edge against the same declaration
     run_id = provenance.run_id()
-    output = runtime.run_output(output, None, run_key)
+    output = runtime.run_output(opts.output, None, opts.run_key)
     if output is None:
         raise InputError("no output folder", field="output", expected="a folder path", fix="pass --output DIR")
-    plan = t.prepare_sft({"data": data, "output": output, "config": config, "seed": seed, "force": force,
-                          "overwrite": overwrite})
+    plan = t.prepare_sft(opts.model_copy(update={"output": output}))
     if plan["done"]:
         summary = sft.read_summary(plan["output"])
         print(f"{plan['output']} already holds this run's adapter: nothing to do")
@@ -69,6 +55,14 @@ def sft_flow(data: str, output: str | None = None, config: str | None = None,
     return {"exit_code": 0, "output": plan["output"], "summary": summary}
 
 
+# The flow's parameters are the options' declaration (stage1_core.train.options).
+_sft_flow.__signature__ = options.flow_signature(SFTOptions)  # type: ignore[attr-defined]
+_sft_flow.__doc__ = options.flow_docstring("Stage 1 SFT: a LoRA adapter trained on a finished run's kept pairs "
+                                           "(loss on response tokens only).", SFTOptions)
+_sft_flow.__name__ = _sft_flow.__qualname__ = "sft_flow"
+sft_flow = flow(name="stage1", flow_run_name=_run_name, log_prints=True)(_sft_flow)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m flows.sft",
@@ -76,23 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "(completion format, loss on response tokens only); rerun the same command to resume.",
         epilog="Exit codes: 0 adapter written (or already there), 2 bad input (nothing written), 5 output folder "
                "locked by another run, 1 unexpected error, 130 interrupted. Docs: docs/sft.md.")
-    ap.add_argument("--data", required=True, metavar="RUN_DIR", help="a finished pilot's or scale run's output folder")
-    ap.add_argument("--output", required=True, metavar="DIR", help="the adapter's folder; rerunning with it resumes")
-    ap.add_argument("--config", metavar="PATH", default=None, help="YAML merged over configs/sft.yaml")
-    ap.add_argument("--seed", type=int, default=None, help="training seed (default 42)")
-    ap.add_argument("--force", action="store_true",
-                    help="train on a run whose gate did not say scale (recorded as forced in training_summary.json)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an output folder of another SFT run")
+    options.add_arguments(ap, SFTOptions)
     ap.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit 0; loads and writes nothing")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    params = {"data": a.data, "output": a.output, "config": a.config, "seed": a.seed, "force": a.force,
-              "overwrite": a.overwrite}
-    result = runtime.run_cli(lambda: sft.prepare_sft(**params), dry_run=a.dry_run, dry_text=sft.dry_run_text,
-                             start=lambda plan: sft_flow(**params))
+    params = options.from_args(SFTOptions, a)
+    result = runtime.run_cli(lambda: sft.prepare_sft(**SFTOptions(**params).model_dump(exclude={"run_key"})),
+                             dry_run=a.dry_run, dry_text=sft.dry_run_text, start=lambda plan: sft_flow(**params))
     if isinstance(result, int):
         return result
     print(reports.sft_text(result["summary"]))

@@ -11,13 +11,14 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
+from stage1_core.train.options import EvalOptions
 from stage1_core.train import eval_report, evaluation
 
 
 @task(name="prepare_eval", persist_result=False, cache_policy=NO_CACHE)
-def prepare_eval(params: dict[str, Any]) -> dict[str, Any]:
+def prepare_eval(opts: EvalOptions) -> dict[str, Any]:
     """Validate the adapter folder, prompts, config, model and output folder."""
-    return evaluation.prepare_eval(**params)
+    return evaluation.prepare_eval(**opts.model_dump(exclude={"run_key"}))
 
 
 @task(name="load_models", persist_result=False, cache_policy=NO_CACHE)

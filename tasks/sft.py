@@ -19,13 +19,14 @@ from tqdm import tqdm
 
 from stage1_core.infra import provenance, storage
 from stage1_core.phases import reports, run
+from stage1_core.train.options import SFTOptions
 from stage1_core.train import sft
 
 
 @task(name="prepare_sft", persist_result=False, cache_policy=NO_CACHE)
-def prepare_sft(params: dict[str, Any]) -> dict[str, Any]:
+def prepare_sft(opts: SFTOptions) -> dict[str, Any]:
     """Validate the run folder (its gate), the SFT config, the model and the output folder."""
-    return sft.prepare_sft(**params)
+    return sft.prepare_sft(**opts.model_dump(exclude={"run_key"}))
 
 
 @task(name="load_base_model", persist_result=False, cache_policy=NO_CACHE)

@@ -1,16 +1,28 @@
-"""Print the pilot's option table (flag, flow parameter, default, config key, meaning) as docs/config.md
-holds it, from the one declaration, `stage1_core.phases.options.PilotOptions`.
+"""Print a flow's option table (flag, flow parameter, default, config key, meaning) as the docs hold it,
+from its one declaration: pilot (docs/config.md), sft (docs/sft.md), eval (docs/eval.md).
 
-    PYTHONPATH=. python -m stage1_core.cli.options
+    PYTHONPATH=. python -m stage1_core.cli.options [pilot|sft|eval]
 """
 
 from __future__ import annotations
 
-from stage1_core.phases.options import PilotOptions, markdown_table
+import sys
+
+from stage1_core.infra.options import markdown_table
+from stage1_core.phases.options import PilotOptions
+from stage1_core.train.options import EvalOptions, SFTOptions
+
+OPTIONS = {"pilot": PilotOptions, "sft": SFTOptions, "eval": EvalOptions}
+DOCS = {"pilot": "docs/config.md", "sft": "docs/sft.md", "eval": "docs/eval.md"}
 
 
-def main() -> int:
-    print(markdown_table(PilotOptions), end="")
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "pilot"
+    if name not in OPTIONS:
+        print(f"usage: python -m stage1_core.cli.options [{'|'.join(OPTIONS)}]", file=sys.stderr)
+        return 2
+    print(markdown_table(OPTIONS[name]), end="")
     return 0
 
 

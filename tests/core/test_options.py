@@ -68,12 +68,33 @@ def test_the_flow_signature_is_the_declaration() -> None:
     assert all(f"    {n}: " in doc for n in PilotOptions.model_fields)
 
 
-def test_docs_option_table_is_generated_from_the_declaration() -> None:
-    text = DOCS.read_text()
+@pytest.mark.parametrize("flow", ["pilot", "sft", "eval"])
+def test_docs_option_tables_are_generated_from_the_declarations(flow: str) -> None:
+    from stage1_core.cli.options import DOCS as PAGES, OPTIONS
+
+    text = (DOCS.parents[1] / PAGES[flow]).read_text()
     start = text.index("<!-- options table: generated -->\n") + len("<!-- options table: generated -->\n")
     end = text.index("<!-- end options table -->")
-    assert text[start:end] == options.markdown_table(PilotOptions), \
-        "docs/config.md's option table is stale: paste `python -m stage1_core.cli.options` between its markers"
+    assert text[start:end] == options.markdown_table(OPTIONS[flow]), \
+        f"{PAGES[flow]}'s option table is stale: paste `python -m stage1_core.cli.options {flow}` between its markers"
+
+
+def test_sft_and_eval_options_are_declared_once_too() -> None:
+    from stage1_core.train.options import EvalOptions, SFTOptions
+    from stage1_core.train.sft import SFTSettings
+
+    assert SFTOptions.model_fields["data"].is_required() and EvalOptions.model_fields["adapter"].is_required()
+    sig = options.flow_signature(SFTOptions)
+    assert sig.parameters["data"].default is sig.parameters["data"].empty and sig.parameters["seed"].default is None
+    assert f"the config's, {SFTSettings.model_fields['seed'].default}" in SFTOptions.model_fields["seed"].description
+    with pytest.raises(ValidationError):
+        SFTOptions(data="d", seed=-1)
+    ap = argparse.ArgumentParser()
+    options.add_arguments(ap, EvalOptions)
+    with pytest.raises(SystemExit):  # --adapter and --output are required on the command line
+        ap.parse_args(["--adapter", "a"])
+    assert options.from_args(EvalOptions, ap.parse_args(["--adapter", "a", "--output", "o"])) == {"adapter": "a",
+                                                                                                  "output": "o"}
 
 
 def test_shipped_yaml_defaults_equal_the_schema_defaults() -> None:
