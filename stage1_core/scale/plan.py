@@ -36,8 +36,9 @@ from stage1_core.phases.seeds import load_seeds, require_usable
 
 # Settings that change how a run is operated, not what it computes: left out of the run identity,
 # so a resume may change them.
-OPERATIONAL = ("gpu_hour_usd", "scale.shard_timeout_s", "scale.max_parallel_shards", "scale.tokens_per_gpu_second")
-SCALE_FLAGS = {"shard_size": "--shard-size", "shard_timeout_s": "--shard-timeout-s"}
+OPERATIONAL = ("gpu_hour_usd", "scale.shard_timeout_s", "scale.max_parallel_shards", "scale.tokens_per_gpu_second",
+               "scale.shard_retries")
+SCALE_FLAGS = {"shard_size": "--shard-size", "shard_timeout_s": "--shard-timeout-s", "shard_retries": "--shard-retries"}
 # Dry-run assumptions without a pilot to measure them (as the pilot's dry run): list items per prompt,
 # instruction and pair acceptance.
 ITEMS_PER_LIST, INSTRUCTION_ACCEPTANCE, PAIR_ACCEPTANCE = 4, 0.5, 0.5
@@ -50,6 +51,8 @@ class ScaleSettings(StrictModel):
     max_rounds_per_shard: int = Field(default=100, gt=0, description="instruction rounds a shard may use")
     shard_timeout_s: float = Field(default=14400.0, gt=0, description="wait for one stage1/scale-shard run")
     max_parallel_shards: int = Field(default=8, gt=0, description="shard runs in flight under a deployment")
+    shard_retries: int = Field(default=2, ge=0, le=10, description="under a deployment: times a lost shard run "
+                               "(crashed, silent, failed by infrastructure) is started again (stage1_core.scale.retry)")
     minhash_num_perm: int = Field(default=256, ge=16, le=1024)
     minhash_threshold: float = Field(default=0.2, gt=0.0, lt=1.0, description="Jaccard threshold of the LSH candidates")
     tokens_per_gpu_second: float = Field(default=1000.0, gt=0, description="dry-run throughput without a pilot measurement")
@@ -169,7 +172,8 @@ def prepare_scale(*, output: str, config: str | None = None, from_pilot: str | N
                   overwrite: bool = False, strict_qc: bool = False, count: int | None = None,
                   shard_size: int | None = None, seed: int | None = None, seeds: str | None = None,
                   model: str | None = None, bos_policy: str | None = None, allow_pickle: bool | None = None,
-                  gpu_hour_usd: float | None = None, shard_timeout_s: float | None = None) -> dict[str, Any]:
+                  gpu_hour_usd: float | None = None, shard_timeout_s: float | None = None,
+                  shard_retries: int | None = None) -> dict[str, Any]:
     """Validate everything and return the scale plan. Writes nothing, loads no model.
 
     Raises:
@@ -198,7 +202,8 @@ def prepare_scale(*, output: str, config: str | None = None, from_pilot: str | N
     if gpu_hour_usd is not None:
         over["gpu_hour_usd"] = gpu_hour_usd
     cfg = load_scale_config(config=config, pilot=pilot, overrides=over,
-                            scale_over={"shard_size": shard_size, "shard_timeout_s": shard_timeout_s})
+                            scale_over={"shard_size": shard_size, "shard_timeout_s": shard_timeout_s,
+                                        "shard_retries": shard_retries})
     pcfg = PilotConfig.model_validate({k: v for k, v in cfg.items() if k != "scale"})
     seedset = load_seeds(pcfg.seeds_path)
     require_usable(seedset, pcfg.instruction_generation.few_shot_k)
@@ -261,10 +266,12 @@ def load_model_if_needed(plan: dict[str, Any], only: int | None = None) -> dict[
 
 
 # -- one shard -------------------------------------------------------------------------------------
-def compute_shard(plan: dict[str, Any], index: int, run_id: str) -> dict[str, Any]:
+def compute_shard(plan: dict[str, Any], index: int, run_id: str,
+                  attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Compute shard `index` from scratch unless it is already complete; returns its manifest.
 
-    Holds the shard's own lock, so two processes never compute the same shard at once.
+    Holds the shard's own lock, so two processes never compute the same shard at once. `attempts`
+    (earlier attempts, then this one; default: this process as attempt 1) goes into the manifest.
     Raises:
         LockedError: another process is computing this shard.
     """
@@ -275,12 +282,12 @@ def compute_shard(plan: dict[str, Any], index: int, run_id: str) -> dict[str, An
         if done is not None:
             return done
         shutil.rmtree(p["work"], ignore_errors=True)
-        manifest = _compute(plan, index, run_id, p["work"])
+        manifest = _compute(plan, index, run_id, p["work"], attempts or [shards.this_attempt(1)])
         shutil.rmtree(p["work"], ignore_errors=True)
         return manifest
 
 
-def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path) -> dict[str, Any]:
+def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path, attempts: list[dict[str, Any]]) -> dict[str, Any]:
     from stage1_core.model import loaded_fingerprint
 
     t0 = time.perf_counter()
@@ -352,7 +359,7 @@ def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path) -> dict[
                 "examples_per_s": round(len(rows) / seconds, 3) if seconds > 0 else None,
                 "tokens": {**tokens, "total": tokens["instructions"] + tokens["responses"]},
                 "counts": {**counts, "pairs_kept": len(rows), "rejected": len(rejected)},
-                "rejected_by_reason": pipeline.count_reasons(rejected), "critic_dev": critic_dev}
+                "rejected_by_reason": pipeline.count_reasons(rejected), "critic_dev": critic_dev, "attempts": attempts}
     return shards.write(plan["output"], index, rows, rejected, completions, info_out)
 
 

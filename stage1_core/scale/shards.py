@@ -13,10 +13,12 @@ scratch; a done shard is never recomputed.
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
-from stage1_core.infra import faults, jsonl, storage
+from stage1_core.infra import faults, jsonl, provenance, storage
 
 SHARDS_DIR = "shards"
 FILES = ("data", "rejected", "completions")
@@ -41,6 +43,14 @@ def expected(plan: dict[str, Any], index: int) -> dict[str, Any]:
     """What a valid manifest of shard `index` must record for this plan."""
     shard = plan["shards"][index]
     return {"shard": index, "shard_seed": shard["seed"], "size": shard["size"], "identity": plan["identity"]}
+
+
+def this_attempt(attempt: int, **extra: Any) -> dict[str, Any]:
+    """The record of the attempt computing a shard in this process, for its manifest's `attempts`:
+    `attempt` (from 1), `host`, `pid`, `cuda_visible_devices` (the GPU its worker is pinned to; None
+    when unset), `started`, and `extra` (the flow run's id and name under a deployment)."""
+    return {"attempt": attempt, **extra, "host": socket.gethostname(), "pid": os.getpid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": provenance.utc_now()}
 
 
 def write(out: str | Path, index: int, rows: list[dict[str, Any]], rejected: list[dict[str, Any]],

@@ -237,3 +237,89 @@ def test_fault_specs(monkeypatch, spec, point, name, fires):
     monkeypatch.setattr(faults.os, "kill", lambda pid, sig: killed.append(sig))
     faults.maybe_fault(point, name)
     assert killed == ([signal.SIGKILL] if fires else [])
+
+
+# -- rescheduling lost shard runs (stage1_core.scale.retry; the Prefect side is tasks/scale.py) -------------
+from stage1_core.scale import retry  # noqa: E402
+
+SILENT = "No heartbeat for 600 s: marked Crashed by 'stage1: crash silent flow runs'"
+EXC = "Flow run encountered an exception: "
+
+
+@pytest.mark.parametrize("end,cause,action", [
+    (retry.ShardEnd("CRASHED", "Flow run infrastructure exited with non-zero status code -9."), "crashed", "retry"),
+    (retry.ShardEnd("CRASHED", SILENT), "silent", "retry"),
+    (retry.ShardEnd("FAILED", "Submission failed. KeyError: 'gpu'"), "infrastructure", "retry"),
+    (retry.ShardEnd("FAILED", EXC + "TimeoutError: read timed out"), "transient", "retry"),
+    (retry.ShardEnd("FAILED", EXC + "httpx.ConnectError: [Errno 111]"), "transient", "retry"),
+    (retry.ShardEnd("FAILED", EXC + "LockedError: shard 3 in /o/shards is locked by another run (pid 7)"), "locked",
+     "retry"),
+    (retry.ShardEnd(None, error="ConnectError: All connection attempts failed"), "transient", "retry"),
+    (retry.ShardEnd("FAILED", EXC + "InputError: error: bad seeds\n  file: s.jsonl"), "bad_input", "fail"),
+    (retry.ShardEnd("FAILED", EXC + "DeviceOOM: out of memory at one prompt (batch 1)"), "out_of_memory", "fail"),
+    (retry.ShardEnd("FAILED", EXC + "EngineOOM: one slot does not fit"), "out_of_memory", "fail"),
+    (retry.ShardEnd("FAILED", EXC + "ModelGuardError: sentinel failed"), "model_guard", "fail"),
+    (retry.ShardEnd("FAILED", EXC + "WriteError: disk full"), "write_refused", "fail"),
+    (retry.ShardEnd("FAILED", EXC + "KeyError: 'rows'"), "error", "fail"),
+    (retry.ShardEnd("CANCELLED", "cancelled by a person"), "cancelled", "fail"),
+    (retry.ShardEnd("RUNNING", None, timed_out=True), "timeout", "fail"),
+    (retry.ShardEnd("COMPLETED", "All states completed."), "files_missing", "fail"),
+    (retry.ShardEnd(None, error="ObjectNotFound: deployment stage1/scale-shard"), "not_started", "fail"),
+    # the files are the record: whatever the state says, a valid shard is done
+    (retry.ShardEnd("CRASHED", SILENT, files_valid=True), "completed", "done"),
+    (retry.ShardEnd("COMPLETED", None, files_valid=True), "completed", "done"),
+])
+def test_a_lost_shard_is_retried_and_bad_input_or_oom_is_not(end, cause, action):
+    d = retry.decide(end, attempt=1, retries=2)
+    assert (d.cause, d.action) == (cause, action), d
+    assert retry.CAUSES[cause].split(" (")[0] in d.reason
+    if action == "fail":
+        assert "not retried" in d.reason and retry.FIXES[cause] in d.reason
+    if end.message and action != "done":  # the run's own words reach the reason, shortened
+        assert retry._short(end.message)[:40] in d.reason
+
+
+def test_retries_stop_after_shard_retries_and_a_locked_shard_waits():
+    crashed = retry.ShardEnd("CRASHED", SILENT)
+    assert [retry.decide(crashed, a, retries=2).action for a in (1, 2, 3)] == ["retry", "retry", "fail"]
+    last = retry.decide(crashed, 3, retries=2)
+    assert last.cause == "silent" and "no retries left (scale.shard_retries is 2)" in last.reason
+    assert retry.decide(crashed, 1, retries=0).action == "fail"
+    assert retry.decide(crashed, 1, retries=2).delay_s == 0
+    locked = retry.ShardEnd("FAILED", EXC + "LockedError: locked")
+    assert retry.decide(locked, 1, retries=2).delay_s == retry.LOCKED_RETRY_DELAY_S
+
+
+def test_exception_names_and_the_texts_shown_for_failures_and_progress():
+    assert retry.exception_name(EXC + "InputError: x: y") == "InputError"
+    assert retry.exception_name(EXC + "prefect.exceptions.CrashedRun") == "CrashedRun"
+    assert retry.exception_name("ReadTimeout: 5 s") == "ReadTimeout"
+    assert retry.exception_name("no exception here") is None and retry.exception_name(None) is None
+    failed = {3: retry.decide(retry.ShardEnd("FAILED", EXC + "InputError: bad"), 1, 2)}
+    text = retry.failure_text(failed, 12)
+    assert text.startswith("1 of 12 shards failed: shard-00003: bad input") and "rerun the same run" in text
+    history = {4: [{"attempt": 1, "action": "retry", "cause": "silent"}, {"attempt": 2, "action": "retry", "cause": "crashed"}],
+               7: [{"attempt": 1, "action": "fail", "cause": "bad_input"}]}
+    assert retry.progress_text(10, 12, history) == \
+        "scale: 10/12 shards; rescheduled: shard-00004 (attempt 1 silent, attempt 2 crashed); failed: shard-00007"
+    assert retry.progress_text(0, 12, {}) == "scale: 0/12 shards"
+
+
+def test_shard_retries_is_an_operational_setting_and_attempts_reach_the_manifest(tmp_path, monkeypatch):
+    plan = plan_for(tmp_path / "o")
+    assert plan["config"]["scale"]["shard_retries"] == 2
+    scale.claim(plan, "r")
+    again = plan_for(tmp_path / "o", shard_retries=0)  # a resume may change it
+    assert again["identity"] == plan["identity"] and again["folder_state"] == "resume"
+    with pytest.raises(InputError) as e:
+        plan_for(tmp_path / "o", shard_retries=-1)
+    assert e.value.field == "scale.shard_retries" and e.value.fix == "correct --shard-retries"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    earlier = [{"attempt": 1, "flow_run_name": "lost", "state": "Crashed", "cause": "silent", "action": "retry"}]
+    this = shards.this_attempt(2, flow_run_name="again")
+    manifest = scale.compute_shard(plan, 1, "r", [*earlier, this])
+    assert [a["attempt"] for a in manifest["attempts"]] == [1, 2]
+    assert manifest["attempts"][1]["cuda_visible_devices"] == "2" and manifest["attempts"][1]["pid"] == os.getpid()
+    assert shards.valid_manifest(plan["output"], plan, 1)["attempts"] == manifest["attempts"]
+    local = scale.compute_shard(plan, 0, "r")  # computed in this process, no orchestrator: attempt 1
+    assert [(a["attempt"], a["host"]) for a in local["attempts"]] == [(1, shards.socket.gethostname())]
