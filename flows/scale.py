@@ -24,7 +24,7 @@ from flows import runtime
 
 from stage1_core.infra import provenance
 from stage1_core.phases import reports, run
-from stage1_core.scale import plan as core
+from stage1_core.scale import plan as core, shards
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
 from tasks import scale as t
@@ -68,6 +68,7 @@ def scale(count: Annotated[int, Field(gt=0, le=1_000_000)] | None = None,
           overwrite: bool = False,
           gpu_hour_usd: Annotated[float, Field(ge=0)] | None = None,
           shard_timeout_s: Annotated[float, Field(gt=0)] | None = None,
+          shard_retries: Annotated[int, Field(ge=0, le=10)] | None = None,
           bos_policy: Literal["auto", "always", "never"] | None = None,
           allow_pickle: bool | None = None,
           run_key: Annotated[str, Field(pattern=runtime.RUN_KEY_PATTERN)] | None = None) -> dict[str, Any]:
@@ -86,6 +87,8 @@ def scale(count: Annotated[int, Field(gt=0, le=1_000_000)] | None = None,
         overwrite: re-claim an output folder of another run identity.
         gpu_hour_usd: price of a GPU-hour for the cost estimate.
         shard_timeout_s: how long to wait for one stage1/scale-shard run.
+        shard_retries: times a lost stage1/scale-shard run (crashed, silent, failed by infrastructure) is
+            started again (default 2; bad input and out-of-memory are never retried).
         bos_policy: as --bos-policy. allow_pickle: as --allow-pickle.
         run_key: under a deployment without `output`: write to ${STAGE1_OUTPUT_ROOT}/{deployment}/{run_key},
             so rerunning a crashed run with the same key resumes its finished shards.
@@ -98,7 +101,8 @@ def scale(count: Annotated[int, Field(gt=0, le=1_000_000)] | None = None,
     plan = t.prepare_scale({"output": output, "config": config, "from_pilot": from_pilot, "force": force,
                             "overwrite": overwrite, "strict_qc": strict_qc, "count": count, "shard_size": shard_size,
                             "seed": seed, "seeds": seeds, "model": model, "bos_policy": bos_policy,
-                            "allow_pickle": allow_pickle, "gpu_hour_usd": gpu_hour_usd, "shard_timeout_s": shard_timeout_s})
+                            "allow_pickle": allow_pickle, "gpu_hour_usd": gpu_hour_usd, "shard_timeout_s": shard_timeout_s,
+                            "shard_retries": shard_retries})
     if not runtime.deployment_name():  # shards run in this process: check the model before the folder is touched
         t.load_model(plan)  # (under a deployment this run only orchestrates; the shard runs load it)
     with hold_lock(Path(plan["output"]) / LOCK_NAME):
@@ -118,7 +122,7 @@ def scale(count: Annotated[int, Field(gt=0, le=1_000_000)] | None = None,
 
 @flow(name="stage1", flow_run_name="scale-shard-{shard}-seed{seed}", log_prints=True)
 def scale_shard(output: str, shard: Annotated[int, Field(ge=0)], seed: Annotated[int, Field(ge=0)], config: str,
-                model: str, run_id: str) -> dict[str, Any]:
+                model: str, run_id: str, attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One shard of a scale run whose folder `output` was claimed by the orchestrator.
 
     Args:
@@ -128,13 +132,19 @@ def scale_shard(output: str, shard: Annotated[int, Field(ge=0)], seed: Annotated
         config: the run's config.yaml.
         model: the model id (checked against the folder's run identity).
         run_id: the orchestrating run's id, recorded in the shard's rows and manifest.
+        attempts: the shard's earlier attempts (set by the orchestrator when it starts a lost shard
+            again); recorded in the manifest's `attempts` before this run's own record.
     """
+    from prefect.runtime import flow_run
+
     plan = t.prepare_scale({"output": output, "config": config, "seed": seed, "model": model})
     if shard not in range(len(plan["shards"])):
         raise InputError(f"shard {shard} does not exist", field="shard", expected=f"0 to {len(plan['shards']) - 1}",
                          fix="pass a shard index of this run")
     t.load_model(plan, shard)  # a model that fails its guards writes no shard file
-    return t.compute_shard(plan, shard, run_id)
+    earlier = list(attempts or [])
+    this = shards.this_attempt(len(earlier) + 1, flow_run_id=str(flow_run.id), flow_run_name=flow_run.name)
+    return t.compute_shard(plan, shard, run_id, [*earlier, this])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-hour-usd", type=float, default=None, help="price of one GPU-hour for the cost estimate")
     ap.add_argument("--shard-timeout-s", type=float, default=None,
                     help="under a deployment: how long to wait for one stage1/scale-shard run (default 14400)")
+    ap.add_argument("--shard-retries", type=int, default=None,
+                    help="under a deployment: times a crashed or silent shard run is started again (default 2)")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the plan (shards, expected tokens, GPU time and cost) and exit 0; loads and writes nothing")
     ap.add_argument("--overwrite", action="store_true", help="replace an output folder of another run identity")
@@ -174,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {"config": a.config, "from_pilot": a.from_pilot, "force": a.force, "overwrite": a.overwrite,
               "strict_qc": a.strict_qc, "count": a.count, "shard_size": a.shard_size, "seed": a.seed, "seeds": a.seeds,
               "model": a.model, "bos_policy": a.bos_policy, "allow_pickle": a.allow_pickle or None,
-              "gpu_hour_usd": a.gpu_hour_usd, "shard_timeout_s": a.shard_timeout_s}
+              "gpu_hour_usd": a.gpu_hour_usd, "shard_timeout_s": a.shard_timeout_s, "shard_retries": a.shard_retries}
     result = runtime.run_cli(lambda: core.prepare_scale(output=a.output, **params), dry_run=a.dry_run,
                              dry_text=core.dry_run_text, start=lambda plan: scale(output=a.output, **params),
                              load=core.load_model_if_needed)

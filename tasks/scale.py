@@ -2,21 +2,24 @@
 artifact, and the deployment fan-out of shards as `stage1/scale-shard` flow runs.
 
 Shards are not cached by Prefect: a shard's manifest on disk is its record (stage1_core.scale.shards), and
-the orchestrator trusts only that, never a shard run's state.
+the orchestrator trusts only that to count a shard done. A shard run's state only decides whether a
+shard without valid files is started again (stage1_core.scale.retry).
 """
 
 from __future__ import annotations
 
 import contextvars
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from stage1_core.scale import merge, plan as scale, shards
+from stage1_core.infra import provenance
+from stage1_core.scale import merge, plan as scale, retry, shards
 from tasks.phases import transient_only
 
 SHARD_DEPLOYMENT = "stage1/scale-shard"
@@ -44,9 +47,11 @@ def claim_scale(plan: dict[str, Any], run_id: str) -> list[int]:
 
 @task(name="scale_shard", task_run_name="shard-{index}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=transient_only, **_OPTS)
-def compute_shard(plan: dict[str, Any], index: int, run_id: str) -> dict[str, Any]:
-    """One shard, computed from scratch unless already complete; returns its manifest."""
-    return scale.compute_shard(plan, index, run_id)
+def compute_shard(plan: dict[str, Any], index: int, run_id: str,
+                  attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One shard, computed from scratch unless already complete; returns its manifest (`attempts`:
+    recorded in it, see stage1_core.scale.plan.compute_shard)."""
+    return scale.compute_shard(plan, index, run_id, attempts)
 
 
 @task(name="collect_shards", **_OPTS)
@@ -63,10 +68,12 @@ def merge_shards(plan: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
 
 class ShardProgress:
     """A progress artifact across shards and one log line per shard (created in the flow's context;
-    call `shard_done` from the flow's thread)."""
+    call its methods from the flow's thread). The artifact's description also names every shard that
+    was rescheduled, with the cause of each lost attempt (`retry.progress_text`)."""
 
     def __init__(self, plan: dict[str, Any], done: list[int]) -> None:
         self.total, self.done = len(plan["shards"]), 0
+        self.history: dict[int, list[dict[str, Any]]] = {}
         self.logger = get_run_logger()
         self.artifact = create_progress_artifact(0.0, description=f"scale: 0/{self.total} shards")
         for i in done:
@@ -74,18 +81,31 @@ class ShardProgress:
             if manifest is not None:
                 self.shard_done(manifest, computed=False)
 
+    def _update(self) -> None:
+        update_progress_artifact(self.artifact, 100.0 * self.done / self.total,
+                                 description=retry.progress_text(self.done, self.total, self.history))
+
     def shard_done(self, manifest: dict[str, Any], computed: bool) -> None:
         self.done += 1
         self.logger.info(scale.shard_log_line(manifest, self.done, self.total, computed))
-        update_progress_artifact(self.artifact, 100.0 * self.done / self.total,
-                                 description=f"scale: {self.done}/{self.total} shards")
+        self._update()
+
+    def attempt_ended(self, index: int, record: dict[str, Any]) -> None:
+        """Record one attempt at shard `index` that did not give a valid shard (retry or fail)."""
+        self.history.setdefault(index, []).append(record)
+        log = self.logger.warning if record["action"] == "retry" else self.logger.error
+        log(f"shard {index:05d}: run {record.get('flow_run_name')} ended {record.get('state')}: {record['reason']}")
+        self._update()
 
 
-def shard_parameters(plan: dict[str, Any], index: int, run_id: str) -> dict[str, Any]:
-    """Parameters of one `stage1/scale-shard` run (plain JSON types, as deployments require)."""
+def shard_parameters(plan: dict[str, Any], index: int, run_id: str,
+                     attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Parameters of one `stage1/scale-shard` run (plain JSON types, as deployments require);
+    `attempts`: the shard's earlier attempts in this run, recorded in its manifest (retries only)."""
     cfg = plan["config"]
-    return {"output": plan["output"], "shard": index, "seed": cfg["seed"],
-            "config": str(Path(plan["output"]) / "config.yaml"), "model": cfg["model"]["id"], "run_id": run_id}
+    params = {"output": plan["output"], "shard": index, "seed": cfg["seed"],
+              "config": str(Path(plan["output"]) / "config.yaml"), "model": cfg["model"]["id"], "run_id": run_id}
+    return {**params, "attempts": attempts} if attempts else params
 
 
 def cancel_flow_run(flow_run_id: Any, message: str) -> None:
@@ -102,34 +122,107 @@ def cancel_flow_run(flow_run_id: Any, message: str) -> None:
                                   force=True)
 
 
-def dispatch_shards(plan: dict[str, Any], pending: list[int], run_id: str, progress: ShardProgress) -> None:
-    """Run each pending shard as a `stage1/scale-shard` deployment run (at most
-    `scale.max_parallel_shards` in flight), waiting on each for `scale.shard_timeout_s`. A shard
-    counts as done only if its files validate afterwards; the caller checks every shard again."""
+def _run_shard(params: dict[str, Any], timeout: float, delay_s: float) -> Any:
+    """Start one `stage1/scale-shard` run (after `delay_s`) and wait for it up to `timeout` seconds."""
     from prefect.deployments import run_deployment
 
+    if delay_s:
+        time.sleep(delay_s)
+    return run_deployment(SHARD_DEPLOYMENT, parameters=params, timeout=timeout)
+
+
+def _attempt_end(plan: dict[str, Any], index: int, fut: Future, attempt: int) -> tuple[retry.ShardEnd, dict[str, Any]]:
+    """How an attempt ended (its state, whether its files validate) and its record (flow run, state,
+    message, ended). A run still going after `shard_timeout_s` is cancelled first, so it frees its GPU
+    and its shard's lock."""
+    record: dict[str, Any] = {"attempt": attempt, "flow_run_id": None, "flow_run_name": None, "state": None,
+                              "message": None}
+    try:
+        flow_run = fut.result()
+    except Exception as exc:  # noqa: BLE001 - decided on below (transient or not)
+        error = f"{type(exc).__name__}: {exc}"
+        record.update(state=None, message=error, ended=provenance.utc_now())
+        return retry.ShardEnd(None, error=error, files_valid=shards.valid_manifest(plan["output"], plan, index)
+                              is not None), record
+    state = flow_run.state
+    timed_out = state is not None and not state.is_final()
+    if timed_out:
+        cancel_flow_run(flow_run.id, "shard_timeout_s passed")
+    record.update(flow_run_id=str(flow_run.id), flow_run_name=flow_run.name,
+                  state=state.name if state else None, message=state.message if state else None,
+                  ended=provenance.utc_now())
+    end = retry.ShardEnd(state.type.value if state else None, state.message if state else None,
+                         files_valid=shards.valid_manifest(plan["output"], plan, index) is not None,
+                         timed_out=timed_out)
+    return end, record
+
+
+def check_zombie_automation(logger: Any) -> bool:
+    """Warn when the server has no zombie-run automation: without it a shard whose worker died stays
+    Running until `shard_timeout_s` and is then failed, not rescheduled."""
+    from deployments.stack import ZOMBIE_AUTOMATION
+    from prefect.automations import Automation
+
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION)
+        return True
+    except Exception:  # noqa: BLE001 - missing, or automations not served: same advice
+        logger.warning(f"no automation '{ZOMBIE_AUTOMATION}' on this server: a shard run whose worker dies stays "
+                       "Running until scale.shard_timeout_s and is then failed, not rescheduled. Create it with "
+                       "python -m deployments.stack deploy (docs/deploy.md#zombie-runs-the-automation-that-marks-silent-runs-crashed)")
+        return False
+
+
+def dispatch_shards(plan: dict[str, Any], pending: list[int], run_id: str, progress: ShardProgress) -> None:
+    """Run each pending shard as a `stage1/scale-shard` deployment run (at most
+    `scale.max_parallel_shards` in flight), waiting on each for `scale.shard_timeout_s`.
+
+    A shard counts as done only if its files validate afterwards. A run that ended without them is
+    started again when `retry.decide` says so (crashed, silent, failed by infrastructure or a
+    transient error; up to `scale.shard_retries` times), each new run getting the earlier attempts
+    to record in its manifest. Every attempt is logged and shown in the progress artifact.
+    Raises:
+        RuntimeError: some shards failed (not retried, or out of retries): names each and its reason,
+            after every other shard has finished.
+    """
     if not pending:
         return
     sc = plan["config"]["scale"]
+    check_zombie_automation(progress.logger)
+    history: dict[int, list[dict[str, Any]]] = {i: [] for i in pending}
+    failed: dict[int, retry.Decision] = {}
     with ThreadPoolExecutor(max_workers=min(len(pending), sc["max_parallel_shards"])) as pool:
-        futures = {pool.submit(contextvars.copy_context().run, run_deployment, SHARD_DEPLOYMENT,
-                               parameters=shard_parameters(plan, i, run_id), timeout=sc["shard_timeout_s"]): i
-                   for i in pending}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                flow_run = fut.result()
-                state = flow_run.state.name if flow_run.state else "unknown"
-            except Exception as exc:  # noqa: BLE001 - reported; the shard is then found missing
-                progress.logger.warning(f"shard {i}: could not run {SHARD_DEPLOYMENT}: {exc!r}")
-                continue
-            if flow_run.state is not None and not flow_run.state.is_final():
-                # past shard_timeout_s: stop it so it frees its GPU and its shard's lock
-                cancel_flow_run(flow_run.id, "shard_timeout_s passed")
-                progress.logger.warning(f"shard {i}: run {flow_run.name} still {state} after "
-                                        f"{sc['shard_timeout_s']} s: cancelled")
-            manifest = shards.valid_manifest(plan["output"], plan, i)
-            if manifest is None:
-                progress.logger.warning(f"shard {i}: run {flow_run.name} ended {state} without a valid shard")
-            else:
-                progress.shard_done(manifest, computed=True)
+        def submit(i: int, delay_s: float = 0.0) -> Future:
+            params = shard_parameters(plan, i, run_id, history[i])
+            return pool.submit(contextvars.copy_context().run, _run_shard, params, sc["shard_timeout_s"], delay_s)
+
+        futures = {submit(i): i for i in pending}
+        while futures:
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                i = futures.pop(fut)
+                attempt = len(history[i]) + 1
+                end, record = _attempt_end(plan, i, fut, attempt)
+                decision = retry.decide(end, attempt, sc["shard_retries"])
+                record.update(action=decision.action, cause=decision.cause, reason=decision.reason)
+                history[i].append(record)
+                if decision.action == "done":
+                    progress.shard_done(shards.valid_manifest(plan["output"], plan, i), computed=True)
+                    continue
+                progress.attempt_ended(i, record)
+                if decision.action == "retry":
+                    futures[submit(i, decision.delay_s)] = i
+                else:
+                    failed[i] = decision
+    _attempts_table(history)
+    if failed:
+        raise RuntimeError(retry.failure_text(failed, len(plan["shards"])))
+
+
+def _attempts_table(history: dict[int, list[dict[str, Any]]]) -> None:
+    """A table artifact (`stage1-scale-attempts`) of every shard run this orchestrator started."""
+    rows = [{"shard": i, **{k: a.get(k) for k in ("attempt", "flow_run_name", "state", "action", "cause", "reason")}}
+            for i, h in sorted(history.items()) for a in h]
+    if rows:
+        create_table_artifact(rows, key="stage1-scale-attempts",
+                              description=f"scale: {len(rows)} shard runs for {len(history)} shards")

@@ -217,3 +217,52 @@ def test_deployment_hooks_derive_folder_and_seed_from_the_schedule(monkeypatch, 
     monkeypatch.setenv("STAGE1_OUTPUT_ROOT", str(tmp_path))
     assert _deployment_seed() == 1795917600
     assert runtime.run_output(None, None) == str(tmp_path / "scale" / "scale-15000-seed1795917600-1a2b3c4d")
+
+
+def test_dispatch_reschedules_a_lost_shard_and_fails_bad_input_without_retrying(tmp_path, monkeypatch):
+    """The orchestrator's loop (tasks/scale.py) with the shard runs stood in for: shard 1's first run
+    is lost (Crashed by the zombie automation), shard 2 fails on bad input. Shard 1 is started again
+    and its manifest shows both attempts; shard 2 is not retried and fails the dispatch by name."""
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    from prefect import flow
+    from prefect.states import Completed, Crashed, Failed
+
+    import tasks.scale as ts
+
+    plan = core.prepare_scale(output=str(tmp_path / "o"), **ARGS)
+    core.claim(plan, "orch")
+    started: list[tuple[int, int]] = []
+
+    def fake_run(params, timeout, delay_s):
+        i, earlier = params["shard"], params.get("attempts") or []
+        started.append((i, len(earlier) + 1))
+        run = SimpleNamespace(id=uuid4(), name=f"scale-shard-{i}-try{len(earlier) + 1}")
+        if i == 1 and not earlier:
+            return SimpleNamespace(**vars(run), state=Crashed(message="No heartbeat for 40 s: marked Crashed by "
+                                                                      "'stage1: crash silent flow runs'"))
+        if i == 2:
+            return SimpleNamespace(**vars(run), state=Failed(
+                message="Flow run encountered an exception: InputError: error: bad seeds"))
+        core.compute_shard(plan, i, "orch", [*earlier, shards.this_attempt(len(earlier) + 1, flow_run_name=run.name)])
+        return SimpleNamespace(**vars(run), state=Completed())
+
+    monkeypatch.setattr(ts, "_run_shard", fake_run)
+    monkeypatch.setattr(ts, "check_zombie_automation", lambda logger: True)
+
+    @flow
+    def orchestrate():
+        progress = ts.ShardProgress(plan, [])
+        with pytest.raises(RuntimeError) as e:
+            ts.dispatch_shards(plan, [0, 1, 2], "orch", progress)
+        return str(e.value), progress.history, progress.done
+
+    message, history, done = orchestrate()
+    assert sorted(started) == [(0, 1), (1, 1), (1, 2), (2, 1)]
+    assert message.startswith("1 of 3 shards failed: shard-00002: bad input") and "not retried" in message
+    assert done == 2 and [a["cause"] for a in history[1]] == ["silent"] and [a["cause"] for a in history[2]] == ["bad_input"]
+    attempts = shards.valid_manifest(plan["output"], plan, 1)["attempts"]
+    assert [(a["attempt"], a.get("cause")) for a in attempts] == [(1, "silent"), (2, None)]
+    assert attempts[0]["flow_run_name"] == "scale-shard-1-try1" and attempts[1]["flow_run_name"] == "scale-shard-1-try2"
+    assert shards.valid_manifest(plan["output"], plan, 2) is None
