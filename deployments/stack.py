@@ -219,10 +219,16 @@ def wait_healthy(port: int, timeout: float = 180.0) -> None:
 
 
 def up(state: Path, port: int, *, cpu_limit: int = 4, host: str = "127.0.0.1", auth: str | None = None,
-       no_auth: bool = False, database: str | None = None) -> dict[str, Any]:
+       no_auth: bool = False, database: str | None = None, gpus: list[str] | None = None) -> dict[str, Any]:
     """Start the server, create the pools, start the workers. Returns the process table.
 
+    One `gpu` worker per GPU, `--limit 1`, started with `CUDA_VISIBLE_DEVICES` set to that GPU alone:
+    every flow run it starts inherits it, so each run sees exactly one device (`status` shows the
+    pinning). Without a GPU, one `gpu` worker with `CUDA_VISIBLE_DEVICES=""` (the model runs on the CPU).
+
     Args:
+        gpus: the GPU ids to start workers for (default: `visible_gpus`: CUDA_VISIBLE_DEVICES, else
+            nvidia-smi). On a machine without GPUs, ids still start one worker each (as the tests do).
         host: the server's listen address (loopback by default).
         auth: the API auth string `user:password`; default: the one in STATE/auth, else a new random one.
         no_auth: no API auth (refused unless `host` is loopback).
@@ -255,7 +261,7 @@ def up(state: Path, port: int, *, cpu_limit: int = 4, host: str = "127.0.0.1", a
     for pool in ("gpu", "cpu"):
         subprocess.run([*_prefect(), "work-pool", "create", pool, "--type", "process", "--overwrite"], env=env,
                        cwd=REPO, check=True, capture_output=True, text=True)
-    gpus = visible_gpus(env)
+    gpus = [str(g) for g in gpus] if gpus is not None else visible_gpus(env)
     for i, gpu in enumerate(gpus or [""]):
         # Pinned when the worker starts: every flow run it starts inherits this one device.
         wenv = dict(env, CUDA_VISIBLE_DEVICES=gpu)
@@ -360,12 +366,21 @@ def down(state: Path) -> list[str]:
     return stopped
 
 
+def pinning(cuda_visible_devices: str | None) -> str:
+    """How `status` shows a worker's device: `GPU 1 (CUDA_VISIBLE_DEVICES=1)`, or no GPU."""
+    if cuda_visible_devices is None:
+        return "CUDA_VISIBLE_DEVICES unset (every GPU visible)"
+    if not cuda_visible_devices.strip():
+        return "no GPU (CUDA_VISIBLE_DEVICES='')"
+    return f"GPU {cuda_visible_devices} (CUDA_VISIBLE_DEVICES={cuda_visible_devices})"
+
+
 def status(state: Path) -> str:
     procs = _read_procs(state)
     if not procs:
         return f"no stack in {state}"
     lines = [f"{n:14s} pid {p['pid']:<7d} {'running' if _alive(p['pid']) else 'STOPPED'}  log {p['log']}"
-             + (f"  CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']!r}" if n.startswith("worker-gpu") else "")
+             + (f"  {pinning(p.get('cuda_visible_devices'))}" if n.startswith("worker") else "")
              for n, p in procs.items()]
     info = state / "stack.json"
     if info.is_file():
@@ -385,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=4200, help="Prefect server port (default 4200)")
     ap.add_argument("--name", action="append", default=None, help="deploy only this deployment (repeatable)")
     ap.add_argument("--cpu-limit", type=int, default=4, help="concurrent runs of the cpu worker (default 4)")
+    ap.add_argument("--gpus", default=None, metavar="IDS",
+                    help="up: comma-separated GPU ids, one gpu worker pinned to each (default: CUDA_VISIBLE_DEVICES, "
+                         "else every GPU nvidia-smi lists)")
     ap.add_argument("--host", default="127.0.0.1", help="server listen address (default 127.0.0.1: this machine only)")
     ap.add_argument("--auth-string", default=os.environ.get("STAGE1_API_AUTH"),
                     help="API basic auth 'user:password' (default $STAGE1_API_AUTH, else a random one kept in STATE/auth)")
@@ -400,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "up" and (state / "stack.json").is_file():
         args.port = json.loads((state / "stack.json").read_text())["port"]
     if args.command == "up":
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus is not None else None
         up(state, args.port, cpu_limit=args.cpu_limit, host=args.host, auth=args.auth_string, no_auth=args.no_auth,
-           database=args.database)
+           database=args.database, gpus=gpus)
         print(status(state))
         print(f"\nnext: python -m deployments.stack deploy --state-dir {state} --port {args.port}")
         auth = f"; export PREFECT_API_AUTH_STRING=\"$(cat {state / AUTH_FILE})\"" if read_auth(state) else ""

@@ -65,3 +65,16 @@ def test_pilot_schema_refuses_what_it_can_express():
 def test_visible_gpus_follow_cuda_visible_devices():
     assert stack.visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}) == ["0", "1"]
     assert stack.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+def test_status_shows_each_worker_pinned_to_its_gpu(tmp_path):
+    import json
+    import os
+
+    procs = {f"worker-gpu-{i}": {"pid": os.getpid(), "log": f"w{i}.log", "cuda_visible_devices": str(i)} for i in (0, 1)}
+    procs["worker-cpu"] = {"pid": os.getpid(), "log": "c.log", "cuda_visible_devices": ""}
+    (tmp_path / "procs.json").write_text(json.dumps(procs))
+    lines = stack.status(tmp_path).splitlines()
+    assert [line.split("  ")[-1] for line in lines] == ["GPU 0 (CUDA_VISIBLE_DEVICES=0)", "GPU 1 (CUDA_VISIBLE_DEVICES=1)",
+                                                        "no GPU (CUDA_VISIBLE_DEVICES='')"]
+    assert stack.pinning(None) == "CUDA_VISIBLE_DEVICES unset (every GPU visible)"
