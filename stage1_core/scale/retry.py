@@ -162,8 +162,7 @@ def decide(end: ShardEnd, attempt: int, retries: int) -> Decision:
         if attempt <= retries:
             return Decision("retry", cause, f"attempt {attempt}: {what}; starting attempt {attempt + 1} of "
                                             f"{retries + 1}", LOCKED_RETRY_DELAY_S if cause == "locked" else 0.0)
-        return Decision("fail", cause, f"attempt {attempt}: {what}; no retries left (scale.shard_retries is {retries}): "
-                                       "rerun the same run to resume (complete shards are kept)")
+        return Decision("fail", cause, f"attempt {attempt}: {what}; no retries left (scale.shard_retries is {retries})")
     return Decision("fail", cause, f"{what}; not retried: {FIXES.get(cause, 'see the shard run')}")
 
 
