@@ -19,6 +19,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.cache_policies import NO_CACHE
 
 from stage1_core.infra import provenance
+from stage1_core.scale.options import ScaleOptions
 from stage1_core.scale import merge, plan as scale, retry, shards
 from tasks.phases import transient_only
 
@@ -27,9 +28,9 @@ _OPTS: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
 @task(name="prepare_scale", **_OPTS)
-def prepare_scale(params: dict[str, Any]) -> dict[str, Any]:
+def prepare_scale(opts: ScaleOptions) -> dict[str, Any]:
     """Validate settings, seeds, model and output folder; returns the plan (raises on bad input)."""
-    return scale.prepare_scale(**params)
+    return scale.prepare_scale(**opts.model_dump(exclude={"run_key"}))
 
 
 @task(name="load_model", **_OPTS)

@@ -1,7 +1,7 @@
 """Print a flow's option table (flag, flow parameter, default, config key, meaning) as the docs hold it,
-from its one declaration: pilot (docs/config.md), sft (docs/sft.md), eval (docs/eval.md).
+from its one declaration: pilot (docs/config.md), scale (docs/scale.md), sft (docs/sft.md), eval (docs/eval.md).
 
-    PYTHONPATH=. python -m stage1_core.cli.options [pilot|sft|eval]
+    PYTHONPATH=. python -m stage1_core.cli.options [pilot|scale|sft|eval]
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import sys
 
 from stage1_core.infra.options import markdown_table
 from stage1_core.phases.options import PilotOptions
+from stage1_core.scale.options import ScaleOptions
 from stage1_core.train.options import EvalOptions, SFTOptions
 
-OPTIONS = {"pilot": PilotOptions, "sft": SFTOptions, "eval": EvalOptions}
-DOCS = {"pilot": "docs/config.md", "sft": "docs/sft.md", "eval": "docs/eval.md"}
+OPTIONS = {"pilot": PilotOptions, "scale": ScaleOptions, "sft": SFTOptions, "eval": EvalOptions}
+DOCS = {"pilot": "docs/config.md", "scale": "docs/scale.md", "sft": "docs/sft.md", "eval": "docs/eval.md"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def test_the_flow_signature_is_the_declaration() -> None:
     assert all(f"    {n}: " in doc for n in PilotOptions.model_fields)
 
 
-@pytest.mark.parametrize("flow", ["pilot", "sft", "eval"])
+@pytest.mark.parametrize("flow", ["pilot", "scale", "sft", "eval"])
 def test_docs_option_tables_are_generated_from_the_declarations(flow: str) -> None:
     from stage1_core.cli.options import DOCS as PAGES, OPTIONS
 
