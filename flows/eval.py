@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
 
 from flows import runtime
 from stage1_core.infra import options
@@ -58,15 +57,12 @@ def _eval_flow(**params: Any) -> dict[str, Any]:
     return {"exit_code": 0, "output": plan["output"], "report": report}
 
 
-# The flow's parameters are the options' declaration (stage1_core.train.options).
-_eval_flow.__signature__ = options.flow_signature(EvalOptions)  # type: ignore[attr-defined]
-_eval_flow.__doc__ = options.flow_docstring(
+eval_flow = runtime.options_flow(
+    _eval_flow, EvalOptions,
     "Stage 1 eval: stop rate, runaway and token-limit rates, IFEval verifiable accuracy (strict and loose, per "
     "prompt and per instruction), perplexity, and a judged win rate of base + adapter over the base model "
     "(order-inconsistent verdicts are ties; length-controlled; marked uninformative when the judge's position "
-    "consistency is below the floor), with intervals.", EvalOptions)
-_eval_flow.__name__ = _eval_flow.__qualname__ = "eval_flow"
-eval_flow = flow(name="stage1", flow_run_name=_run_name, log_prints=True)(_eval_flow)
+    "consistency is below the floor), with intervals.", name="eval_flow", run_name=_run_name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from pydantic import ValidationError
 
 from flows import runtime
@@ -74,13 +74,8 @@ def _pilot(**params: Any) -> dict[str, Any]:
     return result
 
 
-# The flow's parameters are the options' declaration (stage1_core.phases.options): its signature,
-# Prefect's parameter schema and the deployment form all come from PilotOptions.
-_pilot.__signature__ = options.flow_signature(PilotOptions)  # type: ignore[attr-defined]
-_pilot.__doc__ = options.flow_docstring("Stage 1 pilot: generate and filter instructions, generate and filter "
-                                        "responses, QC + gate.", PilotOptions)
-_pilot.__name__ = _pilot.__qualname__ = "pilot"
-pilot = flow(name="stage1", flow_run_name=_run_name, log_prints=True)(_pilot)
+pilot = runtime.options_flow(_pilot, PilotOptions, "Stage 1 pilot: generate and filter instructions, generate and "
+                             "filter responses, QC + gate.", name="pilot", run_name=_run_name)
 
 
 THEN_STEPS = ("sft", "sft,eval")

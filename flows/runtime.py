@@ -10,10 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from prefect import flow
 from prefect.input import RunInput
 
-from stage1_core.infra import interrupts
-from stage1_core.phases import options, run
+from stage1_core.infra import interrupts, options
+from stage1_core.phases import run
 from stage1_core.infra.errors import InputError, WriteError
 from stage1_core.infra.locks import LockedError
 
@@ -30,6 +31,18 @@ def deployment_name() -> str | None:
 
 
 RUN_KEY_PATTERN = options.RUN_KEY_PATTERN  # one declaration (stage1_core.infra.options)
+
+
+def options_flow(body: Callable[..., dict[str, Any]], declaration: type, summary: str, *, name: str,
+                 run_name: Callable[[], str]) -> Any:
+    """The Prefect flow `stage1` whose parameters are an options declaration (stage1_core.infra.options):
+    `body(**params)` gets them; its signature, Prefect's parameter schema, the deployment form and
+    the validation at the flow's edge all come from `declaration`, and its docstring's Args from the
+    options' meanings."""
+    body.__signature__ = options.flow_signature(declaration)  # type: ignore[attr-defined]
+    body.__doc__ = options.flow_docstring(summary, declaration)
+    body.__name__ = body.__qualname__ = name
+    return flow(name="stage1", flow_run_name=run_name, log_prints=True)(body)
 
 
 def run_output(explicit: str | None, local_default: str | None, run_key: str | None = None) -> str | None:

@@ -81,12 +81,8 @@ def _scale(**params: Any) -> dict[str, Any]:
                               flow_seconds=round(time.perf_counter() - t0, 3))
 
 
-# The flow's parameters are the options' declaration (stage1_core.scale.options).
-_scale.__signature__ = options.flow_signature(ScaleOptions)  # type: ignore[attr-defined]
-_scale.__doc__ = options.flow_docstring("Stage 1 scale: shards (local tasks, or stage1/scale-shard runs under a "
-                                        "deployment), then the merge.", ScaleOptions)
-_scale.__name__ = _scale.__qualname__ = "scale"
-scale = flow(name="stage1", flow_run_name=_run_name, log_prints=True)(_scale)
+scale = runtime.options_flow(_scale, ScaleOptions, "Stage 1 scale: shards (local tasks, or stage1/scale-shard runs "
+                             "under a deployment), then the merge.", name="scale", run_name=_run_name)
 
 
 @flow(name="stage1", flow_run_name="scale-shard-{shard}-seed{seed}", log_prints=True)

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
 
 from flows import runtime
 from stage1_core.infra import provenance
@@ -55,12 +54,8 @@ def _sft_flow(**params: Any) -> dict[str, Any]:
     return {"exit_code": 0, "output": plan["output"], "summary": summary}
 
 
-# The flow's parameters are the options' declaration (stage1_core.train.options).
-_sft_flow.__signature__ = options.flow_signature(SFTOptions)  # type: ignore[attr-defined]
-_sft_flow.__doc__ = options.flow_docstring("Stage 1 SFT: a LoRA adapter trained on a finished run's kept pairs "
-                                           "(loss on response tokens only).", SFTOptions)
-_sft_flow.__name__ = _sft_flow.__qualname__ = "sft_flow"
-sft_flow = flow(name="stage1", flow_run_name=_run_name, log_prints=True)(_sft_flow)
+sft_flow = runtime.options_flow(_sft_flow, SFTOptions, "Stage 1 SFT: a LoRA adapter trained on a finished run's "
+                                "kept pairs (loss on response tokens only).", name="sft_flow", run_name=_run_name)
 
 
 def build_parser() -> argparse.ArgumentParser:

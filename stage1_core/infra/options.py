@@ -37,6 +37,15 @@ def opt(default: Any, flag: str | None, help: str, metavar: str | None = None, *
                                                                        "cli_required": cli_required}, **bounds)
 
 
+def config_field(model: Any, key: str) -> FieldInfo:
+    """The schema field of a dotted config key under `model` ("model.id" -> ModelConfig's `id`),
+    following the nested sections' types."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation
+    return model.model_fields[leaf]
+
+
 def from_config(field: FieldInfo, key: str, flag: str, *, help: str, metavar: str | None = None) -> Any:
     """An option that overrides config key `key` (`field`, that key's schema field: the option takes
     its type and bounds from it). Its default is None: the config's value stands."""

@@ -18,9 +18,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 from pydantic.fields import FieldInfo
 
-from stage1_core.infra.config import ModelConfig, PilotConfig, StrictModel
-from stage1_core.infra.options import (RUN_KEY_PATTERN, RunKey, add_arguments, flow_docstring, flow_signature,
-                                       from_args, markdown_table, opt)
+from stage1_core.infra.config import PilotConfig, StrictModel
+from stage1_core.infra.options import (RUN_KEY_PATTERN, RunKey, add_arguments, config_field, flow_docstring,
+                                       flow_signature, from_args, markdown_table, opt)
 from stage1_core.infra.options import from_config as _from_config_field
 
 __all__ = ["CONFIG_FLAGS", "LOCAL_OUTPUT", "PilotOptions", "RUN_KEY_PATTERN", "add_arguments", "flow_docstring",
@@ -30,11 +30,7 @@ LOCAL_OUTPUT = "artifacts/pilot"
 
 
 def _config_field(key: str) -> FieldInfo:
-    model: Any = PilotConfig
-    *parents, leaf = key.split(".")
-    for part in parents:
-        model = {"model": ModelConfig}[part]
-    return model.model_fields[leaf]
+    return config_field(PilotConfig, key)
 
 
 def _from_config(key: str, flag: str, *, help: str, metavar: str | None = None) -> Any:

@@ -9,15 +9,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic.fields import FieldInfo
 
-from stage1_core.infra.config import ModelConfig, PilotConfig, StrictModel
-from stage1_core.infra.options import RunKey, from_config, opt
+from stage1_core.infra.config import PilotConfig, StrictModel
+from stage1_core.infra.options import RunKey, config_field, from_config, opt
 from stage1_core.scale.plan import ScaleSettings
 
 
 def _field(key: str) -> FieldInfo:
-    *parents, leaf = key.split(".")
-    model: Any = {(): PilotConfig, ("model",): ModelConfig, ("scale",): ScaleSettings}[tuple(parents)]
-    return model.model_fields[leaf]
+    """The pilot schema's field, or the `scale:` section's (ScaleSettings) for "scale.<key>"."""
+    if key.startswith("scale."):
+        return config_field(ScaleSettings, key.removeprefix("scale."))
+    return config_field(PilotConfig, key)
 
 
 def _cfg(key: str, flag: str, help: str, metavar: str | None = None) -> Any:
