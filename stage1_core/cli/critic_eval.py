@@ -10,12 +10,8 @@ The labels file is JSON Lines, one item per line:
 (`{"model", "critic", "instruction", "pair"}`); logs go to stderr. Exit 2 on bad input (the error
 names file, line and field), 0 otherwise.
 
-Scores: the pipeline's final score (`critic.pipeline_score`): the critic's margin, or -inf when the
-heuristics the pipeline applies before the critic reject the item (`reject_reason`: for
-instructions `filters.heuristic_reject_reason` with the config's instruction_filter and seeds, then
-`critic.instruction_reject_reason`; `critic.pair_reject_reason` for pairs). The ROUGE-L dedup of
-phase 2 depends on the pool, not the item, and is not applied. `--critic-only` ranks the raw margins instead. AUC is the
-Mann-Whitney probability that a good item outscores a bad one (ties count one half).
+How items are scored (the pipeline's score, `--critic-only`'s raw margin, AUC):
+`stage1_core.phases.critic_eval`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""Measure the critic on a labelled file: accuracy, AUC and margins per kind.
-
-    python -m stage1_core.cli.critic_eval --labels stage1_core/data/critic_dev.test.jsonl [--model ID]
-        [--config FILE] [--set critic.labels=[Yes,No] ...] [--critic-only]
-
-The labels file is JSON Lines, one item per line:
-`{"kind": "instruction"|"pair", "instruction": str, "response": str (pairs only), "label": "good"|"bad"}`
-(optional `note` and `split` strings are allowed). Prints exactly one JSON object on stdout
-(`{"model", "critic", "instruction", "pair"}`); logs go to stderr. Exit 2 on bad input (the error
-names file, line and field), 0 otherwise.
+"""Measure the critic on a labelled file: accuracy, AUC and margins per kind (`load_labels`, `evaluate`;
+QC measures the shipped dev split with them). The command line and the labels file's format:
+`stage1_core.cli.critic_eval`.
 
 Scores: the pipeline's final score (`critic.pipeline_score`): the critic's margin, or -inf when the
 heuristics the pipeline applies before the critic reject the item (`reject_reason`: for
@@ -19,28 +12,25 @@ Mann-Whitney probability that a good item outscores a bad one (ties count one ha
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from stage1_core.phases import filters
-from stage1_core.model import Backend
 from stage1_core.infra.config import CriticConfig, InstructionFilterConfig, PilotConfig, load_pilot_config
 from stage1_core.phases.critic import ABCritic, Kind, instruction_reject_reason, pair_reject_reason
 from stage1_core.infra.errors import InputError
-from stage1_core.phases.seeds import _decode_line, json_type, _parse_line, load_seeds
+from stage1_core.infra.jsonl import JsonlKind, json_type, read_jsonl
+from stage1_core.phases.seeds import load_seeds
 
-log = logging.getLogger("stage1.critic_eval")
 KINDS: tuple[Kind, ...] = ("instruction", "pair")
 _KEYS = ("kind", "instruction", "response", "label", "note", "split")
 _EXAMPLE = '{"kind": "pair", "instruction": "Name a colour.", "response": "Blue.", "label": "good"}'
+LABELS_FILE = JsonlKind(item="labels", example=_EXAMPLE, dir_fix="pass the .jsonl file to --labels",
+                        missing_fix="check the --labels path (the shipped sets are stage1_core/data/critic_dev.*.jsonl)",
+                        empty_fix="add labelled items")
+"""How errors name a labels file (read by stage1_core.infra.jsonl, the reader of every JSON Lines input)."""
 
 
 def load_labels(path: str | Path) -> list[dict[str, Any]]:
@@ -49,28 +39,12 @@ def load_labels(path: str | Path) -> list[dict[str, Any]]:
     Returns:
         The items as dicts {"kind", "instruction", "response" (None for instructions), "label", "line"}.
     Raises:
-        InputError: missing file, bad UTF-8, invalid JSON, a line that is not an object, an unknown,
-            missing or wrong-typed field, a bad kind or label, or no items at all.
+        InputError: the JSONL reader's errors (missing file, UTF-16, bad UTF-8, an over-long line,
+            invalid JSON, a repeated key, a line that is not an object, no items at all), or an
+            unknown, missing or wrong-typed field, a bad kind or label.
     """
-    p = Path(path)
-    name = str(p)
-    if p.is_dir():
-        raise InputError(f"labels path is a directory, not a file: {name}", file=name,
-                         expected=f"a JSON Lines file, one item per line, e.g. {_EXAMPLE}", fix="pass the .jsonl file to --labels")
-    if not p.is_file():
-        raise InputError(f"labels file not found: {name}", file=name, expected="an existing JSON Lines file",
-                         fix="check the --labels path (the shipped sets are stage1_core/data/critic_dev.*.jsonl)")
-    items: list[dict[str, Any]] = []
-    for line_no, raw in enumerate(p.read_bytes().split(b"\n"), start=1):
-        text = _decode_line(raw, name, line_no)
-        if not text.strip():
-            continue
-        obj = _parse_line(text, name, line_no)
-        items.append(_item(obj, name, line_no))
-    if not items:
-        raise InputError("labels file is empty (no items)", file=name, expected=f"one JSON object per line, e.g. {_EXAMPLE}",
-                         fix="add labelled items")
-    return items
+    name = str(path)
+    return [_item(obj, name, line_no) for line_no, obj in read_jsonl(path, LABELS_FILE)]
 
 
 def _item(obj: dict[str, Any], file: str, line_no: int) -> dict[str, Any]:

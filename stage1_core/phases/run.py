@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stage1_core.phases import approval as approval_mod
-from stage1_core.phases import pipeline, qc
+from stage1_core.phases import qc
 from stage1_core.infra import provenance, storage
 from stage1_core.model import Backend
 from stage1_core.infra.config import (InstructionGenerationConfig, PilotConfig, ResponseGenerationConfig,

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stage1_core.infra.errors import InputError
-from stage1_core.infra.jsonl import MAX_LINE_CHARS, JsonlKind, decode_line, json_type, objects, open_jsonl, parse_line
+from stage1_core.infra.jsonl import MAX_LINE_CHARS, JsonlKind, json_type, objects, open_jsonl
 from stage1_core.infra.jsonl import check_text, printable as _printable
 
 __all__ = ["MAX_LINE_CHARS", "PACKAGED_SEEDS", "SEED_FILE", "Seed", "SeedSet", "json_type", "load_seeds",
@@ -197,16 +197,6 @@ def require_usable(seedset: SeedSet, k: int) -> None:
                      f"if any) is <= {MAX_LIST_TEXT_CHARS} characters",
             fix=f"make --seeds provide at least {k} such seeds, or lower instruction_generation.few_shot_k "
                 f"to {usable} or less")
-
-
-def _decode_line(raw: bytes, file: str, line_no: int) -> str:
-    """One seed-file line as text (stage1_core.infra.jsonl.decode_line with the seed wording)."""
-    return decode_line(raw, file, line_no, SEED_FILE)
-
-
-def _parse_line(text: str, file: str, line_no: int) -> dict[str, Any]:
-    """One seed-file line's object (stage1_core.infra.jsonl.parse_line with the seed wording)."""
-    return parse_line(text, file, line_no, SEED_FILE)
 
 
 def _our_fields(obj: dict[str, Any], file: str, line_no: int) -> dict[str, Any]:
