@@ -17,40 +17,20 @@ WORK="${1:-/root/stage1-judge}"
 RESULT="${2:-bench/results/eval_judge_gpu-$(date -u +%F).json}"
 JUDGE="${3:-random:gemma3-4b}"
 PY="${PYTHON:-python3}"
-LIMIT="${STEP_LIMIT_S:-420}"
+export STEP_LIMIT_S="${STEP_LIMIT_S:-420}" STEP_PREFECT_HOMES=1 STEP_TAIL=40
 rm -rf "$WORK" && mkdir -p "$WORK"
 export HF_HUB_OFFLINE=1 DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 printf 'judge:\n  model: "%s"\n' "$JUDGE" > "$WORK/judge.yaml"
-step() {  # name, command...: run it with its own PREFECT_HOME, log to WORK/name.log, record rc and seconds
-  local name=$1; shift
-  local t0=$(date +%s%N)
-  PREFECT_HOME="$WORK/prefect-$name" timeout "$LIMIT" "$@" > "$WORK/$name.log" 2>&1
-  local rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" >> "$WORK/steps.tsv"
-  echo "# $name: exit $rc"; tail -n 40 "$WORK/$name.log"
-}
+source bench/gpu_steps.sh  # each step with its own PREFECT_HOME and the time limit above
 step pilot "$PY" -m flows.pilot --count 100 --output "$WORK/pilot" --seed 42
 step sft "$PY" -m flows.sft --data "$WORK/pilot" --output "$WORK/sft" --force
 step eval "$PY" -m flows.eval --adapter "$WORK/sft" --output "$WORK/eval" --config "$WORK/judge.yaml"
 "$PY" - "$WORK" "$RESULT" "$JUDGE" <<'PY'
-import hashlib, importlib.metadata as md, json, os, platform, sys
+import sys
 from pathlib import Path
+sys.path.insert(0, "bench")
+from gpu_record import environment, load, steps, write
 work, result, judge = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-def version(d):
-    try:
-        return md.version(d)
-    except md.PackageNotFoundError:
-        return None
-def load(p):
-    try:
-        return json.loads(Path(p).read_text())
-    except (OSError, ValueError):
-        return None
-import torch
-steps = {}
-for line in (work / "steps.tsv").read_text().splitlines():
-    name, rc, secs = line.split("\t")
-    steps[name] = {"exit_code": int(rc), "seconds": round(int(secs) / 1000, 1)}
 qc = load(work / "pilot" / "qc_summary.json") or {}
 report = load(work / "eval" / "eval_report.json") or {}
 win = report.get("win_rate") or {}
@@ -58,20 +38,13 @@ rec = {"kind": "eval_judge_gpu", "judge_requested": judge,
        "commands": ["python -m flows.pilot --count 100 --output W/pilot --seed 42",
                     "python -m flows.sft --data W/pilot --output W/sft --force",
                     f"python -m flows.eval --adapter W/sft --output W/eval --config W/judge.yaml  # judge: {{model: {judge}}}"],
-       "lock_sha256": hashlib.sha256(Path("requirements/lock.txt").read_bytes()).hexdigest(),
-       "python": platform.python_version(),
-       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-       "packages": {d: version(d) for d in ("torch", "transformers", "accelerate", "peft", "prefect", "pydantic")},
-       "steps": steps, "pilot_gate": (qc.get("gate") or {}).get("decision"),
+       **environment(("torch", "transformers", "accelerate", "peft", "prefect", "pydantic")),
+       "steps": steps(work), "pilot_gate": (qc.get("gate") or {}).get("decision"),
        "pilot_pairs_kept": (qc.get("counts") or {}).get("pairs_kept"),
        "judge": report.get("judge"),
        "win_rate": {k: win.get(k) for k in ("tuned_over_base", "tuned_over_base_ci", "position_consistency")
                     if k in win} or None,
        "eval_seconds": report.get("seconds"),
        "eval_stop_rate": {k: (report.get(k) or {}).get("stop_rate") for k in ("base", "tuned")}}
-result.parent.mkdir(parents=True, exist_ok=True)
-tmp = result.with_name(result.name + ".tmp")
-tmp.write_text(json.dumps(rec, indent=1))
-os.replace(tmp, result)
-print(json.dumps(rec, indent=1))
+write(result, rec)
 PY

@@ -22,53 +22,27 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 # only what a user is told to set: the hub is offline. No USE_HUB_KERNELS, no TRANSFORMERS_OFFLINE.
 unset USE_HUB_KERNELS TRANSFORMERS_OFFLINE
 export HF_HUB_OFFLINE=1
-step() {  # name, command...: run it, log to WORK/name.log, record rc and seconds in WORK/steps.tsv
-  local name=$1; shift
-  local t0=$(date +%s%N)
-  "$@" > "$WORK/$name.log" 2>&1
-  local rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" >> "$WORK/steps.tsv"
-  echo "# $name: exit $rc"; tail -n 25 "$WORK/$name.log"
-}
+source bench/gpu_steps.sh
 step pilot "$PY" -m flows.pilot --count 100 --output "$WORK/pilot" --seed 42
 step sft "$PY" -m flows.sft --data "$WORK/pilot" --output "$WORK/pilot-sft" --force
 step eval "$PY" -m flows.eval --adapter "$WORK/pilot-sft" --output "$WORK/pilot-eval"
 step engine_4b "$PY" bench/gpu_engine.py --models 4b --batches 256 --out "$WORK/engine.json"
 "$PY" - "$WORK" "$RESULT" <<'PY'
-import hashlib, importlib.metadata as md, json, os, platform, sys
+import os, sys
 from pathlib import Path
+sys.path.insert(0, "bench")
+from gpu_record import environment, load, steps, write
 work, result = Path(sys.argv[1]), Path(sys.argv[2])
-def version(d):
-    try:
-        return md.version(d)
-    except md.PackageNotFoundError:
-        return None
-def load(p):
-    try:
-        return json.loads(Path(p).read_text())
-    except (OSError, ValueError):
-        return None
-import torch
-steps = {}
-for line in (work / "steps.tsv").read_text().splitlines():
-    name, rc, secs = line.split("\t")
-    steps[name] = {"exit_code": int(rc), "seconds": round(int(secs) / 1000, 1)}
 qc = load(work / "pilot" / "qc_summary.json") or {}
 report = load(work / "pilot-eval" / "eval_report.json") or {}
 engine = (load(work / "engine.json") or {}).get("records", [])
-lock = Path("requirements/lock.txt")
-rec = {"kind": "gpu_smoke", "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest(),
-       "python": platform.python_version(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+rec = {"kind": "gpu_smoke",
+       **environment(("torch", "transformers", "tokenizers", "kernels", "accelerate", "peft", "bitsandbytes",
+                      "huggingface_hub", "numpy", "gguf", "prefect", "pydantic")),
        "env": {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "USE_HUB_KERNELS", "TRANSFORMERS_OFFLINE")},
-       "packages": {d: version(d) for d in ("torch", "transformers", "tokenizers", "kernels", "accelerate", "peft",
-                                            "bitsandbytes", "huggingface_hub", "numpy", "gguf", "prefect", "pydantic")},
-       "steps": steps, "pilot_gate": (qc.get("gate") or {}).get("decision"),
+       "steps": steps(work), "pilot_gate": (qc.get("gate") or {}).get("decision"),
        "pilot_pairs_kept": (qc.get("counts") or {}).get("pairs_kept"),
        "eval_stop_rate": {k: (report.get(k) or {}).get("stop_rate") for k in ("base", "tuned")},
        "engine_4b": engine[0] if engine else None}
-result.parent.mkdir(parents=True, exist_ok=True)
-tmp = result.with_name(result.name + ".tmp")
-tmp.write_text(json.dumps(rec, indent=1))
-os.replace(tmp, result)
-print(json.dumps(rec, indent=1))
+write(result, rec)
 PY
