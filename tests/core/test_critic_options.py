@@ -423,3 +423,21 @@ def test_rubric_settings_override_the_critic_settings() -> None:
     inherit = shipped.pair_rubric.model_copy(update={"labels": None, "label_swap": None, "order_swap": None})
     c2 = ABCritic(FakeBackend(1), shipped.model_copy(update={"pair_rubric": inherit}))
     assert c2.labels("pair") == ("A", "B") and len(c2.variants("pair")) == 4
+
+
+def test_labels_files_get_the_jsonl_readers_checks_in_labels_words(tmp_path: Path) -> None:
+    """The labels file is read by the one JSONL reader: errors name a labels file (not a seed file), and
+    a UTF-16 file or a JSON array is refused with its own fix."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"kind": "instruction", "instruction": "caf\xe9", "label": "good"}\n')
+    with pytest.raises(InputError) as e:
+        load_labels(bad)
+    assert e.value.line == 1 and "labels file is not valid UTF-8" in e.value.message and "seed" not in e.value.message
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes('{"kind": "instruction"}\n'.encode("utf-16"))
+    with pytest.raises(InputError, match="UTF-16"):
+        load_labels(utf16)
+    array = tmp_path / "array.jsonl"
+    array.write_text('[{"kind": "instruction", "instruction": "x", "label": "good"}]\n')
+    with pytest.raises(InputError, match="JSON array"):
+        load_labels(array)
