@@ -42,19 +42,19 @@ def _eval_flow(**params: Any) -> dict[str, Any]:
         raise InputError("no output folder", field="output", expected="a folder path", fix="pass --output DIR")
     plan = t.prepare_eval(opts.model_copy(update={"output": output}))
     base, tuned, judge = t.load_models(plan)  # before the folder is touched
-    out = Path(plan["output"])
+    out = Path(plan.output)
     with hold_lock(out / LOCK_NAME):
         out.mkdir(parents=True, exist_ok=True)
-        if plan["folder_state"] == "overwrite":
+        if plan.folder_state == "overwrite":
             for name in (evaluation.REPORT, evaluation.REPORT_MD, evaluation.RESPONSES):
                 (out / name).unlink(missing_ok=True)
-        storage.write_json_atomic(out / RUN_MARKER, {"identity": plan["identity"], "run_id": provenance.run_id(),
+        storage.write_json_atomic(out / RUN_MARKER, {"identity": plan.identity.model_dump(), "run_id": provenance.run_id(),
                                                      "created": provenance.utc_now(), "kind": "eval"})
         report = t.evaluate(plan, base, tuned, judge)
     t.publish(report)
     if report["judge"]["status"] == "uninformative":
         print(f"win rate not presented: {report['judge']['reason']}")
-    return {"exit_code": 0, "output": plan["output"], "report": report}
+    return {"exit_code": 0, "output": plan.output, "report": report}
 
 
 eval_flow = runtime.options_flow(

@@ -14,6 +14,7 @@ import argparse
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from stage1_core.infra import settings
 from stage1_core.infra.config import load_pilot_config
 from stage1_core.phases import approval, options, reports, run
 from stage1_core.phases.options import LOCAL_OUTPUT, PilotOptions
+from stage1_core.infra.config import InstructionGenerationConfig
+from stage1_core.phases.plans import FileRef, IterationRecord, PhaseManifest, PilotPlan, RunMeta
 from stage1_core.infra import provenance, storage
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
@@ -64,8 +67,8 @@ def _pilot(**params: Any) -> dict[str, Any]:
     opts = opts.model_copy(update={"output": runtime.run_output(opts.output, LOCAL_OUTPUT, opts.run_key)})
     plan = t.prepare_run(opts)
     t.load_model(plan)  # guards and sentinels first: a model that fails them leaves the folder as it was
-    with hold_lock(Path(plan["output"]) / LOCK_NAME):  # a second run on this folder exits 5, touching nothing
-        result = _run_locked(plan, run_id=run_id, started=started, t0=t0, count=plan["config"]["count"],
+    with hold_lock(Path(plan.output) / LOCK_NAME):  # a second run on this folder exits 5, touching nothing
+        result = _run_locked(plan, run_id=run_id, started=started, t0=t0,
                              deployment=deployment, require_approval=opts.require_approval,
                              approval_timeout_s=opts.approval_timeout_s)
     runtime.add_tags(f"gate:{result['decision']}")
@@ -148,79 +151,89 @@ def run_chain(result: dict[str, Any], steps: list[str], sft_config: str | None,
     return chain
 
 
-def _run_locked(plan: dict[str, Any], *, run_id: str, started: str, t0: float, count: int, deployment: str | None,
+def _run_locked(plan: PilotPlan, *, run_id: str, started: str, t0: float, deployment: str | None,
                 require_approval: bool, approval_timeout_s: int) -> dict[str, Any]:
     """The pilot's phases, from claiming the output folder to the final files (under its lock)."""
     run.claim_output(plan, run_id)
-    meta = {"run_id": run_id, "git_sha": provenance.git_info(run.REPO_DIR)["sha"], "config_hash": plan["config_hash"]}
-    cfg, manifests = plan["config"], []
-    ig, rg, iterations = cfg["instruction_generation"], cfg["response_generation"], []
+    meta = RunMeta(run_id=run_id, git_sha=provenance.git_info(run.REPO_DIR)["sha"], config_hash=plan.config_hash)
+    cfg, manifests = plan.config, []
+    ig, rg, iterations = cfg.instruction_generation, cfg.response_generation, []
     since, instructions = 1, None
-    for it in range(1, cfg["max_iterations"] + 2):
+    for it in range(1, cfg.max_iterations + 2):
         if instructions is None:  # the first iteration, or the iterate step changed an instruction setting
-            instructions = _instruction_rounds(plan, meta, ig, since, count)
-            manifests += instructions["manifests"]
-        generated, rejected, kept = instructions["generated"], instructions["rejected"], instructions["kept"]
+            instructions = _instruction_rounds(plan, meta, ig, since)
+            manifests += instructions.manifests
+        kept = instructions.kept
         r = t.generate_responses(run.make_call(plan, "generate_responses", meta=meta, iteration=it,
                                                response_generation=rg, inputs={"kept": kept}))
         p = t.filter_pairs(run.make_call(plan, "filter_pairs", meta=meta, iteration=it,
-                                         inputs={"responses": r["outputs"]["responses"]}))
+                                         inputs={"responses": r.outputs["responses"]}))
         q = t.qc_gate(run.make_call(plan, "qc", meta=meta, iteration=it, response_generation=rg,
-                                    instruction_generation=ig, extra={"critic_dev": p.get("critic_dev")}, inputs={
-            "generated": generated, "instruction_rejected": rejected, "kept": kept,
-            "responses": r["outputs"]["responses"], "pairs_kept": p["outputs"]["kept"],
-            "pairs_rejected": p["outputs"]["rejected"]}))
+                                    instruction_generation=ig, critic_dev=p.critic_dev, inputs={
+            "generated": instructions.generated, "instruction_rejected": instructions.rejected, "kept": kept,
+            "responses": r.outputs["responses"], "pairs_kept": p.outputs["kept"],
+            "pairs_rejected": p.outputs["rejected"]}))
         manifests += [r, p, q]
-        iterations.append({"qc": q, "settings": rg, "instruction_settings": ig,
-                           "instructions_dir": str(run.instructions_dir(plan["output"], since))})
-        if q["decision"]["decision"] != "iterate":
+        iteration = IterationRecord(qc=q, settings=rg, instruction_settings=ig,
+                                    instructions_dir=str(run.instructions_dir(plan.output, since)))
+        iterations.append(iteration)
+        if q.decision.decision != "iterate":
             break
-        new_ig, new_rg, iterations[-1]["changes"] = run.next_settings(ig, rg, q)
-        iterations[-1]["next_settings"], iterations[-1]["next_instruction_settings"] = new_rg, new_ig
-        if it > cfg["max_iterations"] or (new_ig == ig and new_rg == rg):
+        new_ig, new_rg, iteration.changes = run.next_settings(ig, rg, q)
+        iteration.next_settings, iteration.next_instruction_settings = new_rg, new_ig
+        if it > cfg.max_iterations or (new_ig == ig and new_rg == rg):
             break
         if new_ig != ig:  # an instruction setting changed: phases 1-5 rerun with it, in iterations/NN/instructions
             since, instructions = it + 1, None
         ig, rg = new_ig, new_rg
     decision = None
-    if require_approval and iterations[-1]["qc"]["decision"]["decision"] == "scale":
-        decision = ask_approval(plan, iterations[-1]["qc"]["summary"], approval_timeout_s, deployment)
+    if require_approval and iterations[-1].qc.decision.decision == "scale":
+        decision = ask_approval(plan, iterations[-1].qc.summary, approval_timeout_s, deployment)
     result = t.finalize_run(plan, run_id=run_id, started=started, iterations=iterations, phase_manifests=manifests,
                             flow_seconds=round(time.perf_counter() - t0, 3), approval=decision)
-    t.publish_final(result, iterations[-1]["qc"])
+    t.publish_final(result, iterations[-1].qc)
     return result
 
 
-def _instruction_rounds(plan: dict[str, Any], meta: dict[str, Any], ig: dict[str, Any], since: int,
-                        count: int) -> dict[str, Any]:
+@dataclass
+class InstructionRounds:
+    """Phases 1-2 of one instruction setting: each round's generated and rejected files, the kept
+    pool after the last round, and the phase manifests."""
+
+    generated: list[FileRef] = field(default_factory=list)
+    rejected: list[FileRef] = field(default_factory=list)
+    kept: FileRef | None = None
+    manifests: list[PhaseManifest] = field(default_factory=list)
+
+
+def _instruction_rounds(plan: PilotPlan, meta: RunMeta, ig: InstructionGenerationConfig, since: int) -> InstructionRounds:
     """Phases 1-2 with instruction settings `ig`: rounds of generation and filtering until `count`
-    instructions are kept or `max_instruction_rounds` run out. Returns the per-round generated and
-    rejected file manifests, the kept pool's manifest and the phase manifests."""
-    generated, rejected, kept, manifests = [], [], None, []
-    for rnd in range(1, ig["max_instruction_rounds"] + 1):
+    instructions are kept or `max_instruction_rounds` run out."""
+    rounds = InstructionRounds()
+    for rnd in range(1, ig.max_instruction_rounds + 1):
         g = t.generate_instructions(run.make_call(plan, "generate_instructions", meta=meta, round=rnd,
                                                   instruction_generation=ig, instructions_since=since,
-                                                  inputs=run.instruction_inputs(ig, kept)))
+                                                  inputs=run.instruction_inputs(ig, rounds.kept)))
         f = t.filter_instructions(run.make_call(plan, "filter_instructions", meta=meta, round=rnd,
                                                 instructions_since=since, inputs={
-            "generated": g["outputs"]["generated"], "kept_before": kept}))
-        manifests += [g, f]
-        generated.append(g["outputs"]["generated"])
-        rejected.append(f["outputs"]["rejected"])
-        kept = f["outputs"]["kept"]
-        if f["kept_total"] >= count:
+            "generated": g.outputs["generated"], "kept_before": rounds.kept}))
+        rounds.manifests += [g, f]
+        rounds.generated.append(g.outputs["generated"])
+        rounds.rejected.append(f.outputs["rejected"])
+        rounds.kept = f.outputs["kept"]
+        if f.kept_total >= plan.config.count:
             break
-    return {"generated": generated, "rejected": rejected, "kept": kept, "manifests": manifests}
+    return rounds
 
 
-def ask_approval(plan: dict[str, Any], summary: dict[str, Any], timeout_s: int, deployment: str | None) -> dict[str, Any]:
+def ask_approval(plan: PilotPlan, summary: dict[str, Any], timeout_s: int, deployment: str | None) -> dict[str, Any]:
     """A human's yes/no on a `scale` verdict: the terminal locally, the resume form under a deployment."""
     if deployment is None:
         return approval.ask_terminal(reports.qc_text(summary), timeout_s)
     from prefect.flow_runs import suspend_flow_run
     from prefect.runtime import flow_run
 
-    request = _approval_request(Path(plan["output"]), flow_run.id, timeout_s)
+    request = _approval_request(Path(plan.output), flow_run.id, timeout_s)
     timer = _start_timeout_timer(flow_run.id, request["deadline"])
     form = runtime.ScaleApproval.with_initial_data(
         description=f"## Approve scaling?\n\nDeadline: {request['deadline']} (then: rejected (timeout)).\n\n"
@@ -345,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing was written.", file=sys.stderr)
         return 2
 
-    def start(plan: dict[str, Any]) -> dict[str, Any]:
+    def start(plan: PilotPlan) -> dict[str, Any]:
         return pilot(**opts.model_dump(exclude_none=True))
 
     result = runtime.run_cli(lambda: run.prepare_pilot(opts), dry_run=args.dry_run, dry_text=run.dry_run_text,

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from prefect import flow
 from prefect.input import RunInput
@@ -83,9 +83,18 @@ class _HideWriteErrorTraceback(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], WriteError))
 
 
-def run_cli(prepare: Callable[[], dict[str, Any]], *, dry_run: bool, dry_text: Callable[[dict[str, Any]], str],
-            start: Callable[[dict[str, Any]], dict[str, Any]],
-            load: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any] | int:
+class Plan(Protocol):
+    """What run_cli needs of a flow's plan (pilot, scale, SFT, eval): the output folder it writes."""
+
+    @property
+    def output(self) -> str: ...
+
+
+P = TypeVar("P", bound=Plan)
+
+
+def run_cli(prepare: Callable[[], P], *, dry_run: bool, dry_text: Callable[[P], str],
+            start: Callable[[P], dict[str, Any]], load: Callable[[P], Any] | None = None) -> dict[str, Any] | int:
     """The path every CLI shares: validate (bad input: exit 2, nothing written), `--dry-run` (print
     the plan, exit 0), load and check the model (`load`, e.g. `run.load_model`: a model that fails its
     guards is bad input, exit 2, and the output folder is left as it was), then run the flow, turning
@@ -116,14 +125,14 @@ def run_cli(prepare: Callable[[], dict[str, Any]], *, dry_run: bool, dry_text: C
                 load(plan)  # cached per process: the flow's phases reuse this model
             except InputError as e:
                 print(e.render(), file=sys.stderr)
-                print(f"nothing was written: the output folder {plan['output']} is as it was.", file=sys.stderr)
+                print(f"nothing was written: the output folder {plan.output} is as it was.", file=sys.stderr)
                 return 2
         return start(plan)
     except LockedError as e:
         print(e.render(), file=sys.stderr)
         return 5
     except KeyboardInterrupt:
-        print(run.interrupted_text(plan["output"]), file=sys.stderr)
+        print(run.interrupted_text(plan.output), file=sys.stderr)
         return 130
     except InputError as e:
         print(e.render(), file=sys.stderr)

@@ -66,9 +66,9 @@ def _scale(**params: Any) -> dict[str, Any]:
     plan = t.prepare_scale(opts.model_copy(update={"output": output, "seed": seed}))
     if not runtime.deployment_name():  # shards run in this process: check the model before the folder is touched
         t.load_model(plan)  # (under a deployment this run only orchestrates; the shard runs load it)
-    with hold_lock(Path(plan["output"]) / LOCK_NAME):
+    with hold_lock(Path(plan.output) / LOCK_NAME):
         done = t.claim_scale(plan, run_id)
-        pending = [s["index"] for s in plan["shards"] if s["index"] not in done]
+        pending = [s.index for s in plan.shards if s.index not in done]
         progress = t.ShardProgress(plan, done)
         if runtime.deployment_name():
             t.dispatch_shards(plan, pending, run_id, progress)
@@ -103,8 +103,8 @@ def scale_shard(output: str, shard: Annotated[int, Field(ge=0)], seed: Annotated
     from prefect.runtime import flow_run
 
     plan = t.prepare_scale(ScaleOptions(output=output, config=config, seed=seed, model=model))
-    if shard not in range(len(plan["shards"])):
-        raise InputError(f"shard {shard} does not exist", field="shard", expected=f"0 to {len(plan['shards']) - 1}",
+    if shard not in range(len(plan.shards)):
+        raise InputError(f"shard {shard} does not exist", field="shard", expected=f"0 to {len(plan.shards) - 1}",
                          fix="pass a shard index of this run")
     t.load_model(plan, shard)  # a model that fails its guards writes no shard file
     earlier = list(attempts or [])

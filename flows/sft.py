@@ -42,16 +42,16 @@ def _sft_flow(**params: Any) -> dict[str, Any]:
     if output is None:
         raise InputError("no output folder", field="output", expected="a folder path", fix="pass --output DIR")
     plan = t.prepare_sft(opts.model_copy(update={"output": output}))
-    if plan["done"]:
-        summary = sft.read_summary(plan["output"])
-        print(f"{plan['output']} already holds this run's adapter: nothing to do")
+    if plan.done:
+        summary = sft.read_summary(plan.output)
+        print(f"{plan.output} already holds this run's adapter: nothing to do")
     else:
         backend = t.load_base(plan)  # guards and sentinels first: a model that fails them leaves the folder as it was
-        with hold_lock(Path(plan["output"]) / LOCK_NAME):
+        with hold_lock(Path(plan.output) / LOCK_NAME):
             t.claim(plan, run_id)
             summary = t.train_adapter(plan, backend)
     t.publish(summary)
-    return {"exit_code": 0, "output": plan["output"], "summary": summary}
+    return {"exit_code": 0, "output": plan.output, "summary": summary}
 
 
 sft_flow = runtime.options_flow(_sft_flow, SFTOptions, "Stage 1 SFT: a LoRA adapter trained on a finished run's "

@@ -16,13 +16,13 @@ from stage1_core.train import eval_report, evaluation
 
 
 @task(name="prepare_eval", persist_result=False, cache_policy=NO_CACHE)
-def prepare_eval(opts: EvalOptions) -> dict[str, Any]:
+def prepare_eval(opts: EvalOptions) -> evaluation.EvalPlan:
     """Validate the adapter folder, prompts, config, model and output folder."""
     return evaluation.prepare_eval(**opts.model_dump(exclude={"run_key"}))
 
 
 @task(name="load_models", persist_result=False, cache_policy=NO_CACHE)
-def load_models(plan: dict[str, Any]) -> tuple[Any, Any, Any]:
+def load_models(plan: evaluation.EvalPlan) -> tuple[Any, Any, Any]:
     """The base backend (cached per process, guards and sentinels), the tuned one (the base loaded
     again, adapter merged) and the judge (the base, or judge.model). A model that fails its guards is
     bad input (exit 2)."""
@@ -30,12 +30,12 @@ def load_models(plan: dict[str, Any]) -> tuple[Any, Any, Any]:
     t0 = time.perf_counter()
     base, tuned, judge = evaluation.load_models(plan)
     logger.info(f"base, tuned and judge models ready in {time.perf_counter() - t0:.1f} s "
-                f"({base.fingerprint.get('device')}; judge {plan['judge_config']['id']})")
+                f"({base.fingerprint.get('device')}; judge {plan.judge_config.id})")
     return base, tuned, judge
 
 
 @task(name="evaluate", persist_result=False, cache_policy=NO_CACHE)
-def evaluate(plan: dict[str, Any], base: Any, tuned: Any, judge: Any) -> dict[str, Any]:
+def evaluate(plan: evaluation.EvalPlan, base: Any, tuned: Any, judge: Any) -> dict[str, Any]:
     """Generate with both models, score, judge; writes the report files. A bar per stage."""
     artifact = create_progress_artifact(0.0, description="eval: starting")
     bars: dict[str, tqdm] = {}

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from stage1_core.infra import provenance
 from stage1_core.scale.options import ScaleOptions
+from stage1_core.scale.settings import ScalePlan
 from stage1_core.scale import merge, plan as scale, retry, shards
 from tasks.phases import transient_only
 
@@ -28,27 +29,27 @@ _OPTS: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
 @task(name="prepare_scale", **_OPTS)
-def prepare_scale(opts: ScaleOptions) -> dict[str, Any]:
+def prepare_scale(opts: ScaleOptions) -> ScalePlan:
     """Validate settings, seeds, model and output folder; returns the plan (raises on bad input)."""
     return scale.prepare_scale(**opts.model_dump(exclude={"run_key"}))
 
 
 @task(name="load_model", **_OPTS)
-def load_model(plan: dict[str, Any], shard: int | None = None) -> dict[str, Any] | None:
+def load_model(plan: ScalePlan, shard: int | None = None) -> dict[str, Any] | None:
     """Load and check the model in this process when a shard (any, or `shard`) is left to compute,
     before the folder is claimed; returns its fingerprint or None (raises InputError on a failed guard)."""
     return scale.load_model_if_needed(plan, shard)
 
 
 @task(name="claim_scale", **_OPTS)
-def claim_scale(plan: dict[str, Any], run_id: str) -> list[int]:
+def claim_scale(plan: ScalePlan, run_id: str) -> list[int]:
     """Claim the output folder; returns the shards already complete."""
     return scale.claim(plan, run_id)
 
 
 @task(name="scale_shard", task_run_name="shard-{index}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=transient_only, **_OPTS)
-def compute_shard(plan: dict[str, Any], index: int, run_id: str,
+def compute_shard(plan: ScalePlan, index: int, run_id: str,
                   attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One shard, computed from scratch unless already complete; returns its manifest (`attempts`:
     recorded in it, see stage1_core.scale.plan.compute_shard)."""
@@ -56,15 +57,17 @@ def compute_shard(plan: dict[str, Any], index: int, run_id: str,
 
 
 @task(name="collect_shards", **_OPTS)
-def collect_shards(plan: dict[str, Any]) -> list[dict[str, Any]]:
+def collect_shards(plan: ScalePlan) -> list[dict[str, Any]]:
     """Every shard's manifest, validated on disk (raises when any shard is missing)."""
     return scale.collect_manifests(plan)
 
 
 @task(name="merge_shards", **_OPTS)
-def merge_shards(plan: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+def merge_shards(plan: ScalePlan, *, run_id: str, started: str, manifests: list[dict[str, Any]], computed: list[int],
+                 flow_seconds: float | None = None) -> dict[str, Any]:
     """Cross-shard dedup, QC, dataset card, session manifest."""
-    return merge.merge_run(plan, **kwargs)
+    return merge.merge_run(plan, run_id=run_id, started=started, manifests=manifests, computed=computed,
+                           flow_seconds=flow_seconds)
 
 
 class ShardProgress:
@@ -72,13 +75,13 @@ class ShardProgress:
     call its methods from the flow's thread). The artifact's description also names every shard that
     was rescheduled, with the cause of each lost attempt (`retry.progress_text`)."""
 
-    def __init__(self, plan: dict[str, Any], done: list[int]) -> None:
-        self.total, self.done = len(plan["shards"]), 0
+    def __init__(self, plan: ScalePlan, done: list[int]) -> None:
+        self.total, self.done = len(plan.shards), 0
         self.history: dict[int, list[dict[str, Any]]] = {}
         self.logger = get_run_logger()
         self.artifact = create_progress_artifact(0.0, description=f"scale: 0/{self.total} shards")
         for i in done:
-            manifest = shards.valid_manifest(plan["output"], plan, i)
+            manifest = shards.valid_manifest(plan.output, plan, i)
             if manifest is not None:
                 self.shard_done(manifest, computed=False)
 
@@ -99,13 +102,12 @@ class ShardProgress:
         self._update()
 
 
-def shard_parameters(plan: dict[str, Any], index: int, run_id: str,
+def shard_parameters(plan: ScalePlan, index: int, run_id: str,
                      attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Parameters of one `stage1/scale-shard` run (plain JSON types, as deployments require);
     `attempts`: the shard's earlier attempts in this run, recorded in its manifest (retries only)."""
-    cfg = plan["config"]
-    params = {"output": plan["output"], "shard": index, "seed": cfg["seed"],
-              "config": str(Path(plan["output"]) / "config.yaml"), "model": cfg["model"]["id"], "run_id": run_id}
+    params = {"output": plan.output, "shard": index, "seed": plan.config.seed,
+              "config": str(Path(plan.output) / "config.yaml"), "model": plan.config.model.id, "run_id": run_id}
     return {**params, "attempts": attempts} if attempts else params
 
 
@@ -132,7 +134,7 @@ def _run_shard(params: dict[str, Any], timeout: float, delay_s: float) -> Any:
     return run_deployment(SHARD_DEPLOYMENT, parameters=params, timeout=timeout)
 
 
-def _attempt_end(plan: dict[str, Any], index: int, fut: Future, attempt: int) -> tuple[retry.ShardEnd, dict[str, Any]]:
+def _attempt_end(plan: ScalePlan, index: int, fut: Future, attempt: int) -> tuple[retry.ShardEnd, dict[str, Any]]:
     """How an attempt ended (its state, whether its files validate) and its record (flow run, state,
     message, ended). A run still going after `shard_timeout_s` is cancelled first, so it frees its GPU
     and its shard's lock."""
@@ -143,7 +145,7 @@ def _attempt_end(plan: dict[str, Any], index: int, fut: Future, attempt: int) ->
     except Exception as exc:  # noqa: BLE001 - decided on below (transient or not)
         error = f"{type(exc).__name__}: {exc}"
         record.update(state=None, message=error, ended=provenance.utc_now())
-        return retry.ShardEnd(None, error=error, files_valid=shards.valid_manifest(plan["output"], plan, index)
+        return retry.ShardEnd(None, error=error, files_valid=shards.valid_manifest(plan.output, plan, index)
                               is not None), record
     state = flow_run.state
     timed_out = state is not None and not state.is_final()
@@ -153,7 +155,7 @@ def _attempt_end(plan: dict[str, Any], index: int, fut: Future, attempt: int) ->
                   state=state.name if state else None, message=state.message if state else None,
                   ended=provenance.utc_now())
     end = retry.ShardEnd(state.type.value if state else None, state.message if state else None,
-                         files_valid=shards.valid_manifest(plan["output"], plan, index) is not None,
+                         files_valid=shards.valid_manifest(plan.output, plan, index) is not None,
                          timed_out=timed_out)
     return end, record
 
@@ -174,7 +176,7 @@ def check_zombie_automation(logger: Any) -> bool:
         return False
 
 
-def dispatch_shards(plan: dict[str, Any], pending: list[int], run_id: str, progress: ShardProgress) -> None:
+def dispatch_shards(plan: ScalePlan, pending: list[int], run_id: str, progress: ShardProgress) -> None:
     """Run each pending shard as a `stage1/scale-shard` deployment run (at most
     `scale.max_parallel_shards` in flight), waiting on each for `scale.shard_timeout_s`.
 
@@ -188,14 +190,14 @@ def dispatch_shards(plan: dict[str, Any], pending: list[int], run_id: str, progr
     """
     if not pending:
         return
-    sc = plan["config"]["scale"]
+    sc = plan.config.scale
     check_zombie_automation(progress.logger)
     history: dict[int, list[dict[str, Any]]] = {i: [] for i in pending}
     failed: dict[int, retry.Decision] = {}
-    with ThreadPoolExecutor(max_workers=min(len(pending), sc["max_parallel_shards"])) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(pending), sc.max_parallel_shards)) as pool:
         def submit(i: int, delay_s: float = 0.0) -> Future:
             params = shard_parameters(plan, i, run_id, history[i])
-            return pool.submit(contextvars.copy_context().run, _run_shard, params, sc["shard_timeout_s"], delay_s)
+            return pool.submit(contextvars.copy_context().run, _run_shard, params, sc.shard_timeout_s, delay_s)
 
         futures = {submit(i): i for i in pending}
         while futures:
@@ -204,11 +206,11 @@ def dispatch_shards(plan: dict[str, Any], pending: list[int], run_id: str, progr
                 i = futures.pop(fut)
                 attempt = len(history[i]) + 1
                 end, record = _attempt_end(plan, i, fut, attempt)
-                decision = retry.decide(end, attempt, sc["shard_retries"])
+                decision = retry.decide(end, attempt, sc.shard_retries)
                 record.update(action=decision.action, cause=decision.cause, reason=decision.reason)
                 history[i].append(record)
                 if decision.action == "done":
-                    progress.shard_done(shards.valid_manifest(plan["output"], plan, i), computed=True)
+                    progress.shard_done(shards.valid_manifest(plan.output, plan, i), computed=True)
                     continue
                 progress.attempt_ended(i, record)
                 if decision.action == "retry":
@@ -217,7 +219,7 @@ def dispatch_shards(plan: dict[str, Any], pending: list[int], run_id: str, progr
                     failed[i] = decision
     _attempts_table(history)
     if failed:
-        raise RuntimeError(retry.failure_text(failed, len(plan["shards"])))
+        raise RuntimeError(retry.failure_text(failed, len(plan.shards)))
 
 
 def _attempts_table(history: dict[int, list[dict[str, Any]]]) -> None:

@@ -24,19 +24,19 @@ from stage1_core.train import sft
 
 
 @task(name="prepare_sft", persist_result=False, cache_policy=NO_CACHE)
-def prepare_sft(opts: SFTOptions) -> dict[str, Any]:
+def prepare_sft(opts: SFTOptions) -> sft.SFTPlan:
     """Validate the run folder (its gate), the SFT config, the model and the output folder."""
     return sft.prepare_sft(**opts.model_dump(exclude={"run_key"}))
 
 
 @task(name="load_base_model", persist_result=False, cache_policy=NO_CACHE)
-def load_base(plan: dict[str, Any]) -> Any:
+def load_base(plan: sft.SFTPlan) -> Any:
     """Load the base model with its guards and sentinels before the output folder is touched (a
     model that fails them is bad input, exit 2). Returns the backend (its own copy: LoRA changes it)."""
-    model = plan["model_config"]
+    model = plan.base_model
     logger = get_run_logger()
-    logger.info(f"loading base model {model['id']} (device {model['device']}, dtype {model['dtype']}, "
-                f"quantize {model['quantize']}) ...")
+    logger.info(f"loading base model {model.id} (device {model.device}, dtype {model.dtype}, "
+                f"quantize {model.quantize}) ...")
     t0 = time.perf_counter()
     backend = sft.load_base(plan)
     logger.info(f"base model ready in {time.perf_counter() - t0:.1f} s ({backend.device}, "
@@ -45,26 +45,26 @@ def load_base(plan: dict[str, Any]) -> Any:
 
 
 @task(name="claim_sft_output", persist_result=False, cache_policy=NO_CACHE)
-def claim(plan: dict[str, Any], run_id: str) -> None:
+def claim(plan: sft.SFTPlan, run_id: str) -> None:
     """Create the output folder and record the run identity; an overwrite removes the earlier run's
     adapter, summary, plot and checkpoints first (never a folder without a stage1 marker)."""
     import shutil
 
-    out = Path(plan["output"])
+    out = Path(plan.output)
     ours = (out / run.RUN_MARKER).is_file()
     out.mkdir(parents=True, exist_ok=True)
     if ours:
         run.remove_stale_temp_files(out)
-        if plan["folder_state"] == "overwrite":
+        if plan.folder_state == "overwrite":
             for name in (*sft.ADAPTER_FILES, sft.SUMMARY, sft.LOSS_PNG, "README.md"):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / sft.CHECKPOINTS, ignore_errors=True)
-    storage.write_json_atomic(out / run.RUN_MARKER, {"identity": plan["identity"], "run_id": run_id,
+    storage.write_json_atomic(out / run.RUN_MARKER, {"identity": plan.identity.model_dump(), "run_id": run_id,
                                                      "created": provenance.utc_now(), "kind": "sft"})
 
 
 @task(name="train_adapter", persist_result=False, cache_policy=NO_CACHE)
-def train_adapter(plan: dict[str, Any], backend: Any) -> dict[str, Any]:
+def train_adapter(plan: sft.SFTPlan, backend: Any) -> dict[str, Any]:
     """Train (or resume) the adapter; a tqdm bar and a Prefect progress artifact follow the steps."""
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description="sft: starting")

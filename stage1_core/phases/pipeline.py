@@ -1,11 +1,11 @@
-"""The five pilot phases as plain functions over files: each takes a JSON-able `call`, reads its
-input artifacts, writes its outputs atomically and returns a manifest. No Prefect here; the
-Prefect tasks in `tasks/` are thin wrappers around `run_phase`.
+"""The five pilot phases as plain functions over files: each takes its typed call
+(`stage1_core.phases.plans`), reads its input artifacts, writes its outputs atomically and returns
+its manifest. No Prefect here; the Prefect tasks in `tasks/` are thin wrappers around `run_phase`.
 
-A call is `{"phase", "out_dir", "params", "inputs", "model", "model_sha", "meta"}`:
-- params: the config slice the phase depends on (plus seed/round/iteration numbers),
-- inputs: name -> file manifest ({path, rows, sha256}) or list of them,
-- model: the ModelConfig dump; loaded lazily, only when the phase really runs,
+A call holds:
+- params: the config slice the phase depends on (plus seed/round/iteration numbers), typed per phase,
+- inputs: the files it reads (`FileRef`: path, rows, sha256), typed per phase,
+- model: the ModelConfig; loaded lazily, only when the phase really runs,
 - meta: run id, git sha, config hash — recorded in outputs but never part of the cache key.
 
 Folder layout of a run: `instructions/round-NN.*` (phases 1-2, shared by all iterations: the
@@ -20,14 +20,17 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from stage1_core.infra import codehash, faults, interrupts, jsonl, storage
 from stage1_core.phases import filters, prompts, qc
 from stage1_core.model import Backend
-from stage1_core.infra.config import (CriticConfig, InstructionFilterConfig, InstructionGenerationConfig, ModelConfig,
-                                QCThresholds, ResponseGenerationConfig)
+from stage1_core.infra.config import InstructionFilterConfig, ModelConfig
 from stage1_core.phases.critic import ABCritic, instruction_reject_reason, pair_reject_reason
+from stage1_core.phases.plans import (FileRef, FilterInstructionsCall, FilterPairsCall, Gate, GenerateInstructionsCall,
+                                      GenerateResponsesCall, InstructionFilterManifest, InstructionRoundManifest,
+                                      JsonObject, PairFilterManifest, PhaseCall, PhaseManifest, QCCall, QCManifest,
+                                      Record, ResponsesManifest)
 from stage1_core.phases.seeds import load_seeds
 
 CORE_DIR = Path(__file__).resolve().parents[1]
@@ -58,27 +61,28 @@ def code_hash(phase: str) -> str:
     return h.hexdigest()
 
 
-def _input_shas(inputs: dict[str, Any]) -> dict[str, Any]:
-    def sha(m: Any) -> Any:
-        if isinstance(m, list):
-            return [sha(x) for x in m]
-        return m["sha256"] if isinstance(m, dict) and "sha256" in m else m
-    return {k: sha(v) for k, v in inputs.items()}
+def _input_shas(inputs: Record) -> dict[str, str | list[str] | None]:
+    """Each input file by its sha256 only (its path and row count follow from the content)."""
+    def sha(ref: FileRef | list[FileRef] | None) -> str | list[str] | None:
+        if isinstance(ref, list):
+            return [r.sha256 for r in ref]
+        return None if ref is None else ref.sha256
+    return {name: sha(getattr(inputs, name)) for name in type(inputs).model_fields}
 
 
-def cache_key(call: dict[str, Any]) -> str:
+def cache_key(call: PhaseCall) -> str:
     """Cache key of a phase call: its config slice + sha256 of its input artifacts + hash of the
     core modules it uses + the model fingerprint + the resolved output folder. Run id, git sha
     and other `meta` are deliberately left out, so a new run of the same config hits. The model part
     is the weights sha256 plus the model settings that can change outputs (`model_settings`)."""
-    phase = call["phase"]
+    phase = call.phase
     material = {
         "phase": phase,
-        "params": call["params"],
-        "inputs": _input_shas(call["inputs"]),
+        "params": call.params.model_dump(mode="json"),
+        "inputs": _input_shas(call.inputs),
         "code": code_hash(phase),
-        "model": {"weights_sha256": call["model_sha"], "settings": model_settings(call["model"])} if phase != "qc" else None,
-        "out_dir": str(Path(call["out_dir"]).resolve()),
+        "model": {"weights_sha256": call.model_sha, "settings": model_settings(call.model)} if phase != "qc" else None,
+        "out_dir": str(Path(call.out_dir).resolve()),
     }
     return f"stage1-{phase}-" + hashlib.sha256(storage.canonical_json(material).encode()).hexdigest()[:40]
 
@@ -88,35 +92,31 @@ OUTPUT_NEUTRAL_MODEL_KEYS = ("batch_size",)
 batch size changes speed, not outputs."""
 
 
-def model_settings(model: dict[str, Any]) -> dict[str, Any]:
+def model_settings(model: ModelConfig) -> dict[str, Any]:
     """The `model` section of a call as the cache key hashes it: every key (id, revision, bos_policy,
     dtype, device, allow_pickle, engine, quantize, ...) but OUTPUT_NEUTRAL_MODEL_KEYS, with `device`
     and `dtype` resolved ("auto" is float32 on the CPU, and on a GPU float32 up to sizing.SMALL_MODEL_PARAMS
     parameters, else bfloat16: a phase computed on one must not count as a hit on the other). Fake models
     compute the same on any device: left as given."""
-    settings = {k: v for k, v in model.items() if k not in OUTPUT_NEUTRAL_MODEL_KEYS}
-    if not str(settings.get("id", "")).startswith("fake:") and "auto" in (settings.get("device"), settings.get("dtype")):
+    settings = model.model_dump(mode="json", exclude=set(OUTPUT_NEUTRAL_MODEL_KEYS))
+    if not model.id.startswith("fake:") and "auto" in (model.device, model.dtype):
         from stage1_core.model import resolve_device, resolve_dtype, resolve_model
 
-        device = resolve_device(settings.get("device", "auto"))
-        sized = device != "cpu" and settings.get("dtype", "auto") == "auto"  # only a GPU's auto depends on the size
-        resolved = resolve_model(ModelConfig.model_validate(model)) if sized else None
-        settings["dtype"] = resolve_dtype(settings.get("dtype", "auto"), device, resolved)
+        device = resolve_device(model.device)
+        sized = device != "cpu" and model.dtype == "auto"  # only a GPU's auto depends on the size
+        resolved = resolve_model(model) if sized else None
+        settings["dtype"] = resolve_dtype(model.dtype, device, resolved)
         settings["device"] = device
     return settings
 
 
-def sidecar_path(call: dict[str, Any]) -> Path:
+def sidecar_path(call: PhaseCall) -> Path:
     """Where a phase records which cache key produced its outputs."""
-    return Path(call["out_dir"]) / f".{call['phase']}{_suffix(call)}.cache.json"
+    suffix = f"-round-{call.round:02d}" if call.round is not None else ""
+    return Path(call.out_dir) / f".{call.phase}{suffix}.cache.json"
 
 
-def _suffix(call: dict[str, Any]) -> str:
-    r = call["params"].get("round")
-    return f"-round-{r:02d}" if r is not None else ""
-
-
-def outputs_valid(call: dict[str, Any], key: str) -> bool:
+def outputs_valid(call: PhaseCall, key: str) -> bool:
     """True if the sidecar says `key` produced the outputs and every output file still exists
     with its recorded sha256 (a cache hit is trusted only then)."""
     side = sidecar_path(call)
@@ -133,17 +133,23 @@ def outputs_valid(call: dict[str, Any], key: str) -> bool:
     return True
 
 
-def _finish(call: dict[str, Any], key: str | None, outputs: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    manifest = {"phase": call["phase"], "outputs": outputs, **extra}
+M = TypeVar("M", bound=PhaseManifest)
+
+
+def _finish(call: PhaseCall, key: str | None, kind: type[M], outputs: dict[str, FileRef], **fields: Any) -> M:
+    """The phase's manifest (`kind`), after its sidecar records `key` and the output files."""
+    manifest = kind(phase=call.phase, outputs=outputs, run_id=call.meta.run_id, round=call.round,
+                    iteration=call.iteration, instructions_since=call.instructions_since, **fields)
     faults.maybe_fault("phase_end")
     if key is not None:
-        storage.write_json_atomic(sidecar_path(call), {"key": key, "outputs": list(outputs.values())})
+        storage.write_json_atomic(sidecar_path(call), {"key": key,
+                                                       "outputs": [o.model_dump() for o in outputs.values()]})
     return manifest
 
 
-def _backend(call: dict[str, Any]) -> Backend:
+def _backend(call: PhaseCall) -> Backend:
     from stage1_core.model import load_backend
-    return load_backend(ModelConfig.model_validate(call["model"]))
+    return load_backend(call.model)
 
 
 def _derive_seed(*parts: Any) -> int:
@@ -168,18 +174,19 @@ def _counter(progress: Progress, total: int) -> Callable[[int], None]:
 
 
 # -- phase 1 -------------------------------------------------------------------------------------
-def generate_instructions(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
+def generate_instructions(call: GenerateInstructionsCall, key: str | None = None,
+                          progress: Progress = _noop) -> InstructionRoundManifest:
     """One round of few-shot list continuation: `prompts_per_round` prompts of k sampled seeds."""
-    p, out = call["params"], Path(call["out_dir"])
-    ig = InstructionGenerationConfig.model_validate(p["instruction_generation"])
-    seedset = load_seeds(p["seeds_path"])
+    p, out = call.params, Path(call.out_dir)
+    ig = p.instruction_generation
+    seedset = load_seeds(p.seeds_path)
     usable = seedset.usable_seeds()
-    rnd = p["round"]
-    pool = jsonl.read_rows(call["inputs"]["kept_before"]["path"]) \
-        if ig.machine_examples and call["inputs"].get("kept_before") else []
+    rnd = p.round
+    kept_before = call.inputs.kept_before
+    pool = jsonl.read_rows(kept_before.path) if ig.machine_examples and kept_before else []
     prompt_rows = []
     for i in range(ig.prompts_per_round):
-        rng = random.Random(_derive_seed(p["seed"], "instructions", rnd, i))
+        rng = random.Random(_derive_seed(p.seed, "instructions", rnd, i))
         m = min(ig.machine_examples, len(pool))
         chosen = rng.sample(usable, ig.few_shot_k - m)
         lines = [(s.list_text() or "", None) for s in chosen]
@@ -190,7 +197,7 @@ def generate_instructions(call: dict[str, Any], key: str | None = None, progress
                             "prompt": prompts.build_instruction_prompt(ig.header, [t for t, _ in lines])})
     params = ig.sampling()
     step = _counter(progress, len(prompt_rows))
-    comps = _backend(call).generate([r["prompt"] for r in prompt_rows], params, _derive_seed(p["seed"], "gen", rnd), step,
+    comps = _backend(call).generate([r["prompt"] for r in prompt_rows], params, _derive_seed(p.seed, "gen", rnd), step,
                                     ids=[f"r{rnd:02d}-p{i:03d}" for i in range(len(prompt_rows))])
     completions, generated = [], []
     for i, (row, comp) in enumerate(zip(prompt_rows, comps)):
@@ -205,23 +212,23 @@ def generate_instructions(call: dict[str, Any], key: str | None = None, progress
     stem = out / f"round-{rnd:02d}"
     storage.write_jsonl_atomic(f"{stem}.completions.jsonl", completions)
     storage.write_jsonl_atomic(f"{stem}.generated.jsonl", generated)
-    return _finish(call, key, {
-        "completions": storage.file_manifest(f"{stem}.completions.jsonl", len(completions)),
-        "generated": storage.file_manifest(f"{stem}.generated.jsonl", len(generated)),
+    return _finish(call, key, InstructionRoundManifest, {
+        "completions": FileRef.of(f"{stem}.completions.jsonl", len(completions)),
+        "generated": FileRef.of(f"{stem}.generated.jsonl", len(generated)),
     }, tokens=sum(c.n_tokens for c in comps), prompts=len(comps), generated=len(generated))
 
 
 # -- phase 2 -------------------------------------------------------------------------------------
-def filter_instructions(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
+def filter_instructions(call: FilterInstructionsCall, key: str | None = None,
+                        progress: Progress = _noop) -> InstructionFilterManifest:
     """Heuristics, ROUGE-L dedup against seeds + everything kept so far, the critic's cheap checks,
     then the critic.
     Writes the cumulative kept pool and this round's rejections."""
-    p, out = call["params"], Path(call["out_dir"])
-    fcfg = InstructionFilterConfig.model_validate(p["instruction_filter"])
-    ccfg = CriticConfig.model_validate(p["critic"])
-    seed_texts = [s.instruction for s in load_seeds(p["seeds_path"]).seeds]
-    previous = jsonl.read_rows(call["inputs"]["kept_before"]["path"]) if call["inputs"].get("kept_before") else []
-    generated = jsonl.read_rows(call["inputs"]["generated"]["path"])
+    p, out, ins = call.params, Path(call.out_dir), call.inputs
+    fcfg, ccfg = p.instruction_filter, p.critic
+    seed_texts = [s.instruction for s in load_seeds(p.seeds_path).seeds]
+    previous = jsonl.read_rows(ins.kept_before.path) if ins.kept_before else []
+    generated = jsonl.read_rows(ins.generated.path)
     texts = [g["instruction"] for g in generated]
     _, rejected_rows = filters.filter_instructions(texts, fcfg, seed_texts, [k["instruction"] for k in previous])
     dropped = {r["index"]: r for r in rejected_rows}
@@ -248,28 +255,29 @@ def filter_instructions(call: dict[str, Any], key: str | None = None, progress: 
         else:
             rejected.append({"phase": "instruction_filter", "id": c["id"], "instruction": c["instruction"],
                              "reason": "critic", "critique": crit.model_dump()})
-    stem = out / f"round-{p['round']:02d}"
+    stem = out / f"round-{p.round:02d}"
     storage.write_jsonl_atomic(f"{stem}.kept.jsonl", kept)
     storage.write_jsonl_atomic(f"{stem}.rejected.jsonl", rejected)
-    return _finish(call, key, {
-        "kept": storage.file_manifest(f"{stem}.kept.jsonl", len(kept)),
-        "rejected": storage.file_manifest(f"{stem}.rejected.jsonl", len(rejected)),
+    return _finish(call, key, InstructionFilterManifest, {
+        "kept": FileRef.of(f"{stem}.kept.jsonl", len(kept)),
+        "rejected": FileRef.of(f"{stem}.rejected.jsonl", len(rejected)),
     }, kept_total=len(kept), generated=len(generated), accepted=len(kept) - len(previous),
         heuristic_or_dup=len(generated) - len(candidates), critic_rejected=len(candidates) - (len(kept) - len(previous)))
 
 
 # -- phase 3 -------------------------------------------------------------------------------------
-def generate_responses(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
+def generate_responses(call: GenerateResponsesCall, key: str | None = None,
+                       progress: Progress = _noop) -> ResponsesManifest:
     """Worked-example completion prompts for the first `count` kept instructions."""
-    p, out = call["params"], Path(call["out_dir"])
-    rg = ResponseGenerationConfig.model_validate(p["response_generation"])
-    kept = jsonl.read_rows(call["inputs"]["kept"]["path"])[: p["count"]]
+    p, out = call.params, Path(call.out_dir)
+    rg = p.response_generation
+    kept = jsonl.read_rows(call.inputs.kept.path)[: p.count]
     examples = rg.worked_examples[: rg.n_examples]
     params = rg.sampling()
     step = _counter(progress, len(kept))
     backend = _backend(call)
     comps = backend.generate([prompts.build_response_prompt(k["instruction"], examples) for k in kept], params,
-                             _derive_seed(p["seed"], "responses", p["iteration"]), step,
+                             _derive_seed(p.seed, "responses", p.iteration), step,
                              ids=[k["id"] for k in kept]) if kept else []
     rows = []
     for k, comp in zip(kept, comps):
@@ -277,18 +285,18 @@ def generate_responses(call: dict[str, Any], key: str | None = None, progress: P
         rows.append({**k, "raw": comp.text, "stop_reason": comp.stop_reason, "completion_tokens": comp.n_tokens,
                      "response": response, "response_tokens": backend.count_tokens(response) if response else 0})
     storage.write_jsonl_atomic(out / "responses.jsonl", rows)
-    return _finish(call, key, {"responses": storage.file_manifest(out / "responses.jsonl", len(rows))},
+    return _finish(call, key, ResponsesManifest, {"responses": FileRef.of(out / "responses.jsonl", len(rows))},
                    tokens=sum(c.n_tokens for c in comps), prompts=len(comps))
 
 
 # -- phase 4 -------------------------------------------------------------------------------------
-def filter_pairs(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
+def filter_pairs(call: FilterPairsCall, key: str | None = None, progress: Progress = _noop) -> PairFilterManifest:
     """The pair critic; cheap checks first (`critic.pair_reject_reason`: empty responses always,
     leakage and repetition with critic.pair_heuristics). Also measures the critic on the shipped
     labelled dev set."""
-    p, out = call["params"], Path(call["out_dir"])
-    ccfg = CriticConfig.model_validate(p["critic"])
-    rows = jsonl.read_rows(call["inputs"]["responses"]["path"])
+    p, out = call.params, Path(call.out_dir)
+    ccfg = p.critic
+    rows = jsonl.read_rows(call.inputs.responses.path)
     kept, rejected, judged = [], [], []
     for r in rows:
         reason = pair_reject_reason(r["response"], ccfg.pair_heuristics, r["instruction"])
@@ -310,17 +318,17 @@ def filter_pairs(call: dict[str, Any], key: str | None = None, progress: Progres
                              "response": r["response"], "stop_reason": r["stop_reason"], "reason": "critic",
                              "critique": crit.model_dump()})
     dev = None
-    if p.get("measure_dev", True):
+    if p.measure_dev:
         t0 = time.perf_counter()
-        dev = {**critic_dev_accuracy(critic, p.get("instruction_filter")), "seconds": round(time.perf_counter() - t0, 2)}
+        dev = {**critic_dev_accuracy(critic), "seconds": round(time.perf_counter() - t0, 2)}
     storage.write_jsonl_atomic(out / "pairs.kept.jsonl", kept)
     storage.write_jsonl_atomic(out / "pairs.rejected.jsonl", rejected)
-    return _finish(call, key, {"kept": storage.file_manifest(out / "pairs.kept.jsonl", len(kept)),
-                               "rejected": storage.file_manifest(out / "pairs.rejected.jsonl", len(rejected))},
+    return _finish(call, key, PairFilterManifest, {"kept": FileRef.of(out / "pairs.kept.jsonl", len(kept)),
+                                                   "rejected": FileRef.of(out / "pairs.rejected.jsonl", len(rejected))},
                    critic_dev=dev)
 
 
-def critic_dev_accuracy(critic: ABCritic, instruction_filter: dict[str, Any] | None = None) -> dict[str, Any]:
+def critic_dev_accuracy(critic: ABCritic, instruction_filter: InstructionFilterConfig | None = None) -> JsonObject:
     """The critic measured on the shipped held-out dev split (CRITIC_DEV_SET), as critic_eval does.
 
     Args:
@@ -335,12 +343,12 @@ def critic_dev_accuracy(critic: ABCritic, instruction_filter: dict[str, Any] | N
 
     sha = storage.sha256_file(CRITIC_DEV_SET)
     memo_key = storage.canonical_json({"model": critic.backend.fingerprint, "critic": critic.cfg.model_dump(mode="json"),
-                                       "filter": instruction_filter, "dev": sha})
+                                       "filter": instruction_filter and instruction_filter.model_dump(mode="json"),
+                                       "dev": sha})
     if memo_key in _DEV_MEMO:  # the same model and critic measure the same (every iteration asks again)
         return json.loads(_DEV_MEMO[memo_key])
     items = load_labels(CRITIC_DEV_SET)
-    ifc = InstructionFilterConfig.model_validate(instruction_filter) if instruction_filter is not None else None
-    per_kind = evaluate(items, critic, heuristics=True, instruction_filter=ifc)
+    per_kind = evaluate(items, critic, heuristics=True, instruction_filter=instruction_filter)
     result: dict[str, Any] = {"path": CRITIC_DEV_SET.name, "sha256": sha}
     correct = sum(round(v["accuracy"] * v["n"]) for v in per_kind.values() if v["n"])
     result.update(per_kind)
@@ -354,19 +362,19 @@ _DEV_MEMO: dict[str, str] = {}
 
 
 # -- phase 5 -------------------------------------------------------------------------------------
-def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
+def qc_phase(call: QCCall, key: str | None = None, progress: Progress = _noop) -> QCManifest:
     """Metrics, the gate, and the iteration's final files: pilot_data.jsonl, rejected.jsonl,
     qc_summary.json."""
-    p, out, ins, meta = call["params"], Path(call["out_dir"]), call["inputs"], call["meta"]
-    th = QCThresholds.model_validate(p["qc"])
-    generated = [g for m in ins["generated"] for g in jsonl.read_rows(m["path"])]
-    instr_rejected = [r for m in ins["instruction_rejected"] for r in jsonl.read_rows(m["path"])]
-    kept_pool = jsonl.read_rows(ins["kept"]["path"])
-    responses = jsonl.read_rows(ins["responses"]["path"])
-    pairs = jsonl.read_rows(ins["pairs_kept"]["path"])
-    pair_rejected = jsonl.read_rows(ins["pairs_rejected"]["path"])
+    p, out, ins, meta = call.params, Path(call.out_dir), call.inputs, call.meta
+    th = p.qc
+    generated = [g for m in ins.generated for g in jsonl.read_rows(m.path)]
+    instr_rejected = [r for m in ins.instruction_rejected for r in jsonl.read_rows(m.path)]
+    kept_pool = jsonl.read_rows(ins.kept.path)
+    responses = jsonl.read_rows(ins.responses.path)
+    pairs = jsonl.read_rows(ins.pairs_kept.path)
+    pair_rejected = jsonl.read_rows(ins.pairs_rejected.path)
     surplus = [{"phase": "instruction_filter", "id": k["id"], "instruction": k["instruction"], "reason": "surplus_over_count"}
-               for k in kept_pool[p["count"]:]]
+               for k in kept_pool[p.count:]]
     distinct = len({filters.normalize(g["instruction"]) for g in generated}) if generated else 0
     rejected = instr_rejected + surplus + pair_rejected
     by_reason = count_reasons(rejected)
@@ -379,28 +387,28 @@ def qc_phase(call: dict[str, Any], key: str | None = None, progress: Progress = 
         response_completions=[{"raw": r["raw"], "stop_reason": r["stop_reason"]} for r in responses],
         kept_pairs=[{"response": r["response"], "response_tokens": r["response_tokens"]} for r in pairs],
         pairs_generated=len(responses), pairs_critic_rejected=qc.rejections(by_reason, "pair_filter", "critic"),
-        critic_dev_accuracy=(p.get("critic_dev") or {}).get("accuracy"), thresholds=th,
-        critic_dev_auc=qc.critic_dev_auc(p.get("critic_dev")))
-    decision = qc.gate(metrics, th, pairs_generated=len(responses), iteration=p["iteration"],
-                       max_iterations=p["max_iterations"], allow_iterate_when_exhausted=p["max_iterations"] == 0,
-                       model_id=p["model_id"])
-    provenance_base = {"run_id": meta.get("run_id"), "git_sha": meta.get("git_sha"), "config_hash": meta.get("config_hash"),
-                       "model": {"id": p["model_id"], "weights_sha256": p["model_sha"]}, "seed": p["seed"],
-                       "iteration": p["iteration"], "generation": p["generation"]}
+        critic_dev_accuracy=(p.critic_dev or {}).get("accuracy"), thresholds=th,
+        critic_dev_auc=qc.critic_dev_auc(p.critic_dev))
+    decision = qc.gate(metrics, th, pairs_generated=len(responses), iteration=p.iteration,
+                       max_iterations=p.max_iterations, allow_iterate_when_exhausted=p.max_iterations == 0,
+                       model_id=p.model_id)
+    provenance_base = {"run_id": meta.run_id, "git_sha": meta.git_sha, "config_hash": meta.config_hash,
+                       "model": {"id": p.model_id, "weights_sha256": p.model_sha}, "seed": p.seed,
+                       "iteration": p.iteration, "generation": p.generation.model_dump(mode="json")}
     data = [data_row(r, provenance_base) for r in pairs]
     summary = {"gate": decision.to_dict(), "metrics": metrics, "thresholds": th.model_dump(),
                "counts": {"instructions_generated": len(generated), "instructions_kept": len(kept_pool),
                           "pairs_generated": len(responses), "pairs_kept": len(pairs), "rejected": len(rejected)},
-               "rejected_by_reason": by_reason, "critic_dev": p.get("critic_dev"),
-               "iteration": p["iteration"], "observed_delimiters": qc.observed_delimiters([r["raw"] for r in responses])}
+               "rejected_by_reason": by_reason, "critic_dev": p.critic_dev,
+               "iteration": p.iteration, "observed_delimiters": qc.observed_delimiters([r["raw"] for r in responses])}
     storage.write_jsonl_atomic(out / "pilot_data.jsonl", data)
     storage.write_jsonl_atomic(out / "rejected.jsonl", rejected)
     storage.write_json_atomic(out / "qc_summary.json", summary)
     median = statistics.median([r["response_tokens"] for r in pairs]) if pairs else None
-    return _finish(call, key, {"pilot_data": storage.file_manifest(out / "pilot_data.jsonl", len(data)),
-                               "rejected": storage.file_manifest(out / "rejected.jsonl", len(rejected)),
-                               "qc_summary": storage.file_manifest(out / "qc_summary.json", 1)},
-                   decision=decision.to_dict(), summary=summary, median_response_tokens=median)
+    return _finish(call, key, QCManifest, {"pilot_data": FileRef.of(out / "pilot_data.jsonl", len(data)),
+                                           "rejected": FileRef.of(out / "rejected.jsonl", len(rejected)),
+                                           "qc_summary": FileRef.of(out / "qc_summary.json", 1)},
+                   decision=Gate.model_validate(decision.to_dict()), summary=summary, median_response_tokens=median)
 
 
 def data_row(pair: dict[str, Any], provenance_base: dict[str, Any]) -> dict[str, Any]:
@@ -421,7 +429,7 @@ def count_reasons(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-PHASES: dict[str, Callable[..., dict[str, Any]]] = {
+PHASES: dict[str, Callable[..., PhaseManifest]] = {
     "generate_instructions": generate_instructions,
     "filter_instructions": filter_instructions,
     "generate_responses": generate_responses,
@@ -430,13 +438,11 @@ PHASES: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def run_phase(call: dict[str, Any], key: str | None = None, progress: Progress = _noop) -> dict[str, Any]:
-    """Run one phase by name; `key` (if given) is recorded in the sidecar for cache validation.
+def run_phase(call: PhaseCall, key: str | None = None, progress: Progress = _noop) -> PhaseManifest:
+    """Run the call's phase; `key` (if given) is recorded in the sidecar for cache validation.
     The manifest also records the compute seconds and the run id that produced it."""
     interrupts.check()
-    Path(call["out_dir"]).mkdir(parents=True, exist_ok=True)
+    Path(call.out_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    manifest = PHASES[call["phase"]](call, key, progress)
-    manifest["seconds"] = round(time.perf_counter() - t0, 3)
-    manifest["run_id"] = call["meta"].get("run_id")
-    return manifest
+    manifest = PHASES[call.phase](call, key, progress)
+    return manifest.model_copy(update={"seconds": round(time.perf_counter() - t0, 3)})

@@ -3,6 +3,7 @@ markdown preview of kept and rejected samples."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from stage1_core.infra import jsonl
@@ -72,11 +73,12 @@ def decision_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def preview_markdown(manifest: dict[str, Any], n_kept: int = 10, n_rejected: int = 5) -> str:
-    """Markdown: gate decision, 10 kept pairs, 5 rejected items with their reasons."""
-    summary = manifest["summary"]
-    kept = jsonl.read_rows(manifest["outputs"]["pilot_data"]["path"])[:n_kept]
-    rejected = jsonl.read_rows(manifest["outputs"]["rejected"]["path"])
+def preview_markdown(summary: dict[str, Any], data_path: str | Path, rejected_path: str | Path, n_kept: int = 10,
+                     n_rejected: int = 5) -> str:
+    """Markdown: gate decision (of `summary`, a qc_summary.json), the first 10 kept pairs of
+    `data_path`, 5 rejected items of `rejected_path` with their reasons."""
+    kept = jsonl.read_rows(data_path)[:n_kept]
+    rejected = jsonl.read_rows(rejected_path)
     # Show a spread of reasons, not five of the most common one.
     by_reason: dict[str, list[dict[str, Any]]] = {}
     for r in rejected:

@@ -13,7 +13,9 @@ from typing import Any
 import yaml
 
 from stage1_core.phases import reports
+from stage1_core.phases.plans import SeedsSummary
 from stage1_core.phases.seeds import PACKAGED_SEEDS
+from stage1_core.scale.settings import ScalePlan
 
 GEMMA_TERMS = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
 SELF_INSTRUCT = ("the 175 Self-Instruct seed tasks by Wang et al., \"Self-Instruct: Aligning Language Models with "
@@ -40,11 +42,11 @@ def model_license(model: dict[str, Any]) -> str:
     return "not recorded: check the model's license before you publish data generated with it"
 
 
-def seeds_attribution(seeds: dict[str, Any]) -> str:
+def seeds_attribution(seeds: SeedsSummary) -> str:
     """Who wrote the seed set and under which license."""
-    if Path(seeds["path"]).resolve() == PACKAGED_SEEDS.resolve():
+    if Path(seeds.path).resolve() == PACKAGED_SEEDS.resolve():
         return SELF_INSTRUCT
-    return (f"your seed file `{seeds['path']}` (sha256 {seeds['sha256'][:16]}…): its license is not recorded; "
+    return (f"your seed file `{seeds.path}` (sha256 {seeds.sha256[:16]}…): its license is not recorded; "
             "state it here before you publish")
 
 
@@ -53,16 +55,16 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
         "| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
 
 
-def render(plan: dict[str, Any], summary: dict[str, Any], manifest: dict[str, Any]) -> str:
+def render(plan: ScalePlan, summary: dict[str, Any], manifest: dict[str, Any]) -> str:
     """The dataset card as markdown with YAML front matter."""
-    cfg, counts, model = plan["config"], summary["counts"], manifest["model"]
+    cfg, counts, model = plan.config, summary["counts"], manifest["model"]
     rows = counts["rows"]
     size = "n<1K" if rows < 1000 else "1K<n<10K" if rows < 10_000 else "10K<n<100K" if rows < 100_000 else "100K<n<1M"
     front = {"license": "other", "language": ["en"], "task_categories": ["text-generation"], "size_categories": [size],
              "pretty_name": f"Stage 1 instruction data ({model['id']})",
              "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "scale_data.jsonl"}]}]}
     gate = summary["gate"]
-    pilot = plan.get("pilot")
+    pilot = plan.pilot
     reasons = [{"reason": k, "count": v} for k, v in summary["rejected_by_reason"].items()]
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
@@ -73,11 +75,11 @@ def render(plan: dict[str, Any], summary: dict[str, Any], manifest: dict[str, An
         "## Source", "",
         f"- **Model**: `{model['id']}` (weights sha256 `{model['weights_sha256']}`)",
         f"- **Model license**: {model_license(model)}",
-        f"- **Seed set**: {seeds_attribution(plan['seeds'])}",
-        f"- **Run**: `{manifest['run_id']}`, seed {cfg['seed']}, {counts['shards']} shards of "
-        f"{cfg['scale']['shard_size']}, config sha256 `{plan['config_hash'][:16]}…` (see `config.yaml`)",
-        "- **Settings from pilot**: " + (f"`{pilot['path']}` (gate `{pilot['decision']['decision']}`"
-                                         f"{'; **forced**' if plan['forced'] else ''})" if pilot else "none"),
+        f"- **Seed set**: {seeds_attribution(plan.seeds)}",
+        f"- **Run**: `{manifest['run_id']}`, seed {cfg.seed}, {counts['shards']} shards of "
+        f"{cfg.scale.shard_size}, config sha256 `{plan.config_hash[:16]}…` (see `config.yaml`)",
+        "- **Settings from pilot**: " + (f"`{pilot.path}` (gate `{pilot.decision['decision']}`"
+                                         f"{'; **forced**' if plan.forced else ''})" if pilot else "none"),
         "- **License of this data**: `other`: generated text is subject to the model's license above; the seed "
         "instructions it imitates are under the seed set's license.", "",
         "## Counts", "",

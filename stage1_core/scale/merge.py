@@ -26,7 +26,7 @@ from datasketch import MinHash, MinHashLSH
 from stage1_core.scale import dataset_card, plan as scale, shards
 from stage1_core.infra import faults, provenance, storage
 from stage1_core.phases import filters, pipeline, qc, run
-from stage1_core.infra.config import QCThresholds
+from stage1_core.scale.settings import ScalePlan
 
 FINAL_FILES = ("scale_data.jsonl", "rejected.jsonl", "qc_summary.json", "config.yaml", "README.md")
 EXIT_STRICT_QC = 4
@@ -74,7 +74,7 @@ def find_duplicates(texts: list[str], rouge_threshold: float = 0.7, num_perm: in
     return dups
 
 
-def merge_run(plan: dict[str, Any], *, run_id: str, started: str, manifests: list[dict[str, Any]],
+def merge_run(plan: ScalePlan, *, run_id: str, started: str, manifests: list[dict[str, Any]],
               computed: list[int], flow_seconds: float | None = None) -> dict[str, Any]:
     """Merge every shard into the final files. Returns {exit_code, passed, rows, output, run_id, ...}.
 
@@ -87,13 +87,13 @@ def merge_run(plan: dict[str, Any], *, run_id: str, started: str, manifests: lis
         flow_seconds: wall time of the flow so far.
     """
     t0 = time.perf_counter()
-    out, cfg = Path(plan["output"]), plan["config"]
+    out, cfg = Path(plan.output), plan.config
     rows = [r for m in manifests for r in shards.read(out, m, "data")]
     rejected = [r for m in manifests for r in shards.read(out, m, "rejected")]
     completions = [c for m in manifests for c in shards.read(out, m, "completions")]
-    sc = cfg["scale"]
-    dups = find_duplicates([r["instruction"] for r in rows], cfg["instruction_filter"]["rouge_threshold"],
-                           sc["minhash_num_perm"], sc["minhash_threshold"])
+    sc = cfg.scale
+    dups = find_duplicates([r["instruction"] for r in rows], cfg.instruction_filter.rouge_threshold,
+                           sc.minhash_num_perm, sc.minhash_threshold)
     kept = [r for i, r in enumerate(rows) if i not in dups]
     merged_out = [{"phase": "merge", "id": rows[i]["id"], "instruction": rows[i]["instruction"],
                    "response": rows[i]["response"], "reason": "near_duplicate", "rouge_l": score,
@@ -105,8 +105,8 @@ def merge_run(plan: dict[str, Any], *, run_id: str, started: str, manifests: lis
     faults.maybe_fault("merge")
     summary = qc_summary(plan, manifests, kept, rejected, completions, len(merged_out))
     storage.write_json_atomic(out / "qc_summary.json", summary)
-    storage.write_yaml_atomic(out / "config.yaml", cfg)
-    exit_code = EXIT_STRICT_QC if plan["strict_qc"] and not summary["passed"] else 0
+    storage.write_yaml_atomic(out / "config.yaml", cfg.model_dump(mode="json"))
+    exit_code = EXIT_STRICT_QC if plan.strict_qc and not summary["passed"] else 0
     manifest = session_manifest(plan, run_id=run_id, started=started, manifests=manifests, computed=computed,
                                 summary=summary, exit_code=exit_code,
                                 timings={"flow_seconds": flow_seconds, "merge_seconds": round(time.perf_counter() - t0, 3)})
@@ -117,16 +117,16 @@ def merge_run(plan: dict[str, Any], *, run_id: str, started: str, manifests: lis
             "run_id": run_id, "near_duplicates": len(merged_out), "shards_computed": computed}
 
 
-def qc_summary(plan: dict[str, Any], manifests: list[dict[str, Any]], kept: list[dict[str, Any]],
+def qc_summary(plan: ScalePlan, manifests: list[dict[str, Any]], kept: list[dict[str, Any]],
                rejected: list[dict[str, Any]], completions: list[dict[str, Any]], cross_dups: int) -> dict[str, Any]:
     """The pilot's metrics over all shards, judged by the same gate; `passed` is `decision == scale`."""
-    th = QCThresholds.model_validate(plan["config"]["qc"])
+    th = plan.config.qc
     total = {k: sum(m["counts"][k] for m in manifests) for k in
              ("instructions_generated", "instructions_kept", "pairs_generated", "pairs_kept")}
     by_reason = pipeline.count_reasons(rejected)
     within = qc.rejections(by_reason, "instruction_filter", *qc.NEAR_DUPLICATE_REASONS)
     critic_dev = next((m["critic_dev"] for m in manifests if m.get("critic_dev")), None) or \
-        (plan.get("pilot") or {}).get("critic_dev")
+        (plan.pilot.critic_dev if plan.pilot else None)
     metrics = qc.compute_metrics(
         instructions_generated=total["instructions_generated"], instructions_kept=total["instructions_kept"],
         instructions_distinct=max(0, total["instructions_generated"] - within - cross_dups),
@@ -138,32 +138,33 @@ def qc_summary(plan: dict[str, Any], manifests: list[dict[str, Any]], kept: list
         critic_dev_accuracy=(critic_dev or {}).get("accuracy"), thresholds=th,
         critic_dev_auc=qc.critic_dev_auc(critic_dev))
     decision = qc.gate(metrics, th, pairs_generated=total["pairs_generated"], iteration=1, max_iterations=1,
-                       model_id=plan["config"]["model"]["id"])
-    return {"gate": decision.to_dict(), "passed": decision.decision == "scale", "strict_qc": plan["strict_qc"],
+                       model_id=plan.config.model.id)
+    return {"gate": decision.to_dict(), "passed": decision.decision == "scale", "strict_qc": plan.strict_qc,
             "metrics": metrics, "thresholds": th.model_dump(),
-            "counts": {**total, "near_duplicates_across_shards": cross_dups, "rows": len(kept), "requested": plan["config"]["count"],
+            "counts": {**total, "near_duplicates_across_shards": cross_dups, "rows": len(kept), "requested": plan.config.count,
                        "rejected": len(rejected), "shards": len(manifests)},
             "rejected_by_reason": by_reason, "critic_dev": critic_dev,
             "observed_delimiters": qc.observed_delimiters([c["raw"] for c in completions])}
 
 
-def session_manifest(plan: dict[str, Any], *, run_id: str, started: str, manifests: list[dict[str, Any]],
+def session_manifest(plan: ScalePlan, *, run_id: str, started: str, manifests: list[dict[str, Any]],
                      computed: list[int], summary: dict[str, Any], exit_code: int,
                      timings: dict[str, Any]) -> dict[str, Any]:
     """session_manifest.json of a scale run (artifacts are added by the caller, after README.md)."""
     from stage1_core.model import loaded_fingerprint
 
-    cfg = plan["config"]
+    cfg = plan.config
     gpu_all = round(sum(m["gpu_seconds"] for m in manifests), 3)
     gpu_now = round(sum(m["gpu_seconds"] for m in manifests if m["shard"] in computed), 3)
-    price = cfg.get("gpu_hour_usd")
+    price = cfg.gpu_hour_usd
     tokens = {k: sum(m["tokens"][k] for m in manifests) for k in ("instructions", "responses", "total")}
     return {
         "run_id": run_id, "kind": "scale", "started": started, "finished": provenance.utc_now(),
-        "qc": {"passed": summary["passed"], "decision": summary["gate"], "strict_qc": plan["strict_qc"]},
-        "exit_code": exit_code, "forced": plan["forced"], "pilot": plan.get("pilot"),
-        "seeds": plan["seeds"], "model": {**plan["model"], **(loaded_fingerprint(cfg["model"]) or {})},
-        "identity": plan["identity"], "config_hash": plan["config_hash"],
+        "qc": {"passed": summary["passed"], "decision": summary["gate"], "strict_qc": plan.strict_qc},
+        "exit_code": exit_code, "forced": plan.forced, "pilot": plan.pilot and plan.pilot.model_dump(),
+        "seeds": plan.seeds.model_dump(),
+        "model": {**plan.model.model_dump(), **(loaded_fingerprint(cfg.model.model_dump(mode="json")) or {})},
+        "identity": plan.identity.model_dump(), "config_hash": plan.config_hash,
         "environment": provenance.environment_info(), "git": provenance.git_info(run.REPO_DIR),
         "shards": [{"shard": m["shard"], "seed": m["shard_seed"], "size": m["size"], "rows": m["rows"],
                     "sha256": m["files"]["data"]["sha256"], "run_id": m["run_id"], "computed_in_this_run": m["shard"] in computed,

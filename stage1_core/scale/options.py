@@ -11,7 +11,7 @@ from pydantic.fields import FieldInfo
 
 from stage1_core.infra.config import PilotConfig, StrictModel
 from stage1_core.infra.options import RunKey, config_field, from_config, opt
-from stage1_core.scale.plan import ScaleSettings
+from stage1_core.scale.settings import ScaleSettings
 
 
 def _field(key: str) -> FieldInfo:

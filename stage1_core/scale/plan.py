@@ -21,13 +21,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from stage1_core.phases import pipeline, run
+from stage1_core.phases.plans import FileRef, ModelRecord, RunIdentity, RunMeta, SeedsSummary
 from stage1_core.infra import jsonl, provenance, storage
 from stage1_core.scale import shards
-from stage1_core.infra.config import (DEFAULT_PILOT_CONFIG, PilotConfig, StrictModel, load_pilot_config,
-                                      validate_pilot_config)
+from stage1_core.scale.options import ScaleOptions
+from stage1_core.scale.settings import (PilotMeasured, PilotSource, ScalePlan, ScaleRunConfig, ScaleSettings,
+                                        ShardSpec)
+from stage1_core.infra.config import DEFAULT_PILOT_CONFIG, load_pilot_config, validate_pilot_config
 from stage1_core.infra.settings import deep_merge, read_yaml_mapping
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
@@ -38,26 +41,13 @@ from stage1_core.phases.seeds import load_seeds, require_usable
 # so a resume may change them.
 OPERATIONAL = ("gpu_hour_usd", "scale.shard_timeout_s", "scale.max_parallel_shards", "scale.tokens_per_gpu_second",
                "scale.shard_retries")
-SCALE_FLAGS = {"shard_size": "--shard-size", "shard_timeout_s": "--shard-timeout-s", "shard_retries": "--shard-retries"}
+SCALE_FLAGS: dict[str, str] = {f.json_schema_extra["config_key"].removeprefix("scale."): f.json_schema_extra["flag"]  # type: ignore[index]
+                               for f in ScaleOptions.model_fields.values()
+                               if str((f.json_schema_extra or {}).get("config_key", "")).startswith("scale.")}
+"""`scale:` key -> the flag that sets it (from ScaleOptions): an override's error says "correct --shard-size"."""
 # Dry-run assumptions without a pilot to measure them (as the pilot's dry run): list items per prompt,
 # instruction and pair acceptance.
 ITEMS_PER_LIST, INSTRUCTION_ACCEPTANCE, PAIR_ACCEPTANCE = 4, 0.5, 0.5
-
-
-class ScaleSettings(StrictModel):
-    """The `scale:` section of a scale run's config.yaml (everything else is the pilot schema)."""
-
-    shard_size: int = Field(default=500, gt=0, le=1_000_000, description="kept pairs per shard")
-    max_rounds_per_shard: int = Field(default=100, gt=0, description="instruction rounds a shard may use")
-    shard_timeout_s: float = Field(default=14400.0, gt=0, description="wait for one stage1/scale-shard run")
-    max_parallel_shards: int = Field(default=8, gt=0, description="shard runs in flight under a deployment")
-    shard_retries: int = Field(default=2, ge=0, le=10, description="under a deployment: times a lost shard run "
-                               "(crashed, silent, failed by infrastructure) is started again (stage1_core.scale.retry)")
-    minhash_num_perm: int = Field(default=256, ge=16, le=1024)
-    minhash_threshold: float = Field(default=0.2, gt=0.0, lt=1.0, description="Jaccard threshold of the LSH candidates")
-    tokens_per_gpu_second: float = Field(default=1000.0, gt=0, description="dry-run throughput without a pilot measurement")
-    measure_critic_dev: bool = Field(default=True, description="measure the critic on the shipped dev set in shard 0 "
-                                     "(with --from-pilot the pilot's measurement is reused instead)")
 
 
 def shard_seed(run_seed: int, index: int) -> int:
@@ -72,13 +62,13 @@ def shard_sizes(count: int, shard_size: int) -> list[int]:
 
 
 # -- settings ------------------------------------------------------------------------------------
-def read_pilot(pilot_dir: str | Path, force: bool = False) -> dict[str, Any]:
+def read_pilot(pilot_dir: str | Path, force: bool = False) -> tuple[PilotSource, dict[str, Any], str]:
     """The settings a finished pilot ended with, and its gate decision.
 
     Returns:
-        {path, decision (the gate object), forced, run_id, config_hash, config (the pilot's config.yaml
-        with instruction_generation and response_generation replaced by the final iteration's), config_path, critic_dev (its
-        dev-set measurement, or None), measured (kept pairs, tokens, GPU-seconds for estimates)}.
+        (the pilot: path, gate, forced, run id, config hash, its critic dev-set measurement and what it
+        measured for estimates; its config.yaml with instruction_generation and response_generation
+        replaced by the final iteration's, still to be validated; that file's path).
     Raises:
         InputError: not a finished pilot folder, or its gate did not say scale (unless `force`).
     """
@@ -109,11 +99,12 @@ def read_pilot(pilot_dir: str | Path, force: bool = False) -> dict[str, Any]:
     except (OSError, ValueError, AttributeError):
         critic_dev = None
     pairs_kept = next((a["rows"] for a in manifest.get("artifacts", []) if Path(a["path"]).name == "pilot_data.jsonl"), None)
-    return {"path": str(d.resolve()), "decision": decision, "forced": decision.get("decision") != "scale",
-            "run_id": manifest.get("run_id"), "config_hash": manifest.get("config_hash"), "config": data,
-            "config_path": str(config_path), "critic_dev": critic_dev,
-            "measured": {"pairs_kept": pairs_kept, "tokens_total": (manifest.get("tokens") or {}).get("total"),
-                         "gpu_seconds": manifest.get("gpu_seconds"), "device": (manifest.get("model") or {}).get("device")}}
+    measured = PilotMeasured(pairs_kept=pairs_kept, tokens_total=(manifest.get("tokens") or {}).get("total"),
+                             gpu_seconds=manifest.get("gpu_seconds"), device=(manifest.get("model") or {}).get("device"))
+    source = PilotSource(path=str(d.resolve()), decision=decision, forced=decision.get("decision") != "scale",
+                         run_id=manifest.get("run_id"), config_hash=manifest.get("config_hash"), critic_dev=critic_dev,
+                         measured=measured)
+    return source, data, str(config_path)
 
 
 def _scale_settings(section: Any, over: dict[str, Any], source: str) -> ScaleSettings:
@@ -133,10 +124,12 @@ def _scale_settings(section: Any, over: dict[str, Any], source: str) -> ScaleSet
                          expected="see docs/scale.md", fix=f"correct {flag}" if from_cli and flag else "correct the value") from None
 
 
-def load_scale_config(*, config: str | None, pilot: dict[str, Any] | None, overrides: dict[str, Any],
-                      scale_over: dict[str, Any]) -> dict[str, Any]:
+def load_scale_config(*, config: str | None, pilot: tuple[dict[str, Any], str] | None, overrides: dict[str, Any],
+                      scale_over: dict[str, Any]) -> ScaleRunConfig:
     """configs/pilot.yaml <- (the pilot's final settings | --config FILE) <- flags, validated.
 
+    Args:
+        pilot: the pilot's final settings and its config.yaml's path (`read_pilot`), or None.
     Returns:
         The resolved config: the pilot schema plus a `scale` section (ScaleSettings).
     Raises:
@@ -145,7 +138,7 @@ def load_scale_config(*, config: str | None, pilot: dict[str, Any] | None, overr
     data: dict[str, Any] = {}
     source, node = "command line", None
     if pilot is not None:
-        data, source = dict(pilot["config"]), pilot["config_path"]
+        data, source = dict(pilot[0]), pilot[1]
     elif config is not None:
         data, node = read_yaml_mapping(Path(config))
         source = str(config)
@@ -156,12 +149,12 @@ def load_scale_config(*, config: str | None, pilot: dict[str, Any] | None, overr
     cfg = load_pilot_config(None, deep_merge(data, overrides), flags=CONFIG_FLAGS)
     if cfg.seeds_path and not Path(cfg.seeds_path).is_absolute():
         cfg.seeds_path = str(Path(cfg.seeds_path).resolve())  # shard runs may start elsewhere
-    return {**cfg.model_dump(mode="json"), "scale": _scale_settings(section, scale_over, source).model_dump(mode="json")}
+    return ScaleRunConfig.model_construct(**dict(cfg), scale=_scale_settings(section, scale_over, source))
 
 
-def identity_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config without its OPERATIONAL settings: what the run identity hashes."""
-    out = {**cfg, "scale": dict(cfg["scale"])}
+def identity_config(cfg: ScaleRunConfig) -> dict[str, Any]:
+    """The config (as JSON) without its OPERATIONAL settings: what the run identity hashes."""
+    out = cfg.model_dump(mode="json")
     for dotted in OPERATIONAL:
         head, _, tail = dotted.partition(".")
         (out[head].pop(tail, None) if tail else out.pop(head, None))
@@ -173,7 +166,7 @@ def prepare_scale(*, output: str, config: str | None = None, from_pilot: str | N
                   shard_size: int | None = None, seed: int | None = None, seeds: str | None = None,
                   model: str | None = None, bos_policy: str | None = None, allow_pickle: bool | None = None,
                   gpu_hour_usd: float | None = None, shard_timeout_s: float | None = None,
-                  shard_retries: int | None = None) -> dict[str, Any]:
+                  shard_retries: int | None = None) -> ScalePlan:
     """Validate everything and return the scale plan. Writes nothing, loads no model.
 
     Raises:
@@ -193,7 +186,7 @@ def prepare_scale(*, output: str, config: str | None = None, from_pilot: str | N
             raise InputError("--count is required with --from-pilot (the pilot's count is its sample size)",
                              field="--count", expected="the number of examples to generate, e.g. 15000",
                              fix="pass --count N")
-        pilot = read_pilot(from_pilot, force)
+        pilot, pilot_config, pilot_config_path = read_pilot(from_pilot, force)
     elif count is None and config is None:
         raise InputError("--count is required", field="--count", expected="the number of examples, e.g. 15000",
                          fix="pass --count N (or --config with a scale run's config.yaml)")
@@ -201,36 +194,33 @@ def prepare_scale(*, output: str, config: str | None = None, from_pilot: str | N
                                allow_pickle=allow_pickle)
     if gpu_hour_usd is not None:
         over["gpu_hour_usd"] = gpu_hour_usd
-    cfg = load_scale_config(config=config, pilot=pilot, overrides=over,
+    cfg = load_scale_config(config=config, pilot=(pilot_config, pilot_config_path) if pilot else None, overrides=over,
                             scale_over={"shard_size": shard_size, "shard_timeout_s": shard_timeout_s,
                                         "shard_retries": shard_retries})
-    pcfg = PilotConfig.model_validate({k: v for k, v in cfg.items() if k != "scale"})
-    seedset = load_seeds(pcfg.seeds_path)
-    require_usable(seedset, pcfg.instruction_generation.few_shot_k)
-    resolve_model(pcfg.model)
-    fingerprint = model_fingerprint(pcfg.model)
+    seedset = load_seeds(cfg.seeds_path)
+    require_usable(seedset, cfg.instruction_generation.few_shot_k)
+    resolve_model(cfg.model)
+    model = ModelRecord.model_validate(model_fingerprint(cfg.model))
     config_hash = storage.sha256_text(storage.canonical_json(identity_config(cfg)))
-    identity = {"config_sha256": config_hash, "seeds_sha256": seedset.sha256,
-                "model_weights_sha256": fingerprint["weights_sha256"]}
-    folder = _check_folder(output, identity, overwrite)
-    sizes = shard_sizes(pcfg.count, cfg["scale"]["shard_size"])
-    return {"kind": "scale", "config": cfg, "config_hash": config_hash, "output": folder["path"],
-            "folder_state": folder["state"], "seeds": seedset.summary(), "model": fingerprint, "identity": identity,
-            "config_source": str(config) if config else None, "strict_qc": strict_qc,
-            "pilot": pilot and {k: v for k, v in pilot.items() if k not in ("config", "config_path")},
-            "forced": bool(pilot and pilot["forced"]),
-            "shards": [{"index": i, "seed": shard_seed(pcfg.seed, i), "size": n} for i, n in enumerate(sizes)]}
+    identity = RunIdentity(config_sha256=config_hash, seeds_sha256=seedset.sha256, model_weights_sha256=model.weights_sha256)
+    path, state = _check_folder(output, identity, overwrite)
+    sizes = shard_sizes(cfg.count, cfg.scale.shard_size)
+    return ScalePlan(config=cfg, config_hash=config_hash, output=path, folder_state=state,
+                     seeds=SeedsSummary.model_validate(seedset.summary()), model=model, identity=identity,
+                     config_source=str(config) if config else None, strict_qc=strict_qc, pilot=pilot,
+                     forced=bool(pilot and pilot.forced),
+                     shards=[ShardSpec(index=i, seed=shard_seed(cfg.seed, i), size=n) for i, n in enumerate(sizes)])
 
 
-def _check_folder(output: str, identity: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+def _check_folder(output: str, identity: RunIdentity, overwrite: bool) -> tuple[str, run.FolderState]:
     """The pilot's folder rules; a folder holding nothing but a lock file counts as new."""
     path = Path(output)
     if path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= {LOCK_NAME}:
-        return {"path": str(path.resolve()), "state": "new"}
+        return str(path.resolve()), "new"
     return run.check_output_dir(output, identity, overwrite)
 
 
-def claim(plan: dict[str, Any], run_id: str) -> list[int]:
+def claim(plan: ScalePlan, run_id: str) -> list[int]:
     """Claim the folder (as the pilot does) and tidy the scratch folders of shards that are done.
 
     Returns:
@@ -238,20 +228,20 @@ def claim(plan: dict[str, Any], run_id: str) -> list[int]:
     """
     run.claim_output(plan, run_id)
     done = []
-    for s in plan["shards"]:
-        if shards.valid_manifest(plan["output"], plan, s["index"]) is not None:
-            done.append(s["index"])
-            shutil.rmtree(shards.paths(plan["output"], s["index"])["work"], ignore_errors=True)
+    for s in plan.shards:
+        if shards.valid_manifest(plan.output, plan, s.index) is not None:
+            done.append(s.index)
+            shutil.rmtree(shards.paths(plan.output, s.index)["work"], ignore_errors=True)
     return done
 
 
-def pending_shards(plan: dict[str, Any]) -> list[int]:
+def pending_shards(plan: ScalePlan) -> list[int]:
     """The indices of the shards not yet complete on disk (read-only: nothing is created or tidied).
     A run with none pending needs no model (only the merge is left)."""
-    return [s["index"] for s in plan["shards"] if shards.valid_manifest(plan["output"], plan, s["index"]) is None]
+    return [s.index for s in plan.shards if shards.valid_manifest(plan.output, plan, s.index) is None]
 
 
-def load_model_if_needed(plan: dict[str, Any], only: int | None = None) -> dict[str, Any] | None:
+def load_model_if_needed(plan: ScalePlan, only: int | None = None) -> dict[str, Any] | None:
     """Load and check the model (`run.load_model`, cached per process) when a shard still has to be
     computed in this process: any shard of the plan, or shard `only`. Call it before anything is
     written; returns the loaded fingerprint, or None when nothing is left to compute.
@@ -266,7 +256,7 @@ def load_model_if_needed(plan: dict[str, Any], only: int | None = None) -> dict[
 
 
 # -- one shard -------------------------------------------------------------------------------------
-def compute_shard(plan: dict[str, Any], index: int, run_id: str,
+def compute_shard(plan: ScalePlan, index: int, run_id: str,
                   attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Compute shard `index` from scratch unless it is already complete; returns its manifest.
 
@@ -275,7 +265,7 @@ def compute_shard(plan: dict[str, Any], index: int, run_id: str,
     Raises:
         LockedError: another process is computing this shard.
     """
-    out = Path(plan["output"])
+    out = Path(plan.output)
     p = shards.paths(out, index)
     with hold_lock(p["lock"], what=f"shard {index} in"):
         done = shards.valid_manifest(out, plan, index)
@@ -287,15 +277,15 @@ def compute_shard(plan: dict[str, Any], index: int, run_id: str,
         return manifest
 
 
-def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+def _compute(plan: ScalePlan, index: int, run_id: str, work: Path, attempts: list[dict[str, Any]]) -> dict[str, Any]:
     from stage1_core.model import loaded_fingerprint
 
     t0 = time.perf_counter()
-    cfg, info = plan["config"], plan["shards"][index]
-    size, prefix = info["size"], f"s{index:05d}-"
-    work_plan = {**plan, "output": str(work), "config": {**cfg, "seed": info["seed"]}}
-    meta = {"run_id": run_id}
-    kept_pool: dict[str, Any] | None = None
+    cfg, info = plan.config, plan.shards[index]
+    size, prefix = info.size, f"s{index:05d}-"
+    work_plan = plan.model_copy(update={"output": str(work), "config": cfg.model_copy(update={"seed": info.seed})})
+    meta = RunMeta(run_id=run_id)
+    kept_pool: FileRef | None = None
     unanswered: list[dict[str, Any]] = []
     pairs: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
@@ -305,54 +295,54 @@ def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path, attempts
     critic_dev = None
     # The critic's dev-set accuracy is the same in every shard: measured once, in shard 0, unless the
     # pilot (same model, same critic settings) already measured it.
-    measure_dev = index == 0 and cfg["scale"]["measure_critic_dev"] and not (plan.get("pilot") or {}).get("critic_dev")
+    measure_dev = index == 0 and cfg.scale.measure_critic_dev and not (plan.pilot and plan.pilot.critic_dev)
     while len(pairs) < size:
         if not unanswered:
-            if counts["rounds"] >= cfg["scale"]["max_rounds_per_shard"]:
+            if counts["rounds"] >= cfg.scale.max_rounds_per_shard:
                 break
             counts["rounds"] += 1
             rnd = counts["rounds"]
             g = pipeline.run_phase(run.make_call(work_plan, "generate_instructions", meta=meta, round=rnd,
-                                                 inputs=run.instruction_inputs(work_plan["config"]["instruction_generation"], kept_pool)))
+                                                 inputs=run.instruction_inputs(cfg.instruction_generation, kept_pool)))
             f = pipeline.run_phase(run.make_call(work_plan, "filter_instructions", meta=meta, round=rnd, inputs={
-                "generated": g["outputs"]["generated"], "kept_before": kept_pool}))
-            kept_pool = f["outputs"]["kept"]
-            unanswered = jsonl.read_rows(kept_pool["path"])[counts["instructions_kept"]:]
-            counts["instructions_kept"] = f["kept_total"]
-            counts["instructions_generated"] += g["generated"]
-            tokens["instructions"] += g["tokens"]
-            rejected += jsonl.read_rows(f["outputs"]["rejected"]["path"])
+                "generated": g.outputs["generated"], "kept_before": kept_pool}))
+            kept_pool = f.outputs["kept"]
+            unanswered = jsonl.read_rows(kept_pool.path)[counts["instructions_kept"]:]
+            counts["instructions_kept"] = f.kept_total
+            counts["instructions_generated"] += g.generated
+            tokens["instructions"] += g.tokens
+            rejected += jsonl.read_rows(f.outputs["rejected"].path)
             continue
         counts["batches"] += 1
         batch = counts["batches"]
         todo, unanswered = unanswered[: size - len(pairs)], unanswered[size - len(pairs):]
         todo_path = work / "iterations" / f"{batch:02d}" / "todo.jsonl"
         storage.write_jsonl_atomic(todo_path, todo)
-        batch_plan = {**work_plan, "config": {**work_plan["config"], "count": len(todo)}}
+        batch_plan = work_plan.model_copy(update={"config": work_plan.config.model_copy(update={"count": len(todo)})})
         r = pipeline.run_phase(run.make_call(batch_plan, "generate_responses", meta=meta, iteration=batch,
-                                             inputs={"kept": storage.file_manifest(todo_path, len(todo))}))
+                                             inputs={"kept": FileRef.of(todo_path, len(todo))}))
         pf = pipeline.run_phase(run.make_call(batch_plan, "filter_pairs", meta=meta, iteration=batch,
-                                              inputs={"responses": r["outputs"]["responses"]},
-                                              extra={"measure_dev": measure_dev and batch == 1}))
-        critic_dev = critic_dev or pf.get("critic_dev")
-        responses = jsonl.read_rows(r["outputs"]["responses"]["path"])
+                                              inputs={"responses": r.outputs["responses"]},
+                                              measure_dev=measure_dev and batch == 1))
+        critic_dev = critic_dev or pf.critic_dev
+        responses = jsonl.read_rows(r.outputs["responses"].path)
         counts["pairs_generated"] += len(responses)
-        tokens["responses"] += r["tokens"]
+        tokens["responses"] += r.tokens
         completions += [{"id": x["id"], "raw": x["raw"], "stop_reason": x["stop_reason"],
                          "completion_tokens": x["completion_tokens"]} for x in responses]
-        pairs += jsonl.read_rows(pf["outputs"]["kept"]["path"])
-        rejected += jsonl.read_rows(pf["outputs"]["rejected"]["path"])
+        pairs += jsonl.read_rows(pf.outputs["kept"].path)
+        rejected += jsonl.read_rows(pf.outputs["rejected"].path)
     rejected += [{"phase": "instruction_filter", "id": k["id"], "instruction": k["instruction"],
                   "reason": "surplus_over_count"} for k in unanswered]
-    base = {"run_id": run_id, "git_sha": provenance.git_info(run.REPO_DIR)["sha"], "config_hash": plan["config_hash"],
-            "model": {"id": plan["model"]["id"], "weights_sha256": plan["model"]["weights_sha256"]},
-            "seed": cfg["seed"], "shard": index, "shard_seed": info["seed"],
-            "generation": run.generation_record(cfg["instruction_generation"], cfg["response_generation"])}
+    base = {"run_id": run_id, "git_sha": provenance.git_info(run.REPO_DIR)["sha"], "config_hash": plan.config_hash,
+            "model": {"id": plan.model.id, "weights_sha256": plan.model.weights_sha256},
+            "seed": cfg.seed, "shard": index, "shard_seed": info.seed,
+            "generation": run.generation_record(cfg.instruction_generation, cfg.response_generation)}
     rows = [pipeline.data_row({**x, "id": prefix + x["id"]}, base) for x in pairs]
     for x in (*rejected, *completions):
         x["id"] = prefix + x["id"]
     seconds = round(time.perf_counter() - t0, 3)
-    device = str((loaded_fingerprint(cfg["model"]) or {}).get("device", "cpu"))
+    device = str((loaded_fingerprint(cfg.model.model_dump(mode="json")) or {}).get("device", "cpu"))
     info_out = {**shards.expected(plan, index), "run_id": run_id, "created": provenance.utc_now(),
                 "rows": len(rows), "seconds": seconds, "device": device,
                 "gpu_seconds": seconds if device.startswith("cuda") else 0.0,
@@ -360,7 +350,7 @@ def _compute(plan: dict[str, Any], index: int, run_id: str, work: Path, attempts
                 "tokens": {**tokens, "total": tokens["instructions"] + tokens["responses"]},
                 "counts": {**counts, "pairs_kept": len(rows), "rejected": len(rejected)},
                 "rejected_by_reason": pipeline.count_reasons(rejected), "critic_dev": critic_dev, "attempts": attempts}
-    return shards.write(plan["output"], index, rows, rejected, completions, info_out)
+    return shards.write(plan.output, index, rows, rejected, completions, info_out)
 
 
 def shard_log_line(manifest: dict[str, Any], done: int, total: int, computed: bool) -> str:
@@ -374,62 +364,62 @@ def shard_log_line(manifest: dict[str, Any], done: int, total: int, computed: bo
 
 
 # -- estimates -------------------------------------------------------------------------------------
-def estimate(plan: dict[str, Any]) -> dict[str, Any]:
+def estimate(plan: ScalePlan) -> dict[str, Any]:
     """Expected tokens, GPU-seconds and cost of the whole run (the dry-run plan).
 
     Per kept pair: the pilot's measured tokens and GPU-seconds when scaling from a pilot that has
     them, else the pilot dry run's assumptions with every completion at its token limit and
     `scale.tokens_per_gpu_second`.
     """
-    cfg, sc = plan["config"], plan["config"]["scale"]
-    measured = (plan.get("pilot") or {}).get("measured") or {}
-    pairs = measured.get("pairs_kept") or 0
-    if pairs and measured.get("tokens_total"):
-        per_pair, basis = measured["tokens_total"] / pairs, f"measured in the pilot ({pairs} kept pairs)"
+    cfg, sc = plan.config, plan.config.scale
+    measured = plan.pilot.measured if plan.pilot else PilotMeasured()
+    pairs = measured.pairs_kept or 0
+    if pairs and measured.tokens_total:
+        per_pair, basis = measured.tokens_total / pairs, f"measured in the pilot ({pairs} kept pairs)"
     else:
-        ig, rg = cfg["instruction_generation"], cfg["response_generation"]
-        per_instruction = ig["max_new_tokens"] / (ITEMS_PER_LIST * INSTRUCTION_ACCEPTANCE)
-        per_pair = (per_instruction + rg["max_new_tokens"]) / PAIR_ACCEPTANCE
+        ig, rg = cfg.instruction_generation, cfg.response_generation
+        per_instruction = ig.max_new_tokens / (ITEMS_PER_LIST * INSTRUCTION_ACCEPTANCE)
+        per_pair = (per_instruction + rg.max_new_tokens) / PAIR_ACCEPTANCE
         basis = (f"assumed: {ITEMS_PER_LIST} instructions per list, {INSTRUCTION_ACCEPTANCE:.0%} kept, "
                  f"{PAIR_ACCEPTANCE:.0%} of pairs kept, completions at their token limit")
-    tokens = math.ceil(cfg["count"] * per_pair)
-    if pairs and measured.get("gpu_seconds"):
-        gpu_s, gbasis = cfg["count"] * measured["gpu_seconds"] / pairs, "the pilot's measured GPU-seconds per kept pair"
+    tokens = math.ceil(cfg.count * per_pair)
+    if pairs and measured.gpu_seconds:
+        gpu_s, gbasis = cfg.count * measured.gpu_seconds / pairs, "the pilot's measured GPU-seconds per kept pair"
     else:
-        gpu_s, gbasis = tokens / sc["tokens_per_gpu_second"], f"{sc['tokens_per_gpu_second']:g} tokens per GPU-second"
-    price = cfg.get("gpu_hour_usd")
+        gpu_s, gbasis = tokens / sc.tokens_per_gpu_second, f"{sc.tokens_per_gpu_second:g} tokens per GPU-second"
+    price = cfg.gpu_hour_usd
     return {"tokens": tokens, "tokens_per_pair": round(per_pair, 1), "tokens_basis": basis,
             "gpu_seconds": round(gpu_s, 1), "gpu_seconds_basis": gbasis, "gpu_hour_usd": price,
             "cost_usd": round(gpu_s / 3600 * price, 2) if price is not None else None}
 
 
-def dry_run_text(plan: dict[str, Any]) -> str:
+def dry_run_text(plan: ScalePlan) -> str:
     """The plan printed by --dry-run: shards, expected tokens, GPU time and cost."""
-    cfg, sc, sh = plan["config"], plan["config"]["scale"], plan["shards"]
+    cfg, sc, sh = plan.config, plan.config.scale, plan.shards
     est = estimate(plan)
-    done = [s["index"] for s in sh if shards.valid_manifest(plan["output"], plan, s["index"]) is not None] \
-        if plan["folder_state"] == "resume" else []
-    source = (f"pilot {plan['pilot']['path']} (gate {plan['pilot']['decision']['decision']}"
-              f"{', forced' if plan['forced'] else ''})") if plan.get("pilot") else (plan["config_source"] or "configs/pilot.yaml")
+    done = [s.index for s in sh if shards.valid_manifest(plan.output, plan, s.index) is not None] \
+        if plan.folder_state == "resume" else []
+    source = (f"pilot {plan.pilot.path} (gate {plan.pilot.decision['decision']}"
+              f"{', forced' if plan.forced else ''})") if plan.pilot else (plan.config_source or "configs/pilot.yaml")
     listed = sh if len(sh) <= 6 else [*sh[:3], None, *sh[-2:]]
     lines = [
         "stage1 scale — dry run (nothing loaded, nothing written)",
-        f"  output:    {plan['output']} ({plan['folder_state']})",
-        f"  model:     {plan['model']['id']} (weights sha256 {plan['model']['weights_sha256'][:16]}…)",
-        f"  seeds:     {plan['seeds']['path']} ({plan['seeds']['count']} seeds, {plan['seeds']['usable']} usable)",
+        f"  output:    {plan.output} ({plan.folder_state})",
+        f"  model:     {plan.model.id} (weights sha256 {plan.model.weights_sha256[:16]}…)",
+        f"  seeds:     {plan.seeds.path} ({plan.seeds.count} seeds, {plan.seeds.usable} usable)",
         f"  settings:  {source}",
-        f"  count:     {cfg['count']} examples in {len(sh)} shards of {sc['shard_size']} (last {sh[-1]['size']}), "
-        f"run seed {cfg['seed']}",
+        f"  count:     {cfg.count} examples in {len(sh)} shards of {sc.shard_size} (last {sh[-1].size}), "
+        f"run seed {cfg.seed}",
         f"  done:      {len(done)} of {len(sh)} shards complete" + (" (they are not recomputed)" if done else ""),
         "  shards:",
-        *[f"    {shards.stem(s['index'])}  seed {s['seed']:>10}  {s['size']} examples"
-          + ("  done" if s["index"] in done else "") if s else "    …" for s in listed],
+        *[f"    {shards.stem(s.index)}  seed {s.seed:>10}  {s.size} examples"
+          + ("  done" if s.index in done else "") if s else "    …" for s in listed],
         f"  tokens:    ≈ {est['tokens']:,} generated ({est['tokens_per_pair']} per kept pair; {est['tokens_basis']})",
         f"  GPU time:  ≈ {est['gpu_seconds'] / 3600:.2f} GPU-hours ({est['gpu_seconds_basis']})",
         "  cost:      " + (f"≈ ${est['cost_usd']:,.2f} at ${est['gpu_hour_usd']:g}/GPU-hour" if est["cost_usd"] is not None
                            else "set --gpu-hour-usd (or gpu_hour_usd in the config) for a cost estimate"),
         "  merge:     MinHash-LSH candidates confirmed by ROUGE-L ≥ "
-        f"{cfg['instruction_filter']['rouge_threshold']} across shards; keeps the lowest (shard, row)",
+        f"{cfg.instruction_filter.rouge_threshold} across shards; keeps the lowest (shard, row)",
     ]
     return "\n".join(lines)
 
@@ -440,14 +430,14 @@ def seed_from_time(t: datetime) -> int:
     return int(t.timestamp())
 
 
-def collect_manifests(plan: dict[str, Any]) -> list[dict[str, Any]]:
+def collect_manifests(plan: ScalePlan) -> list[dict[str, Any]]:
     """The valid manifest of every shard, in shard order (checked on disk, whatever ran them).
 
     Raises:
         RuntimeError: some shards are not complete (names them; rerunning the command resumes).
     """
-    found = [shards.valid_manifest(plan["output"], plan, s["index"]) for s in plan["shards"]]
-    missing = [s["index"] for s, m in zip(plan["shards"], found) if m is None]
+    found = [shards.valid_manifest(plan.output, plan, s.index) for s in plan.shards]
+    missing = [s.index for s, m in zip(plan.shards, found) if m is None]
     if missing:
         names = ", ".join(shards.stem(i) for i in missing[:10]) + (" …" if len(missing) > 10 else "")
         raise RuntimeError(f"{len(missing)} of {len(found)} shards are not complete ({names}); rerun the same "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stage1_core.infra import faults, jsonl, provenance, storage
+from stage1_core.scale.settings import ScalePlan
 
 SHARDS_DIR = "shards"
 FILES = ("data", "rejected", "completions")
@@ -39,10 +40,10 @@ def paths(out: str | Path, index: int) -> dict[str, Path]:
             "lock": base.with_name(f"{base.name}.lock")}
 
 
-def expected(plan: dict[str, Any], index: int) -> dict[str, Any]:
+def expected(plan: ScalePlan, index: int) -> dict[str, Any]:
     """What a valid manifest of shard `index` must record for this plan."""
-    shard = plan["shards"][index]
-    return {"shard": index, "shard_seed": shard["seed"], "size": shard["size"], "identity": plan["identity"]}
+    shard = plan.shards[index]
+    return {"shard": index, "shard_seed": shard.seed, "size": shard.size, "identity": plan.identity.model_dump()}
 
 
 def this_attempt(attempt: int, **extra: Any) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def write(out: str | Path, index: int, rows: list[dict[str, Any]], rejected: lis
     return manifest
 
 
-def valid_manifest(out: str | Path, plan: dict[str, Any], index: int) -> dict[str, Any] | None:
+def valid_manifest(out: str | Path, plan: ScalePlan, index: int) -> dict[str, Any] | None:
     """The manifest of shard `index` if the shard is complete for this plan, else None.
 
     Complete: the manifest parses, records the expected identity, index, seed and size, and every

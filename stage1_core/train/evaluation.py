@@ -40,6 +40,7 @@ from stage1_core.infra.config import CONFIGS_DIR, ModelConfig, StrictModel, mode
 from stage1_core.infra.settings import input_error, load_settings
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.schemas import Completion, GenerationParams
+from stage1_core.phases.plans import FolderState, ModelRecord, Record
 
 DEFAULT_EVAL_CONFIG = CONFIGS_DIR / "eval.yaml"
 REPORT = "eval_report.json"
@@ -94,6 +95,49 @@ class EvalSettings(StrictModel):
     reference: str | None = None
     bootstrap_samples: int = Field(default=2000, ge=100, le=100_000)
     judge: JudgeSettings
+
+
+class EvalIdentity(Record):
+    """What makes two eval runs the same run (a folder of another identity is not resumed)."""
+
+    adapter_sha256: str
+    prompts_sha256: str
+    reference_sha256: str
+    eval_config_sha256: str
+    model_weights_sha256: str
+    judge_weights_sha256: str
+
+
+class TrainingRecord(Record):
+    """The adapter's training, as its training_summary.json records it (None where it does not)."""
+
+    steps: int | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    git_sha: str | None = None
+    seed: int | None = None
+
+
+class EvalPlan(Record):
+    """A validated eval run (`prepare_eval`): nothing is written and no model is loaded to make one."""
+
+    adapter: str
+    training: TrainingRecord
+    settings: EvalSettings
+    base_model: ModelConfig
+    model: ModelRecord
+    judge_config: ModelConfig
+    judge_model: ModelRecord
+    judge_is_base: bool
+    prompts: str
+    n_prompts: int
+    n_checked: int
+    n_instructions: int
+    reference: str
+    n_reference: int
+    identity: EvalIdentity
+    output: str
+    folder_state: FolderState
 
 
 def load_eval_config(config: str | Path | None = None) -> EvalSettings:
@@ -162,7 +206,7 @@ def check_dequantized(trained: dict[str, Any], current: dict[str, Any] | None, *
 
 
 def prepare_eval(*, adapter: str, output: str, prompts: str | None = None, config: str | None = None,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False) -> EvalPlan:
     """Validate the adapter folder, prompts, reference set, config, base and judge models and output
     folder. Writes nothing, loads no model.
 
@@ -184,57 +228,52 @@ def prepare_eval(*, adapter: str, output: str, prompts: str | None = None, confi
     cfg = model_with(summary["base_model"]["model_config"], settings.model, "the eval config")
     r = resolve_model(cfg)
     check_quantize(cfg, r)
-    fingerprint = model_fingerprint(cfg)
+    model = ModelRecord.model_validate(model_fingerprint(cfg))
     trained = (summary["base_model"].get("fingerprint") or {}).get("weights_sha256")
-    if trained and fingerprint["weights_sha256"] != trained:
+    if trained and model.weights_sha256 != trained:
         raise InputError("the base model's weights differ from those the adapter was trained on",
                          file=str(Path(adapter) / sft.SUMMARY), field="base_model.fingerprint.weights_sha256",
-                         expected=f"weights with sha256 {trained[:16]}…, found {fingerprint['weights_sha256'][:16]}…",
+                         expected=f"weights with sha256 {trained[:16]}…, found {model.weights_sha256[:16]}…",
                          fix="evaluate with the base model the adapter was trained on")
     check_dequantized(summary["base_model"].get("fingerprint") or {}, cached_dequantized(cfg),
                       file=str(Path(adapter) / sft.SUMMARY))
     jcfg = judge_config(settings, cfg)
     if settings.judge.model is None:
-        jfp = fingerprint
+        judge_model = model
     else:
         check_quantize(jcfg, resolve_model(jcfg))
-        jfp = model_fingerprint(jcfg)
+        judge_model = ModelRecord.model_validate(model_fingerprint(jcfg))
     adapter_sha = storage.sha256_file(Path(adapter) / "adapter_model.safetensors")
     prompts_path = Path(prompts) if prompts else eval_data.SHIPPED_PROMPTS
     reference_path = Path(settings.reference) if settings.reference else eval_data.SHIPPED_REFERENCE
-    dumped = settings.model_dump(mode="json")
-    identity = {"adapter_sha256": adapter_sha, "prompts_sha256": storage.sha256_file(prompts_path),
-                "reference_sha256": storage.sha256_file(reference_path),
-                "eval_config_sha256": storage.sha256_text(storage.canonical_json(dumped)),
-                "model_weights_sha256": fingerprint["weights_sha256"], "judge_weights_sha256": jfp["weights_sha256"]}
-    folder = check_output_dir(output, identity, overwrite)
-    return {"adapter": str(Path(adapter).resolve()), "training": {k: summary.get(k) for k in
-                                                                 ("steps", "train_loss", "eval_loss", "git_sha", "seed")},
-            "settings": dumped, "model_config": cfg.model_dump(mode="json"), "model": fingerprint,
-            "judge_config": jcfg.model_dump(mode="json"), "judge_model": jfp,
-            "judge_is_base": settings.judge.model is None,
-            "prompts": str(prompts_path.resolve()), "n_prompts": len(items),
-            "n_checked": sum(1 for p in items if p.checked),
-            "n_instructions": sum(len(p.instruction_ids) for p in items),
-            "reference": str(reference_path.resolve()),
-            "n_reference": len(reference), "identity": identity, "output": folder["path"],
-            "folder_state": folder["state"]}
+    identity = EvalIdentity(adapter_sha256=adapter_sha, prompts_sha256=storage.sha256_file(prompts_path),
+                            reference_sha256=storage.sha256_file(reference_path),
+                            eval_config_sha256=storage.sha256_text(storage.canonical_json(settings.model_dump(mode="json"))),
+                            model_weights_sha256=model.weights_sha256, judge_weights_sha256=judge_model.weights_sha256)
+    path, state = check_output_dir(output, identity, overwrite)
+    return EvalPlan(adapter=str(Path(adapter).resolve()),
+                    training=TrainingRecord.model_validate({k: summary.get(k) for k in TrainingRecord.model_fields}),
+                    settings=settings, base_model=cfg, model=model, judge_config=jcfg, judge_model=judge_model,
+                    judge_is_base=settings.judge.model is None, prompts=str(prompts_path.resolve()),
+                    n_prompts=len(items), n_checked=sum(1 for p in items if p.checked),
+                    n_instructions=sum(len(p.instruction_ids) for p in items), reference=str(reference_path.resolve()),
+                    n_reference=len(reference), identity=identity, output=path, folder_state=state)
 
 
-def dry_run_text(plan: dict[str, Any]) -> str:
-    s = plan["settings"]
-    judge = "the base model" if plan["judge_is_base"] else plan["judge_config"]["id"]
+def dry_run_text(plan: EvalPlan) -> str:
+    s = plan.settings
+    judge = "the base model" if plan.judge_is_base else plan.judge_config.id
     return "\n".join([
-        f"Eval plan: base {plan['model_config']['id']} vs base + adapter {plan['adapter']}",
-        f"  {plan['n_prompts']} prompts from {plan['prompts']}, zero-shot, greedy; "
-        f"up to {s['max_new_tokens']} new tokens, stops {s['stop_sequences']!r}",
-        f"  {plan['n_checked']} with {plan['n_instructions']} IFEval instructions: up to "
-        f"{s['verifiable']['max_new_tokens']} new tokens; those needing blank lines stop only at "
-        f"{s['verifiable']['multiline_stop_sequences']!r}",
-        f"  perplexity on {plan['n_reference']} reference pairs ({plan['reference']})",
+        f"Eval plan: base {plan.base_model.id} vs base + adapter {plan.adapter}",
+        f"  {plan.n_prompts} prompts from {plan.prompts}, zero-shot, greedy; "
+        f"up to {s.max_new_tokens} new tokens, stops {s.stop_sequences!r}",
+        f"  {plan.n_checked} with {plan.n_instructions} IFEval instructions: up to "
+        f"{s.verifiable.max_new_tokens} new tokens; those needing blank lines stop only at "
+        f"{s.verifiable.multiline_stop_sequences!r}",
+        f"  perplexity on {plan.n_reference} reference pairs ({plan.reference})",
         f"  win rate judged by {judge}, both orders, inconsistent orders are ties; uninformative below "
-        f"position consistency {s['judge']['consistency_floor']}",
-        f"  output: {plan['output']}",
+        f"position consistency {s.judge.consistency_floor}",
+        f"  output: {plan.output}",
     ])
 
 
@@ -260,7 +299,7 @@ def load_tuned(cfg: ModelConfig, adapter_dir: str | Path) -> Any:
     return backend
 
 
-def load_models(plan: dict[str, Any]) -> tuple[Any, Any, Any]:
+def load_models(plan: EvalPlan) -> tuple[Any, Any, Any]:
     """(base, tuned, judge): the base backend (model.load_backend, cached per process), load_tuned,
     and the judge (the base backend itself when judge.model is null, else load_backend of its config).
 
@@ -271,24 +310,24 @@ def load_models(plan: dict[str, Any]) -> tuple[Any, Any, Any]:
     from stage1_core.model import load_backend
     from stage1_core.phases.run import guard_error
 
-    cfg = ModelConfig.model_validate(plan["model_config"])
+    cfg, path = plan.base_model, getattr(plan.model, "path", None)
     try:
         base = load_backend(cfg)
     except ModelGuardError as e:
-        raise guard_error(e, (plan.get("model") or {}).get("path")) from None
-    summary = sft.read_summary(plan["adapter"])  # the folder was just built: its weights are known now
+        raise guard_error(e, path) from None
+    summary = sft.read_summary(plan.adapter)  # the folder was just built: its weights are known now
     check_dequantized(summary["base_model"].get("fingerprint") or {}, base.fingerprint.get("dequantized"),
-                      file=str(Path(plan["adapter"]) / sft.SUMMARY))
+                      file=str(Path(plan.adapter) / sft.SUMMARY))
     try:
-        tuned = load_tuned(cfg, plan["adapter"])
+        tuned = load_tuned(cfg, plan.adapter)
     except ModelGuardError as e:
-        raise guard_error(e, (plan.get("model") or {}).get("path")) from None
-    if plan.get("judge_is_base", True):
+        raise guard_error(e, path) from None
+    if plan.judge_is_base:
         return base, tuned, base
     try:
-        judge = load_backend(ModelConfig.model_validate(plan["judge_config"]))
+        judge = load_backend(plan.judge_config)
     except ModelGuardError as e:
-        raise guard_error(e, (plan.get("judge_model") or {}).get("path")) from None
+        raise guard_error(e, getattr(plan.judge_model, "path", None)) from None
     return base, tuned, judge
 
 
@@ -320,7 +359,7 @@ def generate_all(backend: Any, items: Sequence[eval_data.EvalPrompt], settings: 
     return [c for c in out if c is not None], [k[1] for k in plan]
 
 
-def evaluate(plan: dict[str, Any], *, base: Any = None, tuned: Any = None, judge: Any = None,
+def evaluate(plan: EvalPlan, *, base: Any = None, tuned: Any = None, judge: Any = None,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run the evaluation and write responses.jsonl, eval_report.json and eval_report.md.
 
@@ -336,14 +375,13 @@ def evaluate(plan: dict[str, Any], *, base: Any = None, tuned: Any = None, judge
     from stage1_core.model import load_backend
 
     t0 = time.perf_counter()
-    settings = EvalSettings.model_validate(plan["settings"])
-    cfg = ModelConfig.model_validate(plan["model_config"])
-    items = eval_data.load_eval_prompts(plan["prompts"])
-    reference = eval_data.load_reference(plan["reference"])
+    settings, cfg = plan.settings, plan.base_model
+    items = eval_data.load_eval_prompts(plan.prompts)
+    reference = eval_data.load_reference(plan.reference)
     base = base if base is not None else load_backend(cfg)
-    tuned = tuned if tuned is not None else load_tuned(cfg, plan["adapter"])
+    tuned = tuned if tuned is not None else load_tuned(cfg, plan.adapter)
     if judge is None:
-        judge = base if plan.get("judge_is_base", True) else load_backend(ModelConfig.model_validate(plan["judge_config"]))
+        judge = base if plan.judge_is_base else load_backend(plan.judge_config)
     ref_prompts = [zero_shot_prompt(r.instruction) for r in reference]
     ref_conts = [" " + r.response.strip() for r in reference]
     per_model: dict[str, Any] = {}
@@ -376,7 +414,7 @@ def evaluate(plan: dict[str, Any], *, base: Any = None, tuned: Any = None, judge
         "base": per_model["base"],
         "tuned": per_model["tuned"],
         "win_rate": win,
-        "judge": {"model": plan.get("judge_config", {}).get("id", cfg.id), "is_base_model": plan.get("judge_is_base", True),
+        "judge": {"model": plan.judge_config.id, "is_base_model": plan.judge_is_base,
                   "weights_sha256": judge_fp.get("weights_sha256"), "fingerprint": judge_fp,
                   "status": "informative" if informative else "uninformative",
                   "reason": (f"position consistency {eval_report.fmt(win['position_consistency'])} >= floor "
@@ -399,17 +437,17 @@ def evaluate(plan: dict[str, Any], *, base: Any = None, tuned: Any = None, judge
                      "intervals": "Wilson 95% for rates; percentile bootstrap 95% over prompts otherwise",
                      "judge": ("both orders; an order-inconsistent pair is a tie (MT-Bench); length-controlled: "
                                "logistic fit of the item score on tanh(length difference / sd), win rate at equal length")},
-        "prompts": {"path": plan["prompts"], "n": len(items), "with_instructions": sum(1 for i in items if i.checked),
+        "prompts": {"path": plan.prompts, "n": len(items), "with_instructions": sum(1 for i in items if i.checked),
                     "instructions": sum(len(i.instruction_ids) for i in items),
-                    "sha256": plan["identity"]["prompts_sha256"]},
-        "reference": {"path": plan["reference"], "n": len(reference), "sha256": plan["identity"]["reference_sha256"]},
-        "adapter": {"path": plan["adapter"], "sha256": plan["identity"]["adapter_sha256"], "training": plan["training"]},
+                    "sha256": plan.identity.prompts_sha256},
+        "reference": {"path": plan.reference, "n": len(reference), "sha256": plan.identity.reference_sha256},
+        "adapter": {"path": plan.adapter, "sha256": plan.identity.adapter_sha256, "training": plan.training.model_dump()},
         "base_model": {"id": cfg.id, "fingerprint": getattr(base, "fingerprint", None)},
         "seconds": {**seconds, "total": round(time.perf_counter() - t0, 3)},
         "git_sha": provenance.git_info(Path(__file__).resolve().parents[2])["sha"],
         "finished": provenance.utc_now(),
     }
-    out = Path(plan["output"])
+    out = Path(plan.output)
     storage.write_jsonl_atomic(out / RESPONSES, [
         {"id": it.id, "instruction": it.instruction, "instruction_id_list": list(it.instruction_ids),
          "kwargs": list(it.kwargs),

@@ -34,6 +34,7 @@ from stage1_core.infra import provenance, storage
 from stage1_core.infra.config import CONFIGS_DIR, ModelConfig, StrictModel, model_with
 from stage1_core.infra.settings import load_settings
 from stage1_core.infra.errors import InputError
+from stage1_core.phases.plans import FolderState, ModelRecord, Record
 from stage1_core.train import sft_data, trainer as sft_trainer
 
 log = logging.getLogger("stage1.sft")
@@ -85,6 +86,32 @@ class SFTSettings(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
 
+class SFTIdentity(Record):
+    """What makes two SFT runs the same run (a folder of another identity is not resumed)."""
+
+    data_sha256: str
+    sft_config_sha256: str
+    model_weights_sha256: str
+    model_config_sha256: str
+
+
+class SFTPlan(Record):
+    """A validated SFT run (`prepare_sft`): nothing is written and no model is loaded to make one."""
+
+    run: sft_data.RunSource
+    settings: SFTSettings
+    base_model: ModelConfig
+    """The run's model with the SFT config's `model:` keys over it."""
+    model: ModelRecord
+    pairs: int
+    identity: SFTIdentity
+    output: str
+    folder_state: FolderState
+    done: bool
+    """The output folder already holds this run's adapter."""
+    config_source: str | None = None
+
+
 # --------------------------------------------------------------------------- config and plan
 
 def load_sft_config(config: str | Path | None = None, seed: int | None = None) -> SFTSettings:
@@ -93,13 +120,13 @@ def load_sft_config(config: str | Path | None = None, seed: int | None = None) -
                          docs="docs/sft.md")
 
 
-def model_config(run_model: dict[str, Any], settings: SFTSettings) -> ModelConfig:
+def model_config(run_model: ModelConfig, settings: SFTSettings) -> ModelConfig:
     """The run's model, with the SFT config's `model:` keys over it."""
-    return model_with(run_model, settings.model, "the SFT config")
+    return model_with(run_model.model_dump(mode="json"), settings.model, "the SFT config")
 
 
 def prepare_sft(*, data: str, output: str, config: str | None = None, seed: int | None = None, force: bool = False,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False) -> SFTPlan:
     """Validate everything and return the SFT plan. Writes nothing, loads no model.
 
     Raises:
@@ -111,37 +138,34 @@ def prepare_sft(*, data: str, output: str, config: str | None = None, seed: int 
 
     run = sft_data.read_run(data, force)
     settings = load_sft_config(config, seed)
-    cfg = model_config(run["model"], settings)
+    cfg = model_config(run.model, settings)
     r = resolve_model(cfg)
     if r.kind == "fake":
         raise InputError(f"the run's model is {cfg.id}: SFT needs real weights", field="model.id",
                          expected="the run's real base model", fix="train on a run made with a real model")
     check_quantize(cfg, r)
-    pairs = sft_data.read_pairs(run["data"])
-    fingerprint = model_fingerprint(cfg)
-    dumped = settings.model_dump(mode="json")
-    identity = {"data_sha256": run["data_sha256"], "sft_config_sha256": storage.sha256_text(storage.canonical_json(dumped)),
-                "model_weights_sha256": fingerprint["weights_sha256"], "model_config_sha256":
-                    storage.sha256_text(storage.canonical_json(cfg.model_dump(mode="json")))}
-    folder = check_output_dir(output, identity, overwrite)
-    done = folder["state"] == "resume" and (Path(folder["path"]) / SUMMARY).is_file()
-    return {"run": run, "settings": dumped, "model_config": cfg.model_dump(mode="json"), "model": fingerprint,
-            "pairs": len(pairs), "identity": identity, "output": folder["path"], "folder_state": folder["state"],
-            "done": done, "config_source": str(config) if config else None}
+    pairs = sft_data.read_pairs(run.data)
+    model = ModelRecord.model_validate(model_fingerprint(cfg))
+    identity = SFTIdentity(data_sha256=run.data_sha256,
+                           sft_config_sha256=storage.sha256_text(storage.canonical_json(settings.model_dump(mode="json"))),
+                           model_weights_sha256=model.weights_sha256,
+                           model_config_sha256=storage.sha256_text(storage.canonical_json(cfg.model_dump(mode="json"))))
+    path, state = check_output_dir(output, identity, overwrite)
+    done = state == "resume" and (Path(path) / SUMMARY).is_file()
+    return SFTPlan(run=run, settings=settings, base_model=cfg, model=model, pairs=len(pairs), identity=identity,
+                   output=path, folder_state=state, done=done, config_source=str(config) if config else None)
 
 
-def dry_run_text(plan: dict[str, Any]) -> str:
-    s, run = plan["settings"], plan["run"]
-    steps = math.ceil(plan["pairs"] * (1 - s["eval_fraction"]) / (s["batch_size"] * s["gradient_accumulation_steps"]))
+def dry_run_text(plan: SFTPlan) -> str:
+    s, run, cfg = plan.settings, plan.run, plan.base_model
+    steps = math.ceil(plan.pairs * (1 - s.eval_fraction) / (s.batch_size * s.gradient_accumulation_steps))
     return "\n".join([
-        f"SFT plan: {plan['pairs']} pairs from {run['data']} (gate: {run['decision']}"
-        + (", forced" if run["forced"] else "") + ")",
-        f"  model: {plan['model_config']['id']} (quantize {plan['model_config']['quantize']}, dtype "
-        f"{plan['model']['dtype']})",
-        f"  LoRA r={s['lora']['r']} alpha={s['lora']['alpha']} on {s['lora']['target_modules']}; "
-        f"{s['epochs']} epochs, ~{steps} steps/epoch of {s['batch_size']}x{s['gradient_accumulation_steps']} rows, "
-        f"lr {s['learning_rate']} ({s['lr_scheduler']})",
-        f"  output: {plan['output']}" + (" (already finished: nothing to do)" if plan["done"] else ""),
+        f"SFT plan: {plan.pairs} pairs from {run.data} (gate: {run.decision}" + (", forced" if run.forced else "") + ")",
+        f"  model: {cfg.id} (quantize {cfg.quantize}, dtype {getattr(plan.model, 'dtype', 'n/a')})",
+        f"  LoRA r={s.lora.r} alpha={s.lora.alpha} on {s.lora.target_modules}; "
+        f"{s.epochs} epochs, ~{steps} steps/epoch of {s.batch_size}x{s.gradient_accumulation_steps} rows, "
+        f"lr {s.learning_rate} ({s.lr_scheduler})",
+        f"  output: {plan.output}" + (" (already finished: nothing to do)" if plan.done else ""),
     ])
 
 
@@ -208,7 +232,7 @@ class Collator:
 
 # --------------------------------------------------------------------------- training
 
-def load_base(plan: dict[str, Any]) -> Any:
+def load_base(plan: SFTPlan) -> Any:
     """A fresh HFBackend of the plan's base model (its own copy: LoRA changes it) with the loader's
     guards, sentinels and BOS policy.
 
@@ -220,9 +244,9 @@ def load_base(plan: dict[str, Any]) -> Any:
     from stage1_core.phases.run import guard_error
 
     try:
-        return HFBackend(ModelConfig.model_validate(plan["model_config"]))
+        return HFBackend(plan.base_model)
     except ModelGuardError as e:
-        raise guard_error(e, (plan.get("model") or {}).get("path")) from None
+        raise guard_error(e, getattr(plan.model, "path", None)) from None
 
 
 def _peak_memory_bytes(device: str) -> int:
@@ -266,7 +290,7 @@ def training_arguments(settings: SFTSettings, output_dir: str, device: str, dtyp
         optim="adamw_torch")
 
 
-def train(plan: dict[str, Any], *, backend: Any = None,
+def train(plan: SFTPlan, *, backend: Any = None,
           on_step: Callable[[int, int, dict[str, float]], None] | None = None, git_sha: str | None = None) -> dict[str, Any]:
     """Train the plan's adapter into its output folder (resuming from the newest checkpoint there).
 
@@ -286,14 +310,12 @@ def train(plan: dict[str, Any], *, backend: Any = None,
     import transformers
 
     t0 = time.perf_counter()
-    out = Path(plan["output"])
-    settings = SFTSettings.model_validate(plan["settings"])
-    cfg = ModelConfig.model_validate(plan["model_config"])
+    out, settings, cfg = Path(plan.output), plan.settings, plan.base_model
     transformers.set_seed(settings.seed)
     if backend is None:
         backend = load_base(plan)
     load_s = float(backend.fingerprint.get("load_seconds") or 0.0)  # the load's own time, wherever it happened
-    rows = sft_data.read_pairs(plan["run"]["data"])
+    rows = sft_data.read_pairs(plan.run.data)
     train_rows, eval_rows = sft_data.split_pairs(rows, settings.eval_fraction, settings.seed)
     train_ex, skipped_train = encode_pairs(backend, train_rows, settings.max_seq_len)
     eval_ex, skipped_eval = encode_pairs(backend, eval_rows, settings.max_seq_len)
@@ -326,12 +348,12 @@ def train(plan: dict[str, Any], *, backend: Any = None,
     evals = [h for h in history if "eval_loss" in h]
     summary = {
         "output": str(out), "adapter": str(out), "finished": provenance.utc_now(),
-        "dataset": {"run_dir": plan["run"]["path"], "kind": plan["run"]["kind"], "path": plan["run"]["data"],
-                    "sha256": plan["run"]["data_sha256"], "pairs": len(rows), "train_pairs": len(train_ex),
+        "dataset": {"run_dir": plan.run.path, "kind": plan.run.kind, "path": plan.run.data,
+                    "sha256": plan.run.data_sha256, "pairs": len(rows), "train_pairs": len(train_ex),
                     "eval_pairs": len(eval_ex), "left_out_too_long": skipped_train + skipped_eval,
                     "eval_ids": [r["id"] for r in eval_rows],
-                    "gate": {"decision": plan["run"]["decision"], "forced": plan["run"]["forced"],
-                             "reasons": plan["run"]["reasons"]}},
+                    "gate": {"decision": plan.run.decision, "forced": plan.run.forced,
+                             "reasons": plan.run.reasons}},
         "base_model": {"id": cfg.id, "fingerprint": backend.fingerprint, "model_config": cfg.model_dump(mode="json")},
         "hyperparameters": settings.model_dump(mode="json"),
         "git_sha": git_sha, "seed": settings.seed,

@@ -8,26 +8,42 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Literal, Sequence
 
 from stage1_core.infra import storage
-from stage1_core.infra.config import validate_pilot_config
+from stage1_core.infra.config import ModelConfig, validate_pilot_config
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.jsonl import JsonlKind, read_jsonl, require_string
 from stage1_core.infra.settings import read_yaml_mapping
+from stage1_core.phases.plans import Record
 
 RUN_DATA_FILES = {"pilot": "pilot_data.jsonl", "scale": "scale_data.jsonl"}
 
 
-def read_run(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
+class RunSource(Record):
+    """The finished pilot or scale run SFT trains on (`read_run`)."""
+
+    path: str
+    kind: Literal["pilot", "scale"]
+    decision: str
+    """The gate's word."""
+    reasons: list[str]
+    forced: bool
+    data: str
+    """Its data file (pilot_data.jsonl or scale_data.jsonl)."""
+    data_sha256: str
+    model: ModelConfig
+    run_id: str | None = None
+
+
+def read_run(run_dir: str | Path, force: bool = False) -> RunSource:
     """What SFT needs from a finished pilot or scale folder: its gate, data file and model.
 
     Args:
         run_dir: the pilot's or scale run's --output folder.
         force: train even though the gate did not say scale (recorded as forced).
     Returns:
-        {path, kind ("pilot" | "scale"), decision (the gate's word), reasons, forced, data (path),
-        data_sha256, model (the run's ModelConfig dump), run_id}.
+        The run: its folder, kind, gate, data file and its sha256, and its model.
     Raises:
         InputError: not a finished run folder, or its gate did not say scale (unless `force`).
     """
@@ -57,11 +73,11 @@ def read_run(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
     cfg_path = d / "config.yaml"
     data, node = read_yaml_mapping(cfg_path)
     data.pop("scale", None)
-    model = validate_pilot_config(data, str(cfg_path), node).model.model_dump(mode="json")
+    model = validate_pilot_config(data, str(cfg_path), node).model
     data_path = d / RUN_DATA_FILES[kind]
-    return {"path": str(d.resolve()), "kind": kind, "decision": decision, "reasons": list(gate.get("reasons") or []),
-            "forced": decision != "scale", "data": str(data_path.resolve()), "data_sha256": storage.sha256_file(data_path),
-            "model": model, "run_id": manifest.get("run_id")}
+    return RunSource(path=str(d.resolve()), kind=kind, decision=decision, reasons=list(gate.get("reasons") or []),
+                     forced=decision != "scale", data=str(data_path.resolve()), data_sha256=storage.sha256_file(data_path),
+                     model=model, run_id=manifest.get("run_id"))
 
 
 SFT_DATA = JsonlKind(item="SFT data", example='{"id": "p1", "instruction": "Name a fruit.", "response": "An apple."}',

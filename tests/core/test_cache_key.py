@@ -7,16 +7,24 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core.phases import pipeline
-from stage1_core.infra.config import ModelConfig
+from stage1_core.phases import pipeline, run
+from stage1_core.phases.plans import FileRef, ModelRecord, PhaseCall, PilotPlan, RunIdentity, RunMeta, SeedsSummary
+from stage1_core.infra.config import ModelConfig, load_pilot_config
 
 
-def _call(tmp_path: Path, phase: str = "generate_responses", **model: object) -> dict:
-    return {"phase": phase, "out_dir": str(tmp_path / "iterations" / "01"),
-            "params": {"response_generation": {"max_new_tokens": 96}, "count": 12, "seed": 7, "iteration": 1},
-            "inputs": {"kept": {"path": str(tmp_path / "kept.jsonl"), "rows": 3, "sha256": "ab" * 32}},
-            "model": ModelConfig(**{"id": "fake:1", **model}).model_dump(mode="json"), "model_sha": "cd" * 32,
-            "meta": {"run_id": "r1"}}
+def _call(tmp_path: Path, phase: str = "generate_responses", **model: object) -> PhaseCall:
+    """A real call of `phase` (run.make_call) on a fake plan whose model section is `model`."""
+    cfg = load_pilot_config(None, {"model": {"id": "fake:1", **model}})
+    plan = PilotPlan(config=cfg, config_hash="ef" * 32, output=str(tmp_path), folder_state="new",
+                     seeds=SeedsSummary(path="seeds.jsonl", format="stage1", count=10, usable=10, sha256="01" * 32),
+                     model=ModelRecord(id=cfg.model.id, weights_sha256="cd" * 32),
+                     identity=RunIdentity(config_sha256="ef" * 32, seeds_sha256="01" * 32, model_weights_sha256="cd" * 32))
+    ref = FileRef(path=str(tmp_path / "kept.jsonl"), rows=3, sha256="ab" * 32)
+    inputs = {"generate_instructions": {}, "filter_instructions": {"generated": ref},
+              "generate_responses": {"kept": ref}, "filter_pairs": {"responses": ref},
+              "qc": {"generated": [ref], "instruction_rejected": [ref], "kept": ref, "responses": ref,
+                     "pairs_kept": ref, "pairs_rejected": ref}}[phase]
+    return run.make_call(plan, phase, meta=RunMeta(run_id="r1"), round=1, iteration=1, inputs=inputs)
 
 
 @pytest.mark.parametrize("phase", ["generate_instructions", "generate_responses", "filter_pairs"])
@@ -34,7 +42,7 @@ def test_output_changing_settings_change_the_key(tmp_path: Path, change: dict) -
 
 
 def test_every_model_key_but_batch_size_is_hashed() -> None:
-    hashed = set(pipeline.model_settings(ModelConfig().model_dump(mode="json")))
+    hashed = set(pipeline.model_settings(ModelConfig()))
     assert hashed == set(ModelConfig.model_fields) - {"batch_size"}
     assert {"engine", "quantize", "dtype"} <= hashed
 

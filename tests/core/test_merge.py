@@ -12,6 +12,8 @@ from stage1_core.scale import dataset_card, merge
 from stage1_core.phases import filters
 from stage1_core.model.fake import QUALIFIERS, TOPICS, VERBS
 from stage1_core.phases.seeds import PACKAGED_SEEDS
+from stage1_core.phases.plans import SeedsSummary
+from stage1_core.scale.settings import ScalePlan, ScaleRunConfig, ScaleSettings
 
 
 def brute_force(texts, threshold=0.7):
@@ -76,8 +78,12 @@ def test_model_license_and_seed_attribution(tmp_path):
     assert "not recorded" in dataset_card.model_license({"kind": "hf_folder", "path": str(folder)})
     (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# A model\n")
     assert dataset_card.model_license({"kind": "hf_folder", "path": str(folder)}).startswith("apache-2.0")
-    assert "Wang et al." in dataset_card.seeds_attribution({"path": str(PACKAGED_SEEDS), "sha256": "x"})
-    assert "not recorded" in dataset_card.seeds_attribution({"path": "/x/mine.jsonl", "sha256": "ab" * 32})
+    assert "Wang et al." in dataset_card.seeds_attribution(_seeds(str(PACKAGED_SEEDS), "x"))
+    assert "not recorded" in dataset_card.seeds_attribution(_seeds("/x/mine.jsonl", "ab" * 32))
+
+
+def _seeds(path: str, sha256: str) -> SeedsSummary:
+    return SeedsSummary(path=path, format="stage1", count=1, usable=1, sha256=sha256)
 
 
 def test_card_front_matter_parses():
@@ -88,8 +94,8 @@ def test_card_front_matter_parses():
                "gate": {"decision": "scale", "reasons": ["all gated metrics passed"], "failed": []}, "passed": True,
                "metrics": {"runaway_rate": {"value": 0.01, "k": 1, "n": 100, "ci95": [0.0, 0.05], "op": "<",
                                             "threshold": 0.05, "passed": True}}}
-    plan = {"config": {"seed": 3, "scale": {"shard_size": 500}}, "seeds": {"path": str(PACKAGED_SEEDS), "sha256": "x"},
-            "config_hash": "c" * 64, "pilot": None, "forced": False}
+    plan = ScalePlan.model_construct(config=ScaleRunConfig.model_construct(seed=3, scale=ScaleSettings(shard_size=500)),
+                                     seeds=_seeds(str(PACKAGED_SEEDS), "x"), config_hash="c" * 64, pilot=None, forced=False)
     manifest = {"run_id": "r" * 32, "model": {"id": "embedded:gemma-3-270m", "kind": "embedded", "weights_sha256": "w" * 64}}
     text = dataset_card.render(plan, summary, manifest)
     front = yaml.safe_load(text.split("---")[1])

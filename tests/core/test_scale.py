@@ -52,12 +52,12 @@ def test_a_shard_is_deterministic_and_accounts_for_every_item(tmp_path):
     scale.claim(a, "run-a")
     scale.claim(b, "run-b")
     ma, mb = scale.compute_shard(a, 0, "run-a"), scale.compute_shard(b, 0, "run-b")
-    rows_a = shards.read(a["output"], ma, "data")
-    rows_b = shards.read(b["output"], mb, "data")
+    rows_a = shards.read(a.output, ma, "data")
+    rows_b = shards.read(b.output, mb, "data")
     assert len(rows_a) == ma["rows"] == 3
     assert strip_run(rows_a) == strip_run(rows_b)  # same items, same order, in another folder and run
     assert ma["shard_seed"] == scale.shard_seed(5, 0) and all(r["provenance"]["shard"] == 0 for r in rows_a)
-    rejected = shards.read(a["output"], ma, "rejected")
+    rejected = shards.read(a.output, ma, "rejected")
     counts = ma["counts"]
     instr_rejected = [r for r in rejected if r["phase"] == "instruction_filter" and r["reason"] != "surplus_over_count"]
     surplus = [r for r in rejected if r["reason"] == "surplus_over_count"]
@@ -65,10 +65,10 @@ def test_a_shard_is_deterministic_and_accounts_for_every_item(tmp_path):
     # Every generated instruction is kept by the filters or rejected once; every kept one is answered or surplus.
     assert len(instr_rejected) + counts["instructions_kept"] == counts["instructions_generated"]
     assert len(rows_a) + len(pair_rejected) + len(surplus) == counts["instructions_kept"]
-    assert len(rows_a) + len(pair_rejected) == counts["pairs_generated"] == len(shards.read(a["output"], ma, "completions"))
+    assert len(rows_a) + len(pair_rejected) == counts["pairs_generated"] == len(shards.read(a.output, ma, "completions"))
     ids = [r["id"] for r in rows_a + rejected]
     assert len(ids) == len(set(ids)) and all(i.startswith("s00000-") for i in ids)
-    assert not shards.paths(a["output"], 0)["work"].exists()
+    assert not shards.paths(a.output, 0)["work"].exists()
 
 
 def test_a_complete_shard_is_never_recomputed_and_a_broken_one_is_redone(tmp_path):
@@ -77,10 +77,10 @@ def test_a_complete_shard_is_never_recomputed_and_a_broken_one_is_redone(tmp_pat
     first = scale.compute_shard(plan, 1, "first")
     again = scale.compute_shard(plan, 1, "second")
     assert again == first and again["run_id"] == "first"
-    data = shards.paths(plan["output"], 1)["data"]
+    data = shards.paths(plan.output, 1)["data"]
     original = data.read_bytes()
     data.write_bytes(original.replace(b"\n", b"\n\n", 1))  # same rows, other bytes: sha256 differs
-    assert shards.valid_manifest(plan["output"], plan, 1) is None
+    assert shards.valid_manifest(plan.output, plan, 1) is None
     redone = scale.compute_shard(plan, 1, "third")
     assert redone["run_id"] == "third"
     assert strip_run(jsonl.read_rows(data)) == strip_run([json.loads(x) for x in original.decode().splitlines()])
@@ -91,9 +91,9 @@ def test_a_manifest_of_another_identity_does_not_count(tmp_path):
     scale.claim(plan, "r")
     scale.compute_shard(plan, 0, "r")
     other = plan_for(tmp_path / "o", overwrite=True, config=_write(tmp_path / "c.yaml", {"response_generation": {"max_new_tokens": 64}}))
-    assert other["identity"] != plan["identity"]
-    assert shards.valid_manifest(plan["output"], plan, 0) is not None
-    assert shards.valid_manifest(other["output"], other, 0) is None
+    assert other.identity != plan.identity
+    assert shards.valid_manifest(plan.output, plan, 0) is not None
+    assert shards.valid_manifest(other.output, other, 0) is None
 
 
 def _write(path: Path, data: dict) -> str:
@@ -151,8 +151,8 @@ def _pilot_dir(tmp_path: Path, decision: str, temperature: float = 0.5) -> Path:
 def test_from_pilot_uses_the_final_settings_and_refuses_unless_scale(tmp_path):
     ok = _pilot_dir(tmp_path, "scale")
     plan = scale.prepare_scale(output=str(tmp_path / "o"), from_pilot=str(ok), count=10, shard_size=5)
-    assert plan["config"]["response_generation"]["temperature"] == 0.5
-    assert plan["config"]["seed"] == 7 and plan["config"]["model"]["id"] == "fake:1" and not plan["forced"]
+    assert plan.config.response_generation.temperature == 0.5
+    assert plan.config.seed == 7 and plan.config.model.id == "fake:1" and not plan.forced
     est = scale.estimate(plan)
     assert est["tokens"] == 1000 and "measured in the pilot" in est["tokens_basis"]  # 3000 tokens / 30 pairs × 10
 
@@ -161,7 +161,7 @@ def test_from_pilot_uses_the_final_settings_and_refuses_unless_scale(tmp_path):
         scale.prepare_scale(output=str(tmp_path / "o"), from_pilot=str(halted), count=10)
     assert "--force" in e.value.render()
     forced = scale.prepare_scale(output=str(tmp_path / "o"), from_pilot=str(halted), count=10, force=True)
-    assert forced["forced"] is True and forced["pilot"]["decision"]["decision"] == "halt"
+    assert forced.forced is True and forced.pilot.decision["decision"] == "halt"
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -201,10 +201,10 @@ def test_config_yaml_reproduces_the_plan_and_operational_settings_are_not_identi
     plan = plan_for(tmp_path / "o", gpu_hour_usd=2.5)
     scale.claim(plan, "r")
     again = scale.prepare_scale(output=str(tmp_path / "o"), config=str(tmp_path / "o" / "config.yaml"))
-    assert again["identity"] == plan["identity"] and again["folder_state"] == "resume"
-    assert again["shards"] == plan["shards"]
+    assert again.identity == plan.identity and again.folder_state == "resume"
+    assert again.shards == plan.shards
     cheaper = plan_for(tmp_path / "o", gpu_hour_usd=1.0, shard_timeout_s=60)
-    assert cheaper["identity"] == plan["identity"] and cheaper["folder_state"] == "resume"
+    assert cheaper.identity == plan.identity and cheaper.folder_state == "resume"
     with pytest.raises(InputError, match="belongs to another run"):
         plan_for(tmp_path / "o", shard_size=2)
 
@@ -307,10 +307,10 @@ def test_exception_names_and_the_texts_shown_for_failures_and_progress():
 
 def test_shard_retries_is_an_operational_setting_and_attempts_reach_the_manifest(tmp_path, monkeypatch):
     plan = plan_for(tmp_path / "o")
-    assert plan["config"]["scale"]["shard_retries"] == 2
+    assert plan.config.scale.shard_retries == 2
     scale.claim(plan, "r")
     again = plan_for(tmp_path / "o", shard_retries=0)  # a resume may change it
-    assert again["identity"] == plan["identity"] and again["folder_state"] == "resume"
+    assert again.identity == plan.identity and again.folder_state == "resume"
     with pytest.raises(InputError) as e:
         plan_for(tmp_path / "o", shard_retries=-1)
     assert e.value.field == "scale.shard_retries" and e.value.fix == "correct --shard-retries"
@@ -320,6 +320,6 @@ def test_shard_retries_is_an_operational_setting_and_attempts_reach_the_manifest
     manifest = scale.compute_shard(plan, 1, "r", [*earlier, this])
     assert [a["attempt"] for a in manifest["attempts"]] == [1, 2]
     assert manifest["attempts"][1]["cuda_visible_devices"] == "2" and manifest["attempts"][1]["pid"] == os.getpid()
-    assert shards.valid_manifest(plan["output"], plan, 1)["attempts"] == manifest["attempts"]
+    assert shards.valid_manifest(plan.output, plan, 1)["attempts"] == manifest["attempts"]
     local = scale.compute_shard(plan, 0, "r")  # computed in this process, no orchestrator: attempt 1
     assert [(a["attempt"], a["host"]) for a in local["attempts"]] == [(1, shards.socket.gethostname())]

@@ -41,13 +41,13 @@ def test_a_run_whose_gate_did_not_say_scale_is_refused_unless_forced(tmp_path):
         sft_data.read_run(d)
     assert "'halt'" in e.value.message and "--force" in e.value.fix and e.value.file.endswith("session_manifest.json")
     run = sft_data.read_run(d, force=True)
-    assert run["forced"] is True and run["decision"] == "halt" and run["kind"] == "pilot"
-    assert run["model"]["id"] == "embedded:gemma-3-270m"
+    assert run.forced is True and run.decision == "halt" and run.kind == "pilot"
+    assert run.model.id == "embedded:gemma-3-270m"
 
 
 def test_a_scale_folder_is_read_from_its_qc_decision(tmp_path):
     run = sft_data.read_run(make_run_dir(tmp_path / "s", kind="scale"))
-    assert run["kind"] == "scale" and run["forced"] is False and run["data"].endswith("scale_data.jsonl")
+    assert run.kind == "scale" and run.forced is False and run.data.endswith("scale_data.jsonl")
 
 
 def test_an_unfinished_run_folder_is_bad_input(tmp_path):
