@@ -27,6 +27,7 @@ from stage1_core.phases import reports, run
 from stage1_core.infra import options
 from stage1_core.scale import plan as core, shards
 from stage1_core.scale.options import ScaleOptions
+from stage1_core.scale.settings import ShardManifest
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
 from tasks import scale as t
@@ -76,7 +77,7 @@ def _scale(**params: Any) -> dict[str, Any]:
             for i in pending:
                 progress.shard_done(t.compute_shard(plan, i, run_id), computed=True)
         manifests = t.collect_shards(plan)
-        computed = [m["shard"] for m in manifests if m["run_id"] == run_id]
+        computed = [m.shard for m in manifests if m.run_id == run_id]
         return t.merge_shards(plan, run_id=run_id, started=started, manifests=manifests, computed=computed,
                               flow_seconds=round(time.perf_counter() - t0, 3))
 
@@ -87,7 +88,7 @@ scale = runtime.options_flow(_scale, ScaleOptions, "Stage 1 scale: shards (local
 
 @flow(name="stage1", flow_run_name="scale-shard-{shard}-seed{seed}", log_prints=True)
 def scale_shard(output: str, shard: Annotated[int, Field(ge=0)], seed: Annotated[int, Field(ge=0)], config: str,
-                model: str, run_id: str, attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                model: str, run_id: str, attempts: list[dict[str, Any]] | None = None) -> ShardManifest:
     """One shard of a scale run whose folder `output` was claimed by the orchestrator.
 
     Args:

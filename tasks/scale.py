@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from stage1_core.infra import provenance
 from stage1_core.scale.options import ScaleOptions
-from stage1_core.scale.settings import ScalePlan
+from stage1_core.scale.settings import ScalePlan, ShardManifest
 from stage1_core.scale import merge, plan as scale, retry, shards
 from tasks.phases import transient_only
 
@@ -50,20 +50,20 @@ def claim_scale(plan: ScalePlan, run_id: str) -> list[int]:
 @task(name="scale_shard", task_run_name="shard-{index}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=transient_only, **_OPTS)
 def compute_shard(plan: ScalePlan, index: int, run_id: str,
-                  attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  attempts: list[dict[str, Any]] | None = None) -> ShardManifest:
     """One shard, computed from scratch unless already complete; returns its manifest (`attempts`:
     recorded in it, see stage1_core.scale.plan.compute_shard)."""
     return scale.compute_shard(plan, index, run_id, attempts)
 
 
 @task(name="collect_shards", **_OPTS)
-def collect_shards(plan: ScalePlan) -> list[dict[str, Any]]:
+def collect_shards(plan: ScalePlan) -> list[ShardManifest]:
     """Every shard's manifest, validated on disk (raises when any shard is missing)."""
     return scale.collect_manifests(plan)
 
 
 @task(name="merge_shards", **_OPTS)
-def merge_shards(plan: ScalePlan, *, run_id: str, started: str, manifests: list[dict[str, Any]], computed: list[int],
+def merge_shards(plan: ScalePlan, *, run_id: str, started: str, manifests: list[ShardManifest], computed: list[int],
                  flow_seconds: float | None = None) -> dict[str, Any]:
     """Cross-shard dedup, QC, dataset card, session manifest."""
     return merge.merge_run(plan, run_id=run_id, started=started, manifests=manifests, computed=computed,
@@ -89,7 +89,7 @@ class ShardProgress:
         update_progress_artifact(self.artifact, 100.0 * self.done / self.total,
                                  description=retry.progress_text(self.done, self.total, self.history))
 
-    def shard_done(self, manifest: dict[str, Any], computed: bool) -> None:
+    def shard_done(self, manifest: ShardManifest, computed: bool) -> None:
         self.done += 1
         self.logger.info(scale.shard_log_line(manifest, self.done, self.total, computed))
         self._update()

@@ -26,7 +26,7 @@ from datasketch import MinHash, MinHashLSH
 from stage1_core.scale import dataset_card, plan as scale, shards
 from stage1_core.infra import faults, provenance, storage
 from stage1_core.phases import filters, pipeline, qc, run
-from stage1_core.scale.settings import ScalePlan
+from stage1_core.scale.settings import ScalePlan, ShardManifest
 
 FINAL_FILES = ("scale_data.jsonl", "rejected.jsonl", "qc_summary.json", "config.yaml", "README.md")
 EXIT_STRICT_QC = 4
@@ -74,7 +74,7 @@ def find_duplicates(texts: list[str], rouge_threshold: float = 0.7, num_perm: in
     return dups
 
 
-def merge_run(plan: ScalePlan, *, run_id: str, started: str, manifests: list[dict[str, Any]],
+def merge_run(plan: ScalePlan, *, run_id: str, started: str, manifests: list[ShardManifest],
               computed: list[int], flow_seconds: float | None = None) -> dict[str, Any]:
     """Merge every shard into the final files. Returns {exit_code, passed, rows, output, run_id, ...}.
 
@@ -117,15 +117,15 @@ def merge_run(plan: ScalePlan, *, run_id: str, started: str, manifests: list[dic
             "run_id": run_id, "near_duplicates": len(merged_out), "shards_computed": computed}
 
 
-def qc_summary(plan: ScalePlan, manifests: list[dict[str, Any]], kept: list[dict[str, Any]],
+def qc_summary(plan: ScalePlan, manifests: list[ShardManifest], kept: list[dict[str, Any]],
                rejected: list[dict[str, Any]], completions: list[dict[str, Any]], cross_dups: int) -> dict[str, Any]:
     """The pilot's metrics over all shards, judged by the same gate; `passed` is `decision == scale`."""
     th = plan.config.qc
-    total = {k: sum(m["counts"][k] for m in manifests) for k in
+    total = {k: sum(getattr(m.counts, k) for m in manifests) for k in
              ("instructions_generated", "instructions_kept", "pairs_generated", "pairs_kept")}
     by_reason = pipeline.count_reasons(rejected)
     within = qc.rejections(by_reason, "instruction_filter", *qc.NEAR_DUPLICATE_REASONS)
-    critic_dev = next((m["critic_dev"] for m in manifests if m.get("critic_dev")), None) or \
+    critic_dev = next((m.critic_dev for m in manifests if m.critic_dev), None) or \
         (plan.pilot.critic_dev if plan.pilot else None)
     metrics = qc.compute_metrics(
         instructions_generated=total["instructions_generated"], instructions_kept=total["instructions_kept"],
@@ -147,17 +147,17 @@ def qc_summary(plan: ScalePlan, manifests: list[dict[str, Any]], kept: list[dict
             "observed_delimiters": qc.observed_delimiters([c["raw"] for c in completions])}
 
 
-def session_manifest(plan: ScalePlan, *, run_id: str, started: str, manifests: list[dict[str, Any]],
+def session_manifest(plan: ScalePlan, *, run_id: str, started: str, manifests: list[ShardManifest],
                      computed: list[int], summary: dict[str, Any], exit_code: int,
                      timings: dict[str, Any]) -> dict[str, Any]:
     """session_manifest.json of a scale run (artifacts are added by the caller, after README.md)."""
     from stage1_core.model import loaded_fingerprint
 
     cfg = plan.config
-    gpu_all = round(sum(m["gpu_seconds"] for m in manifests), 3)
-    gpu_now = round(sum(m["gpu_seconds"] for m in manifests if m["shard"] in computed), 3)
+    gpu_all = round(sum(m.gpu_seconds for m in manifests), 3)
+    gpu_now = round(sum(m.gpu_seconds for m in manifests if m.shard in computed), 3)
     price = cfg.gpu_hour_usd
-    tokens = {k: sum(m["tokens"][k] for m in manifests) for k in ("instructions", "responses", "total")}
+    tokens = {k: sum(getattr(m.tokens, k) for m in manifests) for k in ("instructions", "responses", "total")}
     return {
         "run_id": run_id, "kind": "scale", "started": started, "finished": provenance.utc_now(),
         "qc": {"passed": summary["passed"], "decision": summary["gate"], "strict_qc": plan.strict_qc},
@@ -166,13 +166,13 @@ def session_manifest(plan: ScalePlan, *, run_id: str, started: str, manifests: l
         "model": {**plan.model.model_dump(), **(loaded_fingerprint(cfg.model.model_dump(mode="json")) or {})},
         "identity": plan.identity.model_dump(), "config_hash": plan.config_hash,
         "environment": provenance.environment_info(), "git": provenance.git_info(run.REPO_DIR),
-        "shards": [{"shard": m["shard"], "seed": m["shard_seed"], "size": m["size"], "rows": m["rows"],
-                    "sha256": m["files"]["data"]["sha256"], "run_id": m["run_id"], "computed_in_this_run": m["shard"] in computed,
-                    "seconds": m["seconds"], "examples_per_s": m.get("examples_per_s"), "device": m["device"],
-                    "gpu_seconds": m["gpu_seconds"], "tokens": m["tokens"]["total"],
-                    "attempts": len(m.get("attempts") or [None])} for m in manifests],
-        "timings": {**timings, "shard_compute_seconds": round(sum(m["seconds"] for m in manifests), 3),
-                    "shard_compute_seconds_this_run": round(sum(m["seconds"] for m in manifests if m["shard"] in computed), 3)},
+        "shards": [{"shard": m.shard, "seed": m.shard_seed, "size": m.size, "rows": m.rows,
+                    "sha256": m.files["data"].sha256, "run_id": m.run_id, "computed_in_this_run": m.shard in computed,
+                    "seconds": m.seconds, "examples_per_s": m.examples_per_s, "device": m.device,
+                    "gpu_seconds": m.gpu_seconds, "tokens": m.tokens.total,
+                    "attempts": len(m.attempts) or 1} for m in manifests],
+        "timings": {**timings, "shard_compute_seconds": round(sum(m.seconds for m in manifests), 3),
+                    "shard_compute_seconds_this_run": round(sum(m.seconds for m in manifests if m.shard in computed), 3)},
         "tokens": tokens,
         "gpu_seconds": gpu_all, "gpu_seconds_this_run": gpu_now, "gpu_hour_usd": price,
         "estimated_cost_usd": round(gpu_all / 3600 * price, 4) if price is not None else None,

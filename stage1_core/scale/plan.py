@@ -29,7 +29,7 @@ from stage1_core.infra import jsonl, provenance, storage
 from stage1_core.scale import shards
 from stage1_core.scale.options import ScaleOptions
 from stage1_core.scale.settings import (PilotMeasured, PilotSource, ScalePlan, ScaleRunConfig, ScaleSettings,
-                                        ShardSpec)
+                                        ShardManifest, ShardSpec)
 from stage1_core.infra.config import DEFAULT_PILOT_CONFIG, load_pilot_config, validate_pilot_config
 from stage1_core.infra.settings import deep_merge, read_yaml_mapping
 from stage1_core.infra.errors import InputError
@@ -257,7 +257,7 @@ def load_model_if_needed(plan: ScalePlan, only: int | None = None) -> dict[str, 
 
 # -- one shard -------------------------------------------------------------------------------------
 def compute_shard(plan: ScalePlan, index: int, run_id: str,
-                  attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  attempts: list[dict[str, Any]] | None = None) -> ShardManifest:
     """Compute shard `index` from scratch unless it is already complete; returns its manifest.
 
     Holds the shard's own lock, so two processes never compute the same shard at once. `attempts`
@@ -277,7 +277,7 @@ def compute_shard(plan: ScalePlan, index: int, run_id: str,
         return manifest
 
 
-def _compute(plan: ScalePlan, index: int, run_id: str, work: Path, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+def _compute(plan: ScalePlan, index: int, run_id: str, work: Path, attempts: list[dict[str, Any]]) -> ShardManifest:
     from stage1_core.model import loaded_fingerprint
 
     t0 = time.perf_counter()
@@ -343,24 +343,24 @@ def _compute(plan: ScalePlan, index: int, run_id: str, work: Path, attempts: lis
         x["id"] = prefix + x["id"]
     seconds = round(time.perf_counter() - t0, 3)
     device = str((loaded_fingerprint(cfg.model.model_dump(mode="json")) or {}).get("device", "cpu"))
-    info_out = {**shards.expected(plan, index), "run_id": run_id, "created": provenance.utc_now(),
-                "rows": len(rows), "seconds": seconds, "device": device,
-                "gpu_seconds": seconds if device.startswith("cuda") else 0.0,
-                "examples_per_s": round(len(rows) / seconds, 3) if seconds > 0 else None,
-                "tokens": {**tokens, "total": tokens["instructions"] + tokens["responses"]},
-                "counts": {**counts, "pairs_kept": len(rows), "rejected": len(rejected)},
-                "rejected_by_reason": pipeline.count_reasons(rejected), "critic_dev": critic_dev, "attempts": attempts}
+    info_out = ShardManifest(**shards.expected(plan, index), run_id=run_id, created=provenance.utc_now(),
+                             rows=len(rows), seconds=seconds, device=device,
+                             gpu_seconds=seconds if device.startswith("cuda") else 0.0,
+                             examples_per_s=round(len(rows) / seconds, 3) if seconds > 0 else None,
+                             tokens={**tokens, "total": tokens["instructions"] + tokens["responses"]},
+                             counts={**counts, "pairs_kept": len(rows), "rejected": len(rejected)},
+                             rejected_by_reason=pipeline.count_reasons(rejected), critic_dev=critic_dev,
+                             attempts=attempts)
     return shards.write(plan.output, index, rows, rejected, completions, info_out)
 
 
-def shard_log_line(manifest: dict[str, Any], done: int, total: int, computed: bool) -> str:
+def shard_log_line(s: ShardManifest, done: int, total: int, computed: bool) -> str:
     """One log line per shard: rows, seconds and examples/s (or that it was already complete)."""
-    s = manifest
     if not computed:
-        return f"shard {s['shard']:05d} ({done}/{total}): already complete, {s['rows']} rows (computed by run {s['run_id'][:8]})"
-    rate = f"{s['examples_per_s']:.2f} examples/s" if s.get("examples_per_s") is not None else "n/a examples/s"
-    return (f"shard {s['shard']:05d} ({done}/{total}): {s['rows']}/{s['size']} rows in {s['seconds']:.1f} s "
-            f"({rate}, {s['tokens']['total']} tokens, device {s['device']})")
+        return f"shard {s.shard:05d} ({done}/{total}): already complete, {s.rows} rows (computed by run {s.run_id[:8]})"
+    rate = f"{s.examples_per_s:.2f} examples/s" if s.examples_per_s is not None else "n/a examples/s"
+    return (f"shard {s.shard:05d} ({done}/{total}): {s.rows}/{s.size} rows in {s.seconds:.1f} s "
+            f"({rate}, {s.tokens.total} tokens, device {s.device})")
 
 
 # -- estimates -------------------------------------------------------------------------------------
@@ -430,7 +430,7 @@ def seed_from_time(t: datetime) -> int:
     return int(t.timestamp())
 
 
-def collect_manifests(plan: ScalePlan) -> list[dict[str, Any]]:
+def collect_manifests(plan: ScalePlan) -> list[ShardManifest]:
     """The valid manifest of every shard, in shard order (checked on disk, whatever ran them).
 
     Raises:

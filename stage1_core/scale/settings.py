@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from stage1_core.infra.config import PilotConfig, StrictModel
-from stage1_core.phases.plans import JsonObject, PilotPlan, Record
+from stage1_core.phases.plans import FileRef, JsonObject, PilotPlan, Record, RunIdentity
 
 
 class ScaleSettings(StrictModel):
@@ -76,3 +76,50 @@ class ScalePlan(PilotPlan):
     pilot: PilotSource | None = None
     forced: bool = False
     shards: list[ShardSpec]
+
+
+class TokenCounts(Record):
+    instructions: int
+    responses: int
+    total: int
+
+
+class ShardCounts(Record):
+    """What a shard generated, kept and rejected (every item is counted once)."""
+
+    instructions_generated: int
+    instructions_kept: int
+    pairs_generated: int
+    rounds: int
+    batches: int
+    pairs_kept: int
+    rejected: int
+
+
+class ShardManifest(Record):
+    """`shards/shard-NNNNN.manifest.json`, written after the shard's three files: the shard counts as
+    done only while it names this run's identity, index, seed and size and every file in `files`
+    still has its recorded sha256 and rows (`shards.valid_manifest`). Keys a later version adds are
+    ignored, so a complete shard stays complete across an upgrade."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    shard: int
+    shard_seed: int
+    size: int
+    identity: RunIdentity
+    run_id: str
+    created: str
+    rows: int
+    seconds: float
+    device: str
+    gpu_seconds: float
+    examples_per_s: float | None = None
+    tokens: TokenCounts
+    counts: ShardCounts
+    rejected_by_reason: dict[str, int]
+    critic_dev: JsonObject | None = None
+    attempts: list[JsonObject] = []
+    """Every attempt at this shard in its run, the last being the one that wrote it (`shards.this_attempt`)."""
+    files: dict[str, FileRef] = {}
+    """data, rejected, completions: their names next to the manifest, rows and sha256."""

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from stage1_core.infra import faults, jsonl, provenance, storage
-from stage1_core.scale.settings import ScalePlan
+from pydantic import ValidationError
+
+from stage1_core.phases.plans import FileRef
+from stage1_core.scale.settings import ScalePlan, ShardManifest
 
 SHARDS_DIR = "shards"
 FILES = ("data", "rejected", "completions")
@@ -41,9 +44,9 @@ def paths(out: str | Path, index: int) -> dict[str, Path]:
 
 
 def expected(plan: ScalePlan, index: int) -> dict[str, Any]:
-    """What a valid manifest of shard `index` must record for this plan."""
+    """What a valid manifest of shard `index` must record for this plan (ShardManifest fields)."""
     shard = plan.shards[index]
-    return {"shard": index, "shard_seed": shard.seed, "size": shard.size, "identity": plan.identity.model_dump()}
+    return {"shard": index, "shard_seed": shard.seed, "size": shard.size, "identity": plan.identity}
 
 
 def this_attempt(attempt: int, **extra: Any) -> dict[str, Any]:
@@ -55,27 +58,28 @@ def this_attempt(attempt: int, **extra: Any) -> dict[str, Any]:
 
 
 def write(out: str | Path, index: int, rows: list[dict[str, Any]], rejected: list[dict[str, Any]],
-          completions: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+          completions: list[dict[str, Any]], info: ShardManifest) -> ShardManifest:
     """Write a shard's three files, then its manifest (last). Returns the manifest.
 
     Args:
         out: the run's output folder.
         index: the shard index.
         rows, rejected, completions: the shard's kept pairs, dropped items and response completions.
-        info: recorded in the manifest (must include the keys of `expected`).
+        info: the manifest but its `files`, which this fills in.
     """
     p = paths(out, index)
     p["manifest"].unlink(missing_ok=True)  # a stale manifest must never vouch for new files
     for name, data in zip(FILES, (rows, rejected, completions)):
         storage.write_jsonl_atomic(p[name], data)
     faults.maybe_fault("shard_write", stem(index))
-    manifest = {**info, "files": {name: {**storage.file_manifest(p[name], n), "path": p[name].name}
-                                  for name, n in zip(FILES, (len(rows), len(rejected), len(completions)))}}
-    storage.write_json_atomic(p["manifest"], manifest)
+    files = {name: FileRef.of(p[name], n).model_copy(update={"path": p[name].name})
+             for name, n in zip(FILES, (len(rows), len(rejected), len(completions)))}
+    manifest = info.model_copy(update={"files": files})
+    storage.write_json_atomic(p["manifest"], manifest.model_dump(mode="json"))
     return manifest
 
 
-def valid_manifest(out: str | Path, plan: ScalePlan, index: int) -> dict[str, Any] | None:
+def valid_manifest(out: str | Path, plan: ScalePlan, index: int) -> ShardManifest | None:
     """The manifest of shard `index` if the shard is complete for this plan, else None.
 
     Complete: the manifest parses, records the expected identity, index, seed and size, and every
@@ -83,24 +87,23 @@ def valid_manifest(out: str | Path, plan: ScalePlan, index: int) -> dict[str, An
     """
     p = paths(out, index)
     try:
-        manifest = storage.read_json(p["manifest"])
-    except (OSError, ValueError):
+        manifest = ShardManifest.model_validate(storage.read_json(p["manifest"]))
+    except (OSError, ValueError, ValidationError):
         return None
-    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in expected(plan, index).items()):
+    if any(getattr(manifest, k) != v for k, v in expected(plan, index).items()):
         return None
-    files = manifest.get("files") or {}
-    if set(files) != set(FILES):
+    if set(manifest.files) != set(FILES):
         return None
-    for rec in files.values():
-        f = p["manifest"].parent / rec["path"]
+    for rec in manifest.files.values():
+        f = p["manifest"].parent / rec.path
         if not f.is_file():
             return None
         actual = storage.file_manifest(f)
-        if (actual["sha256"], actual["rows"]) != (rec["sha256"], rec["rows"]):
+        if (actual["sha256"], actual["rows"]) != (rec.sha256, rec.rows):
             return None
     return manifest
 
 
-def read(out: str | Path, manifest: dict[str, Any], name: str) -> list[dict[str, Any]]:
+def read(out: str | Path, manifest: ShardManifest, name: str) -> list[dict[str, Any]]:
     """Rows of one of a shard's files (`data`, `rejected`, `completions`)."""
-    return jsonl.read_rows(Path(out) / SHARDS_DIR / manifest["files"][name]["path"])
+    return jsonl.read_rows(Path(out) / SHARDS_DIR / manifest.files[name].path)

@@ -54,11 +54,11 @@ def test_a_shard_is_deterministic_and_accounts_for_every_item(tmp_path):
     ma, mb = scale.compute_shard(a, 0, "run-a"), scale.compute_shard(b, 0, "run-b")
     rows_a = shards.read(a.output, ma, "data")
     rows_b = shards.read(b.output, mb, "data")
-    assert len(rows_a) == ma["rows"] == 3
+    assert len(rows_a) == ma.rows == 3
     assert strip_run(rows_a) == strip_run(rows_b)  # same items, same order, in another folder and run
-    assert ma["shard_seed"] == scale.shard_seed(5, 0) and all(r["provenance"]["shard"] == 0 for r in rows_a)
+    assert ma.shard_seed == scale.shard_seed(5, 0) and all(r["provenance"]["shard"] == 0 for r in rows_a)
     rejected = shards.read(a.output, ma, "rejected")
-    counts = ma["counts"]
+    counts = ma.counts.model_dump()
     instr_rejected = [r for r in rejected if r["phase"] == "instruction_filter" and r["reason"] != "surplus_over_count"]
     surplus = [r for r in rejected if r["reason"] == "surplus_over_count"]
     pair_rejected = [r for r in rejected if r["phase"] == "pair_filter"]
@@ -76,13 +76,13 @@ def test_a_complete_shard_is_never_recomputed_and_a_broken_one_is_redone(tmp_pat
     scale.claim(plan, "first")
     first = scale.compute_shard(plan, 1, "first")
     again = scale.compute_shard(plan, 1, "second")
-    assert again == first and again["run_id"] == "first"
+    assert again == first and again.run_id == "first"
     data = shards.paths(plan.output, 1)["data"]
     original = data.read_bytes()
     data.write_bytes(original.replace(b"\n", b"\n\n", 1))  # same rows, other bytes: sha256 differs
     assert shards.valid_manifest(plan.output, plan, 1) is None
     redone = scale.compute_shard(plan, 1, "third")
-    assert redone["run_id"] == "third"
+    assert redone.run_id == "third"
     assert strip_run(jsonl.read_rows(data)) == strip_run([json.loads(x) for x in original.decode().splitlines()])
 
 
@@ -318,8 +318,8 @@ def test_shard_retries_is_an_operational_setting_and_attempts_reach_the_manifest
     earlier = [{"attempt": 1, "flow_run_name": "lost", "state": "Crashed", "cause": "silent", "action": "retry"}]
     this = shards.this_attempt(2, flow_run_name="again")
     manifest = scale.compute_shard(plan, 1, "r", [*earlier, this])
-    assert [a["attempt"] for a in manifest["attempts"]] == [1, 2]
-    assert manifest["attempts"][1]["cuda_visible_devices"] == "2" and manifest["attempts"][1]["pid"] == os.getpid()
-    assert shards.valid_manifest(plan.output, plan, 1)["attempts"] == manifest["attempts"]
+    assert [a["attempt"] for a in manifest.attempts] == [1, 2]
+    assert manifest.attempts[1]["cuda_visible_devices"] == "2" and manifest.attempts[1]["pid"] == os.getpid()
+    assert shards.valid_manifest(plan.output, plan, 1).attempts == manifest.attempts
     local = scale.compute_shard(plan, 0, "r")  # computed in this process, no orchestrator: attempt 1
-    assert [(a["attempt"], a["host"]) for a in local["attempts"]] == [(1, shards.socket.gethostname())]
+    assert [(a["attempt"], a["host"]) for a in local.attempts] == [(1, shards.socket.gethostname())]

@@ -108,7 +108,7 @@ def test_scale_shard_flow_computes_one_shard_from_explicit_parameters(finished, 
     params = shard_parameters(plan, 2, "orchestrator")
     assert json.loads(json.dumps(params)) == params and params["config"].endswith("config.yaml")
     manifest = scale_shard(**params)
-    assert manifest["shard"] == 2 and manifest["run_id"] == "orchestrator"
+    assert manifest.shard == 2 and manifest.run_id == "orchestrator"
     assert no_run_id(read_jsonl(shards.paths(tmp_path / "d", 2)["data"])) == \
         no_run_id(read_jsonl(shards.paths(out, 2)["data"]))
     with pytest.raises(Exception, match="belongs to another run"):
@@ -262,7 +262,7 @@ def test_dispatch_reschedules_a_lost_shard_and_fails_bad_input_without_retrying(
     assert sorted(started) == [(0, 1), (1, 1), (1, 2), (2, 1)]
     assert message.startswith("1 of 3 shards failed: shard-00002: bad input") and "not retried" in message
     assert done == 2 and [a["cause"] for a in history[1]] == ["silent"] and [a["cause"] for a in history[2]] == ["bad_input"]
-    attempts = shards.valid_manifest(plan.output, plan, 1)["attempts"]
+    attempts = shards.valid_manifest(plan.output, plan, 1).attempts
     assert [(a["attempt"], a.get("cause")) for a in attempts] == [(1, "silent"), (2, None)]
     assert attempts[0]["flow_run_name"] == "scale-shard-1-try1" and attempts[1]["flow_run_name"] == "scale-shard-1-try2"
     assert shards.valid_manifest(plan.output, plan, 2) is None
