@@ -188,7 +188,7 @@ class PMIConfig(StrictModel):
     template: str = Field(default="Instruction: {instruction}\nResponse:", min_length=1)
     end: str = Field(default="\n\n", description="appended to the response: scores that the response ends there")
     per_token: bool = Field(default=False, description="divide the PMI by the response's token count")
-    weight: float = Field(default=1.0, ge=0.0, le=100.0, description="weight of the PMI in pair_scorer rubric+pmi")
+    weight: float = Field(default=0.01, ge=0.0, le=100.0, description="weight of the PMI in pair_scorer rubric+pmi")
 
     @field_validator("template")
     @classmethod
@@ -203,12 +203,14 @@ class CriticConfig(StrictModel):
     pair_rubric: PairRubric
     labels: tuple[str, str] = ("A", "B")
     threshold: float = Field(default=0.0, ge=-100.0, le=100.0)
-    instruction_threshold: float | None = Field(default=None, ge=-100.0, le=100.0, description="overrides threshold for instructions")
-    pair_threshold: float | None = Field(default=None, ge=-100.0, le=100.0, description="overrides threshold for pairs")
+    instruction_threshold: float | None = Field(default=0.4, ge=-100.0, le=100.0, description="overrides threshold "
+                                                "for instructions (null: threshold)")
+    pair_threshold: float | None = Field(default=0.0, ge=-100.0, le=100.0, description="overrides threshold for pairs "
+                                         "(null: threshold)")
     confidence_threshold: float = Field(default=1.0, ge=0.0)
     calibrate: bool = True
     label_swap: bool = True
-    order_swap: bool = False
+    order_swap: bool = True
     pair_scorer: Literal["rubric", "pmi", "rubric+pmi"] = "rubric"
     pmi: PMIConfig = Field(default_factory=PMIConfig)
     pair_heuristics: bool = True
