@@ -53,6 +53,7 @@ OPTIONS = {
 def run_option(name: str, seed: int, rounds: int, root: Path) -> dict:
     from stage1_core.phases import pipeline, qc, run
     from stage1_core.phases.options import PilotOptions
+    from stage1_core.phases.plans import RunMeta
     from stage1_core.infra import jsonl
 
     cfg_path = root / f"{name}.yaml"
@@ -60,19 +61,19 @@ def run_option(name: str, seed: int, rounds: int, root: Path) -> dict:
     plan = run.prepare_pilot(PilotOptions(output=str(root / f"{name}-seed{seed}"), config=str(cfg_path), seed=seed,
                                           count=100))
     run.claim_output(plan, "bench")
-    meta = {"run_id": "bench", "git_sha": None, "config_hash": plan["config_hash"]}
+    meta = RunMeta(run_id="bench", config_hash=plan.config_hash)
     kept, generated, reasons, tokens = None, 0, Counter(), 0
     t0 = time.perf_counter()
     for rnd in range(1, rounds + 1):
         g = pipeline.run_phase(run.make_call(plan, "generate_instructions", meta=meta, round=rnd,
-                                             inputs=run.instruction_inputs(plan["config"]["instruction_generation"], kept)))
+                                             inputs=run.instruction_inputs(plan.config.instruction_generation, kept)))
         f = pipeline.run_phase(run.make_call(plan, "filter_instructions", meta=meta, round=rnd,
-                                             inputs={"generated": g["outputs"]["generated"], "kept_before": kept}))
-        kept = f["outputs"]["kept"]
-        generated += g["generated"]
-        tokens += g["tokens"]
-        reasons.update(r["reason"] for r in jsonl.read_rows(f["outputs"]["rejected"]["path"]))
-    n_kept = f["kept_total"]
+                                             inputs={"generated": g.outputs["generated"], "kept_before": kept}))
+        kept = f.outputs["kept"]
+        generated += g.generated
+        tokens += g.tokens
+        reasons.update(r["reason"] for r in jsonl.read_rows(f.outputs["rejected"].path))
+    n_kept = f.kept_total
     judged = n_kept + reasons.get("critic", 0)
     near = sum(reasons.get(r, 0) for r in qc.NEAR_DUPLICATE_REASONS)  # as the gate's near_duplicate_share counts
     return {"option": name, "overlay": OPTIONS[name], "seed": seed, "rounds": rounds, "generated": generated,
