@@ -1,6 +1,7 @@
 """Benchmark: the stage1 generation engine against plain `model.generate` on one GPU (not a test).
 
     python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
+                               [--compile on|off|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
 
 One JSON file holds every record, rewritten after each one (`bench/results/gpu_engine-<date>.json`
@@ -16,7 +17,12 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   (`engine_tok_s`, `ratio` = engine / warmed plain) and sampled at temperature 0.7, top-p 0.9; one warm-up call.
   `--fuse both` measures the engine twice on the same loaded model, q/k/v and gate/up as separate GEMMs
   (the record's `unfused` block, `unfused_ratio`) and fused (the record's engine_* fields, `fused`: true),
-  each warmed and best of three; `fused_over_unfused` = fused / unfused greedy tok/s.
+  each warmed and best of three; `fused_over_unfused` = fused / unfused greedy tok/s. `--compile both`
+  likewise measures the layers eager and compiled (decoder.py; the `uncompiled` block,
+  `compiled_over_uncompiled`; on 270m also `token_match_uncompiled`). Each path records its warm-up call's
+  seconds (`engine_warmup_s`: compilation and first captures) and the timed call's device-timeline spans
+  of prefills and graph captures (`engine_prefill_ms`, `engine_capture_ms`; `engine_decode_ms_step` is the
+  rest per step).
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
@@ -164,7 +170,8 @@ def param_bytes(model: Any) -> tuple[int, int]:
 
 
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
-               forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True) -> dict[str, Any]:
+               forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
+               compile: str = "on") -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -184,22 +191,29 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     n_params, w_bytes = param_bytes(backend.model)
     eng = backend.engine()
     can_fuse = eng is not None and bool(eng.dec.fused)
-    variants = {"both": [False, True], "on": [True], "off": [False]}[fuse] if can_fuse else [False]
+    can_compile = eng is not None and bool(eng.dec.compiled)
+    fuse_v = {"both": [False, True], "on": [True], "off": [False]}[fuse] if can_fuse else [False]
+    comp_v = {"both": [False, True], "on": [True], "off": [False]}[compile] if can_compile else [False]
+    variants = [(f, c) for f in fuse_v for c in comp_v]  # (fused, compiled); the last is the record's main path
     paths = {}
-    for fused in variants:  # the same loaded model and engine, fusion switched per call
+    for fused, compiled in variants:  # the same loaded model and engine, switched per call
         if eng is not None:
-            eng.dec.use_fused = fused
-        paths[fused] = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
+            eng.dec.use_fused, eng.dec.use_compiled = fused, compiled
+        paths[(fused, compiled)] = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
+        if eng is not None and compiled and not eng.dec.use_compiled:  # compilation failed: say so
+            rec["compile_failed"] = eng.dec.compile_failed
     main = paths[variants[-1]]
     rec.update(main)
-    rec["fused"] = variants[-1]
+    rec["fused"], rec["compiled"] = variants[-1]
     rec["ratio"] = round(rec["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
-    if len(variants) == 2:
-        base = paths[False]
-        rec["unfused"] = base
-        rec["fused_over_unfused"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
-        rec["fused_over_unfused_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
-        rec["unfused_ratio"] = round(base["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
+    for name, flag in (("fused", 0), ("compiled", 1)):
+        if len({v[flag] for v in variants}) == 2:  # measured with and without this switch
+            other = tuple(not x if i == flag else x for i, x in enumerate(variants[-1]))
+            base = paths[other]
+            rec["un" + name] = base
+            rec[f"{name}_over_un{name}"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
+            rec[f"{name}_over_un{name}_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
+            rec[f"un{name}_ratio"] = round(base["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
     rate, n_tok = critic_rate(backend, prompts)
     rec["critic_prompts_s"] = round(rate, 1)
     rec["critic_prompt_tokens"] = round(n_tok, 1)
@@ -216,7 +230,8 @@ def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sam
                  batch: int, max_new: int, w_bytes: int) -> dict[str, Any]:
     """Engine greedy and sampled tok/s (each warmed at full size, best of REPEATS) and the limit fraction."""
     out: dict[str, Any] = {}
-    engine_run(backend, prompts, greedy)  # warm-up (stop tables, first graphs), full size
+    _, warm_s, _ = engine_run(backend, prompts, greedy)  # warm-up (stop tables, compilation, graphs), full size
+    out["engine_warmup_s"] = round(warm_s, 2)
     (tok, secs, stats), _ = best_of(lambda: engine_run(backend, prompts, greedy), seconds_of=lambda r: r[1])
     out["engine_tok_s"] = round(tok / secs, 1)
     out["engine_tokens"] = tok
@@ -224,6 +239,12 @@ def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sam
     out["engine_steps"] = stats.steps if stats else None
     out["engine_slots"] = stats.slots if stats else None
     out["engine_graphs"] = stats.graphs if stats else None
+    out["engine_compiled"] = stats.compiled if stats else None
+    if stats is not None and stats.graphs:  # device-timeline spans of the timed call (CUDA events)
+        out["engine_prefill_ms"] = stats.prefill_ms
+        out["engine_capture_ms"] = stats.capture_ms
+        out["engine_captures"] = stats.captures
+        out["engine_decode_ms_step"] = round((1000 * secs - stats.prefill_ms - stats.capture_ms) / max(1, stats.steps), 2)
     engine_run(backend, prompts, sampled)  # warm-up of the sampling graphs
     (tok_s, secs_s, _), _ = best_of(lambda: engine_run(backend, prompts, sampled), seconds_of=lambda r: r[1])
     out["engine_sampled_tok_s"] = round(tok_s / secs_s, 1)
@@ -305,11 +326,20 @@ def main() -> int:
     ap.add_argument("--fuse", choices=("on", "off", "both"), default="on",
                     help="engine with fused q/k/v and gate/up GEMMs (on), without (off), or both in turn on one "
                          "loaded model (both: the record's engine_* fields are the fused path's, `unfused` the other)")
+    ap.add_argument("--compile", choices=("on", "off", "both"), default="on",
+                    help="engine with its layers compiled (torch.compile, on), eager (off), or both in turn on one "
+                         "loaded model (both: the record's engine_* fields are the compiled path's, `uncompiled` "
+                         "the other)")
     ap.add_argument("--no-hf-cb", action="store_true", help="skip transformers' generate_batch (hf_cb_tok_s)")
+    ap.add_argument("--note", default=None, help="a note stored in each record (e.g. the command and commit)")
     a = ap.parse_args()
     if a.fuse == "off":
         os.environ["STAGE1_ENGINE_FUSE"] = "0"
-    opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb}
+    if a.compile == "off":
+        os.environ["STAGE1_ENGINE_COMPILE"] = "0"
+    elif torch.cuda.is_available() or a.compile == "both":
+        os.environ.setdefault("STAGE1_ENGINE_COMPILE", "1")
+    opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile}
     date = dt.date.today().isoformat()
     out = Path(a.out or REPO / "bench" / "results" / f"gpu_engine-{date}{'-smoke' if a.smoke else ''}.json")
     records: list[dict[str, Any]] = json.loads(out.read_text())["records"] if out.is_file() else []
@@ -323,9 +353,19 @@ def main() -> int:
                 prompts = real_prompts(n)
                 for dtype in a.dtypes.split(","):
                     backend = load_backend(ModelConfig(dtype=dtype))
-                    match = measure_token_match(backend, prompts, 64 if not a.smoke else 8)
+                    matches = {}
+                    eng = backend.engine()
+                    for compiled in ([False, True] if a.compile == "both" and eng is not None and eng.dec.compiled
+                                     else [None]):
+                        if compiled is not None:
+                            eng.dec.use_compiled = compiled
+                        matches[compiled] = measure_token_match(backend, prompts, 64 if not a.smoke else 8)
+                    match = matches[list(matches)[-1]]
                     rec = record_for(backend, "270m", len(prompts), dtype, prompts, max_new, True, match, **opts)
+                    if False in matches:
+                        rec["token_match_uncompiled"] = matches[False]
                     rec["load_seconds"] = backend.fingerprint.get("load_seconds")
+                    rec["note"] = a.note
                     upsert(records, rec)
                     write(out, records)
                     print(json.dumps(rec), flush=True)
@@ -340,6 +380,7 @@ def main() -> int:
             for b in batches:
                 rec = record_for(backend, name, b, cfg.dtype, prompts_all[:b], max_new, True, None, **opts)
                 rec["load_seconds"] = round(load_s, 1)
+                rec["note"] = a.note
                 upsert(records, rec)
                 write(out, records)
                 print(json.dumps(rec), flush=True)

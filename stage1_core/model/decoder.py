@@ -8,11 +8,21 @@ repeats K/V: query heads of one KV head become extra query rows. Sliding-window 
 On CUDA decode attention is two batched matmuls over the cache slice read in place; on the CPU it is
 SDPA (which matches transformers there). With fusion (fusion.py, on by default) each layer's q/k/v and
 gate/up projections are one GEMM each.
+
+With `compile` (CUDA; `STAGE1_ENGINE_COMPILE`, see `compile_enabled`) the two stretches of a layer around
+its attention run through `torch.compile` (inductor, no CUDA graphs of its own: the engine captures the
+whole decode step itself): input norm, q/k/v GEMM, q/k norms and rotary before it; o_proj, the norms and
+residual adds, gate/up GEMM, activation and down_proj after it. Norms, residuals, rotary and the
+activation then run as a few fused kernels instead of ~30 small ones per layer. Each stretch is compiled
+once for all layers (the layer's modules are arguments, so their weights are graph inputs), once for
+decode and once for prefill (dynamic shapes); the KV-cache writes and the attention stay eager.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from stage1_core.model.fusion import FusedLayer, fuse_projections
@@ -20,15 +30,101 @@ from stage1_core.model.fusion import FusedLayer, fuse_projections
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("stage1.engine")
+
+COMPILE_ENV = "STAGE1_ENGINE_COMPILE"
+
+
+def compile_enabled(device_type: str) -> bool:
+    """Whether the engine compiles its layers by default: `STAGE1_ENGINE_COMPILE` 1/0, else on CUDA only
+    (the CPU path stays eager: inductor's C++ build there costs more than it saves)."""
+    v = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if v in ("0", "false", "no", "off"):
+        return False
+    if v in ("1", "true", "yes", "on"):
+        return True
+    return device_type == "cuda"
+
+
+def _pre_attn(dec: "Decoder", layer: Any, fused: FusedLayer | None, x: "torch.Tensor", c: "torch.Tensor",
+              s: "torch.Tensor") -> tuple["torch.Tensor", ...]:
+    """x (n, t, hidden) -> q (n, heads, t, d), k and v (n, kv, t, d): input norm, projections, q/k norms, rotary
+    (c, s: (n, 1, t, d) cos/sin at the rows' positions)."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    n, t, _ = h.shape
+    if fused is not None and fused.qkv is not None:
+        q, k, v = fused.qkv(h)  # one GEMM, split along the last dimension (views)
+    else:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    q = q.view(n, t, dec.n_heads, dec.head_dim).transpose(1, 2)
+    k = k.view(n, t, dec.n_kv, dec.head_dim).transpose(1, 2)
+    v = v.view(n, t, dec.n_kv, dec.head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return Decoder._rotate(q, c, s), Decoder._rotate(k, c, s), v
+
+
+def _post_attn(dec: "Decoder", layer: Any, fused: FusedLayer | None, x: "torch.Tensor",
+               a: "torch.Tensor") -> "torch.Tensor":
+    """The rest of a layer after attention: o_proj, norms and residuals, MLP. a (n, t, heads*d) -> x."""
+    attn_out = layer.self_attn.o_proj(a)
+    if dec.gemma_norms:
+        x = x + layer.post_attention_layernorm(attn_out)
+        return x + layer.post_feedforward_layernorm(_mlp(layer, fused, layer.pre_feedforward_layernorm(x)))
+    x = x + attn_out
+    return x + _mlp(layer, fused, layer.post_attention_layernorm(x))
+
+
+def _mlp(layer: Any, fused: FusedLayer | None, x: "torch.Tensor") -> "torch.Tensor":
+    """down(act(gate(x)) * up(x)), with gate and up as one GEMM when fused."""
+    if fused is None or fused.gate_up is None:
+        return layer.mlp(x)
+    gate, up = fused.gate_up(x)
+    return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """True when `e`, or an exception it wraps (torch.compile wraps its backend's), is out of device memory."""
+    import torch
+
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 8:
+        if isinstance(cur, torch.OutOfMemoryError):
+            return True
+        cur = getattr(cur, "inner_exception", None) or cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
+# distinct code objects, so decode's static-shape graphs and prefill's dynamic ones are cached apart
+def _pre_attn_decode(dec: "Decoder", layer: Any, fused: Any, x: Any, c: Any, s: Any) -> Any:
+    return _pre_attn(dec, layer, fused, x, c, s)
+
+
+def _post_attn_decode(dec: "Decoder", layer: Any, fused: Any, x: Any, a: Any) -> Any:
+    return _post_attn(dec, layer, fused, x, a)
+
+
+def _pre_attn_prefill(dec: "Decoder", layer: Any, fused: Any, x: Any, c: Any, s: Any) -> Any:
+    return _pre_attn(dec, layer, fused, x, c, s)
+
+
+def _post_attn_prefill(dec: "Decoder", layer: Any, fused: Any, x: Any, a: Any) -> Any:
+    return _post_attn(dec, layer, fused, x, a)
+
 
 class Decoder:
     """The model's layers run over a static, slot-indexed KV cache (prefill and decode)."""
 
-    def __init__(self, model: Any, fuse: bool = True) -> None:
-        """Take the model's modules; with `fuse`, concatenate q/k/v and gate/up of each layer (fusion.py).
+    def __init__(self, model: Any, fuse: bool = True, compile: Any = False) -> None:
+        """Take the model's modules; with `fuse`, concatenate q/k/v and gate/up of each layer (fusion.py);
+        with `compile` (True = inductor, or a torch.compile backend), compile the stretches of a layer
+        around its attention (see the module docstring).
 
-        `use_fused` may be switched off later (the modules still hold the same weights, as views):
-        the benchmark measures both paths on one loaded model.
+        `use_fused` and `use_compiled` may be switched later (the modules still hold the same weights,
+        as views): the benchmark measures the paths on one loaded model.
         """
         import torch
 
@@ -59,6 +155,36 @@ class Decoder:
         self.fused: list[FusedLayer] = fuse_projections(self.layers) if fuse else []
         self.use_fused = bool(self.fused)
         """Run the fused GEMMs where a layer has them (else the model's own projection modules)."""
+        self.compiled: dict[str, Any] = {}
+        if compile:
+            backend = "inductor" if compile is True else compile
+            self.compiled = {f.__name__.lstrip("_"): torch.compile(f, backend=backend, dynamic=dyn)
+                             for f, dyn in ((_pre_attn_decode, None), (_post_attn_decode, None),
+                                            (_pre_attn_prefill, True), (_post_attn_prefill, True))}
+        self.use_compiled = bool(self.compiled)
+        """Run the compiled stretches (else the same functions eagerly)."""
+        self.compile_failed: str | None = None
+
+    def _stretch(self, name: str, *args: Any) -> Any:
+        """Run one stretch of a layer (pre_attn_decode, post_attn_prefill, ...), compiled when on; a stretch
+        whose compilation fails turns compilation off for this decoder (logged) and runs eagerly."""
+        import torch
+
+        eager = globals()["_" + name]
+        if self.use_compiled:
+            try:
+                return self.compiled[name](self, *args)
+            except Exception as e:  # noqa: BLE001 - inductor/triton missing or failing: the eager path is exact
+                if _out_of_memory(e):
+                    raise torch.OutOfMemoryError(str(e)) from e  # the engine backs off; compilation stays on
+                self.use_compiled = False
+                self.compile_failed = f"{type(e).__name__}: {e}"[:500]
+                log.warning("engine: torch.compile of the layers failed (%s); running them eagerly",
+                            self.compile_failed)
+        return eager(self, *args)
+
+    def _fused(self, li: int) -> FusedLayer | None:
+        return self.fused[li] if self.use_fused and self.fused else None
 
     # -- rotary tables ------------------------------------------------------------------------
     def rope_tables(self, length: int) -> None:
@@ -82,6 +208,10 @@ class Decoder:
             self._rope[lt] = (cos[0].to(self.dtype), sin[0].to(self.dtype))  # (length, head_dim)
         self._rope_len = length
 
+    def _rope_at(self, pos: "torch.Tensor") -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
+        """cos/sin per layer type at positions pos (n, t), shaped (n, 1, t, d): gathered once per forward."""
+        return {lt: (cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)) for lt, (cos, sin) in self._rope.items()}
+
     @staticmethod
     def _rotate(x: "torch.Tensor", cos: "torch.Tensor", sin: "torch.Tensor") -> "torch.Tensor":
         import torch
@@ -89,24 +219,6 @@ class Decoder:
         half = x.shape[-1] // 2
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin
-
-    def _qkv(self, layer: Any, h: "torch.Tensor", li: int, pos: "torch.Tensor") -> tuple["torch.Tensor", ...]:
-        """h (n, t, hidden), pos (n, t) -> q (n, heads, t, d), k and v (n, kv, t, d), rotated."""
-        attn = layer.self_attn
-        n, t, _ = h.shape
-        fused = self.fused[li].qkv if self.use_fused else None
-        if fused is not None:
-            q, k, v = fused(h)  # one GEMM, split along the last dimension (views)
-        else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        q = q.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = self._rope[self.layer_types[li]]
-        c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)  # (n, 1, t, d)
-        return self._rotate(q, c, s), self._rotate(k, c, s), v
 
     def _attend(self, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", mask: "torch.Tensor",
                 scale: float) -> "torch.Tensor":
@@ -139,21 +251,6 @@ class Decoder:
         o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # (s, kv, group, d)
         return o.reshape(s, 1, self.n_heads * d)
 
-    def _mlp(self, layer: Any, li: int, x: "torch.Tensor") -> "torch.Tensor":
-        """down(act(gate(x)) * up(x)), with gate and up as one GEMM when fused."""
-        fused = self.fused[li].gate_up if self.use_fused else None
-        if fused is None:
-            return layer.mlp(x)
-        gate, up = fused(x)
-        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-
-    def _mlp_block(self, layer: Any, li: int, x: "torch.Tensor", attn_out: "torch.Tensor") -> "torch.Tensor":
-        if self.gemma_norms:
-            x = x + layer.post_attention_layernorm(attn_out)
-            return x + layer.post_feedforward_layernorm(self._mlp(layer, li, layer.pre_feedforward_layernorm(x)))
-        x = x + attn_out
-        return x + self._mlp(layer, li, layer.post_attention_layernorm(x))
-
     def logits(self, h: "torch.Tensor") -> "torch.Tensor":
         """Final norm + LM head (+ soft-capping) of hidden states (n, hidden) -> float32 (n, vocab)."""
         import torch
@@ -176,18 +273,20 @@ class Decoder:
         qi = torch.arange(t, device=self.device)
         causal = qi[None, :] <= qi[:, None]  # (t, t): key <= query
         masks: dict[int | None, torch.Tensor] = {}
+        rot = self._rope_at(pos)
         x = self.embed(tokens)
         for li, layer in enumerate(self.layers):
             w = self.windows[li]
             if w not in masks:
                 m = causal if w is None else causal & (qi[None, :] > qi[:, None] - w)
                 masks[w] = m[None, None]
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), li, pos)
+            c, sn = rot[self.layer_types[li]]
+            q, k, v = self._stretch("pre_attn_prefill", layer, self._fused(li), x, c, sn)
             ck, cv = cache[li]
             ck[slots, :, :t] = k
             cv[slots, :, :t] = v
             a = self._attend(q, k, v, masks[w], layer.self_attn.scaling)
-            x = self._mlp_block(layer, li, x, layer.self_attn.o_proj(a))
+            x = self._stretch("post_attn_prefill", layer, self._fused(li), x, a)
         return x[torch.arange(n, device=self.device), lengths - 1]
 
     def decode(self, tokens: "torch.Tensor", pos: "torch.Tensor",
@@ -200,13 +299,15 @@ class Decoder:
         upto = keys[None, :] <= pos[:, None]  # (s, context)
         masks: dict[int | None, torch.Tensor] = {}
         rows = torch.arange(s, device=self.device)
+        rot = self._rope_at(pos[:, None])
         x = self.embed(tokens[:, None])
         for li, layer in enumerate(self.layers):
             w = self.windows[li]
             if w not in masks:
                 m = upto if w is None else upto & (keys[None, :] > pos[:, None] - w)
                 masks[w] = m[:, None, None, :]
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), li, pos[:, None])
+            c, sn = rot[self.layer_types[li]]
+            q, k, v = self._stretch("pre_attn_decode", layer, self._fused(li), x, c, sn)
             ck, cv = cache[li]
             ck[rows, :, pos] = k[:, :, 0]
             cv[rows, :, pos] = v[:, :, 0]
@@ -214,5 +315,5 @@ class Decoder:
                 a = self._attend_one(q, ck[:, :, :context], cv[:, :, :context], masks[w], layer.self_attn.scaling)
             else:
                 a = self._attend(q, ck[:, :, :context], cv[:, :, :context], masks[w], layer.self_attn.scaling)
-            x = self._mlp_block(layer, li, x, layer.self_attn.o_proj(a))
+            x = self._stretch("post_attn_decode", layer, self._fused(li), x, a)
         return x[:, 0]

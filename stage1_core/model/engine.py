@@ -15,7 +15,9 @@ Mistral, Qwen2/3: `supports(model)` says which) and completes token-id prompts:
   the same seed gives the same text at any batch size, in any batch company, after any OOM back-off
   (sampling.py);
 - on CUDA the decode step is captured once per (slots, context, mode) in a CUDA graph and replayed;
-  on the CPU it runs eagerly. Rows are harvested every `sync_every` steps (1 on the CPU).
+  on the CPU it runs eagerly. Rows are harvested every `sync_every` steps (1 on the CPU);
+- on CUDA the layers' stretches around attention are compiled with `torch.compile` before the graph
+  is captured (decoder.py; `STAGE1_ENGINE_COMPILE=0` or `Engine(compile=False)` turns it off).
 The engine reuses the model's own modules (projections, norms, MLP, rotary tables), so its numerics
 follow transformers'; `HFBackend` keeps plain `model.generate` as the reference path
 (`model.engine: reference`).
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from stage1_core.infra.errors import DeviceOOM
-from stage1_core.model.decoder import Decoder
+from stage1_core.model.decoder import Decoder, compile_enabled
 from stage1_core.model.fusion import fusion_enabled
 from stage1_core.model.sampling import Sampling, row_seed, sample, sampling_mode
 from stage1_core.model.stops import cached_stop_tables, cached_token_strings, vocab_key
@@ -99,6 +101,10 @@ class EngineStats:
     tokens: int = 0
     seconds: float = 0.0
     graphs: bool = False
+    compiled: bool = False
+    prefill_ms: float = 0.0  # device-timeline spans (CUDA events) of the prefills and of the graph captures
+    capture_ms: float = 0.0  # (warm-up steps and compilation included)
+    captures: int = 0
     oom_backoffs: list[int] = field(default_factory=list)
 
 
@@ -107,7 +113,8 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: Sequence[int], *, slots: int | None = None,
                  use_graphs: bool | None = None, sync_every: int | None = None,
-                 prefill_tokens: int | None = None, fuse: bool | None = None) -> None:
+                 prefill_tokens: int | None = None, fuse: bool | None = None,
+                 compile: Any = None) -> None:
         """Prepare the engine for a loaded model (nothing is allocated until the first call).
 
         Args:
@@ -120,6 +127,8 @@ class Engine:
             prefill_tokens: padded prompt tokens per prefill forward (default 2048 CPU, 32768 CUDA).
             fuse: fuse q/k/v and gate/up into one GEMM each (default on; `STAGE1_ENGINE_FUSE=0` turns
                 the default off). The model's modules keep working: their weights become views.
+            compile: torch.compile the layers' stretches around attention (default on CUDA;
+                `STAGE1_ENGINE_COMPILE=0/1` sets the default; a backend name may be given).
         Raises:
             ValueError: the model is not supported (`supports` says why).
         """
@@ -129,7 +138,9 @@ class Engine:
         import torch
 
         self.model, self.tokenizer = model, tokenizer
-        self.dec = Decoder(model, fuse=fusion_enabled() if fuse is None else fuse)
+        device = next(model.parameters()).device
+        self.dec = Decoder(model, fuse=fusion_enabled() if fuse is None else fuse,
+                           compile=compile_enabled(device.type) if compile is None else compile)
         self.device = self.dec.device
         self.cuda = self.device.type == "cuda"
         self.eos_ids = sorted({int(e) for e in eos_ids})
@@ -145,6 +156,7 @@ class Engine:
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._cache_shape: tuple[int, int] = (0, 0)
         self.stats = EngineStats()
+        self._spans: list[tuple[str, Any, Any]] = []
         self.on_alloc: Callable[[int, int], None] | None = None  # test hook: (slots, context) before allocation
 
     # -- sizing ---------------------------------------------------------------------------------
@@ -263,7 +275,40 @@ class Engine:
                 log.warning("engine: out of memory; retrying the %d unfinished prompts with %d slots",
                             len(prompts) - len(results), slots)
         self.stats.seconds = time.perf_counter() - t0
+        self.stats.compiled = self.dec.use_compiled  # off when compilation failed during the call
+        self._collect_spans()
         return [results[i] for i in range(len(prompts))]
+
+    # -- device-time spans (for the stats; CUDA only, no host sync until the call's end) ------------
+    def _span_start(self) -> Any:
+        import torch
+
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _span_end(self, kind: str, start: Any) -> None:
+        import torch
+
+        if start is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._spans.append((kind, start, ev))
+
+    def _collect_spans(self) -> None:
+        if self._spans:
+            self._spans[-1][2].synchronize()
+        for kind, a, b in self._spans:
+            ms = a.elapsed_time(b)
+            if kind == "prefill":
+                self.stats.prefill_ms += ms
+            else:
+                self.stats.capture_ms += ms
+        self.stats.prefill_ms = round(self.stats.prefill_ms, 1)
+        self.stats.capture_ms = round(self.stats.capture_ms, 1)
+        self._spans = []
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self, prompts: Sequence[Sequence[int]], ids: Sequence[str], results: dict[int, list[int]], slots: int,
@@ -297,12 +342,15 @@ class Engine:
         step = self._step_fn(st, smp, nxt_tab, fire_tab, context, slots)
         self.stats.slots = slots
         self.stats.graphs = self.use_graphs
+        self.stats.compiled = self.dec.use_compiled
         harvested = reported = 0
         while queue or any(o is not None for o in owner):
             free = [s for s in range(slots) if owner[s] is None]
             if free and queue and (len(free) * 8 >= slots or len(free) == slots or len(queue) <= len(free)):
                 take = [queue.pop(0) for _ in range(min(len(free), len(queue)))]
+                span = self._span_start()
                 self._admit(take, free[: len(take)], prompts, ids, seed, st, smp, nxt_tab, fire_tab, owner)
+                self._span_end("prefill", span)
                 for s, i in zip(free, take):
                     reach[s] = len(prompts[i])
             # attend only as far as any occupied row can reach before the next harvest (64-token buckets)
@@ -416,12 +464,15 @@ class Engine:
 
         def replay(bucket: int) -> None:
             if bucket not in graphs:
+                span = self._span_start()
+                self.stats.captures += 1
                 try:
                     graphs[bucket] = capture(bucket)
                 except Exception as e:  # noqa: BLE001 - a model whose kernels cannot be captured runs eagerly
                     log.warning("engine: CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
                     self.use_graphs = False
                     graphs[bucket] = None
+                self._span_end("capture", span)
             g = graphs[bucket]
             if g is None:
                 eager(bucket)

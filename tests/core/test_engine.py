@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from stage1_core.model import decoder as D  # noqa: E402
 from stage1_core.model import engine as E  # noqa: E402
 from stage1_core.model import fusion as F  # noqa: E402
 from stage1_core.model import sampling as S  # noqa: E402
@@ -263,6 +264,87 @@ def test_projections_that_are_not_plain_linear_are_left_alone(monkeypatch: pytes
     assert eng.generate(prompts, [str(i) for i in range(5)], 10, 0.0, 1.0, 0, [], seed=0) == ref
     monkeypatch.setenv(F.ENV, "0")  # the benchmark's unfused baseline
     assert not E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[]).dec.use_fused
+
+
+# --------------------------------------------------------------------------- compiled layers
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama", "qwen2"])
+def test_compiled_stretches_trace_once_for_all_layers_and_decode_exactly(kind: str) -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _tiny(kind)
+    prompts = _prompts(7, 96)
+    ref = _reference(model, prompts, 12)
+    counter = CompileCounter()  # traces like torch.compile, runs the captured graphs eagerly (fast on a CPU)
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=3, compile=counter)
+    assert eng.dec.use_compiled and eng.stats.compiled is False
+    eng.dec.matmul_decode = True
+    got = eng.generate(prompts, [f"p{i}" for i in range(7)], 12, 0.0, 1.0, 0, [], seed=0)
+    assert got == ref and eng.stats.compiled and eng.dec.compile_failed is None
+    # one graph per stretch for every layer (the layer's modules are arguments, not constants): decode's
+    # two, prefill's two, and prefill's again for a one-row chunk (torch's 0/1 specialisation) at most
+    assert counter.frame_count <= 6
+    frames = counter.frame_count
+    for n in (3, 5, 7):  # other slot counts and prompt widths: no trace per call
+        eng.generate(prompts[:n], [f"p{i}" for i in range(n)], 12, 0.0, 1.0, 0, [], seed=0)
+    assert counter.frame_count <= frames + 2  # decode's slot count turns dynamic once
+    sampled = {c: eng.generate(prompts, [f"p{i}" for i in range(7)], 10, 0.8, 0.9, 0, STOPS, seed=1)
+               for c in (True, False) if not setattr(eng.dec, "use_compiled", c)}
+    assert sampled[True] == sampled[False]
+
+
+def test_a_failing_compile_falls_back_to_the_eager_layers() -> None:
+    def broken(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    model = _tiny("llama")
+    prompts = _prompts(4, 96, seed=3)
+    ref = _reference(model, prompts, 8)
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=2, compile=broken)
+    assert eng.generate(prompts, [str(i) for i in range(4)], 8, 0.0, 1.0, 0, [], seed=0) == ref
+    assert not eng.dec.use_compiled and "no compiler here" in (eng.dec.compile_failed or "")
+    assert not eng.stats.compiled
+
+    def oom_at_compile(gm: Any, example_inputs: Any) -> Any:
+        raise torch.OutOfMemoryError("fake: no room to compile")
+
+    def oom_at_run(gm: Any, example_inputs: Any) -> Any:
+        def run(*args: Any) -> Any:
+            raise torch.OutOfMemoryError("fake: no room to run")
+        return run
+
+    for backend in (oom_at_compile, oom_at_run):  # out of memory is no compile failure: the engine backs off
+        torch._dynamo.reset()
+        eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=2, compile=backend)
+        with pytest.raises(E.EngineOOM):
+            eng.generate(prompts, [str(i) for i in range(4)], 8, 0.0, 1.0, 0, [], seed=0)
+        assert eng.dec.use_compiled and eng.dec.compile_failed is None
+
+
+def test_compile_default_is_cuda_only_and_the_variable_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(D.COMPILE_ENV, raising=False)
+    assert D.compile_enabled("cuda") and not D.compile_enabled("cpu")
+    monkeypatch.setenv(D.COMPILE_ENV, "0")
+    assert not D.compile_enabled("cuda")
+    monkeypatch.setenv(D.COMPILE_ENV, "1")
+    assert D.compile_enabled("cpu")
+    monkeypatch.delenv(D.COMPILE_ENV)
+    assert not E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[]).dec.use_compiled  # the CPU default
+
+
+@pytest.mark.not_fast
+def test_inductor_compiled_layers_decode_exactly_on_the_cpu() -> None:
+    """The real compiler (inductor, C++ on the CPU; ~40 s on 2 cores): the same greedy tokens as generate."""
+    torch._dynamo.reset()
+    model = _tiny("gemma3")
+    prompts = _prompts(5, 96)
+    ref = _reference(model, prompts, 10)
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=3, compile=True)
+    eng.dec.matmul_decode = True
+    assert eng.generate(prompts, [f"p{i}" for i in range(5)], 10, 0.0, 1.0, 0, [], seed=0) == ref
+    assert eng.dec.use_compiled, eng.dec.compile_failed
 
 
 def test_tiny_sampling_independent_of_batch_and_order() -> None:
