@@ -1,7 +1,7 @@
 """Benchmark: the stage1 generation engine against plain `model.generate` on one GPU (not a test).
 
     python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
-                               [--compile on|off|both]
+                               [--compile on|off|both] [--sampler new|legacy|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
 
 One JSON file holds every record, rewritten after each one (`bench/results/gpu_engine-<date>.json`
@@ -19,10 +19,16 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   (the record's `unfused` block, `unfused_ratio`) and fused (the record's engine_* fields, `fused`: true),
   each warmed and best of three; `fused_over_unfused` = fused / unfused greedy tok/s. `--compile both`
   likewise measures the layers eager and compiled (decoder.py; the `uncompiled` block,
-  `compiled_over_uncompiled`; on 270m also `token_match_uncompiled`). Each path records its warm-up call's
-  seconds (`engine_warmup_s`: compilation and first captures) and the timed call's device-timeline spans
-  of prefills and graph captures (`engine_prefill_ms`, `engine_capture_ms`; `engine_decode_ms_step` is the
-  rest per step).
+  `compiled_over_uncompiled`; on 270m also `token_match_uncompiled`). `--sampler both` likewise measures the
+  engine with 08ca440's draw (`LegacySampler` below: float32 logits, top-k on logits / temperature,
+  torch.logsumexp, eager; its greedy is the argmax of the float32 logits) and with today's (the LM head's
+  dtype, compiled with the layers: sampling.py), greedy and sampled each: the `legacy_sampler` block,
+  `sampled_over_greedy` of each, and `sampler_draw` (one draw alone on random logits of the record's
+  shape, CUDA-graph replayed: ms per draw of each form, and whether their tokens agree). Each path records
+  its warm-up call's seconds (`engine_warmup_s`: compilation and first captures) and the timed call's
+  device-timeline spans of prefills and graph captures (`engine_prefill_ms`, `engine_capture_ms`;
+  `engine_decode_ms_step` is the rest per step), greedy and sampled (`engine_sampled_*`: tokens, ms/step;
+  `sampled_over_greedy_per_step` compares the steps, free of how many tokens the rows produced).
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
@@ -59,6 +65,7 @@ import torch  # noqa: E402
 
 from stage1_core.infra.config import ModelConfig, load_pilot_config  # noqa: E402
 from stage1_core.model import load_backend  # noqa: E402
+from stage1_core.model import sampling as SM  # noqa: E402
 from stage1_core.infra.provenance import lock_sha256  # noqa: E402
 from stage1_core.phases.prompts import build_instruction_prompt, build_response_prompt  # noqa: E402
 from stage1_core.infra.schemas import GenerationParams  # noqa: E402
@@ -169,9 +176,97 @@ def param_bytes(model: Any) -> tuple[int, int]:
     return n, b
 
 
+def legacy_sample(logits: Any, s: Any, seeds: Any, steps: Any) -> Any:
+    """08ca440's `sampling.sample` (float32 logits), kept here for before/after timings in one process."""
+    if s.mode == "greedy":
+        return logits.argmax(dim=-1)
+    scaled = logits / s.temperature
+    u = SM.uniform(seeds, steps)
+    if s.mode == "full":
+        cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).contiguous(), right=True).squeeze(-1)
+        return pick.clamp(max=logits.shape[-1] - 1)
+    k = min(SM.TOP_CANDIDATES, logits.shape[-1])
+    vals, idx = scaled.topk(k, dim=-1)
+    probs = torch.exp(vals - torch.logsumexp(scaled, dim=-1, keepdim=True))
+    ranks = torch.arange(k, device=logits.device)
+    limit = torch.where(s.top_k > 0, s.top_k, torch.full_like(s.top_k, k))
+    probs = probs * (ranks < limit).to(probs.dtype)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    cum = probs.cumsum(dim=-1)
+    keep = (cum - probs) < s.top_p
+    kept = probs * keep.to(probs.dtype)
+    kcum = kept.cumsum(dim=-1)
+    j = (kcum <= (u * kcum[:, -1]).unsqueeze(-1)).sum(dim=-1).clamp(max=k - 1)
+    return idx.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+
+
+class LegacySampler:
+    """The engine's draw as of 08ca440: the float32 logits (as `Decoder.logits` returned them), eager."""
+
+    use_compiled = False
+    compile_failed = None
+
+    def __call__(self, logits: Any, s: Any, seeds: Any, steps: Any, compiled: bool = True) -> Any:
+        return legacy_sample(logits.float(), s, seeds, steps)
+
+
+def graph_ms(fn: Any, reps: int = 20) -> float:
+    """ms per call of fn, captured once in a CUDA graph and replayed `reps` times (after 3 eager warm-ups)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    sync()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    sync()
+    return round(a.elapsed_time(b) / reps, 3)
+
+
+def sampler_draw(eng: Any, batch: int) -> dict[str, Any]:
+    """One draw alone on random logits (batch, vocab) in the model's dtype, scaled like a random model's
+    (std 1.25): ms per draw of greedy and top-p 0.9 / temperature 0.7, the legacy form against today's
+    eager and compiled forms (CUDA-graph replayed), and the fraction of rows whose tokens agree."""
+    dev = eng.device
+    g = torch.Generator(device=dev).manual_seed(0)
+    logits = (torch.randn(batch, eng.vocab, device=dev, generator=g) * 1.25).to(eng.dec.dtype)
+    seeds = torch.tensor([SM.row_seed(1, f"d{i}") for i in range(batch)], dtype=torch.long, device=dev)
+    steps = torch.full((batch,), 3, dtype=torch.long, device=dev)
+    smp = SM.Sampling("nucleus", torch.tensor(0.7, device=dev), torch.tensor(0.9, device=dev),
+                      torch.tensor(0, dtype=torch.long, device=dev))
+    grd = SM.Sampling("greedy", smp.temperature, smp.top_p, smp.top_k)
+    out: dict[str, Any] = {"shape": [batch, eng.vocab], "dtype": str(eng.dec.dtype).replace("torch.", "")}
+    with torch.inference_mode():
+        legacy = lambda: legacy_sample(logits.float(), smp, seeds, steps)  # noqa: E731
+        eager = lambda: SM.sample(logits, smp, seeds, steps)  # noqa: E731
+        comp = SM.Sampler(compile=True)
+        compiled = lambda: comp(logits, smp, seeds, steps)  # noqa: E731
+        toks = {"legacy": legacy(), "eager": eager(), "compiled": compiled()}
+        out["compiled_ok"] = comp.use_compiled
+        out["compile_failed"] = comp.compile_failed
+        out["eager_equals_legacy"] = round(float((toks["eager"] == toks["legacy"]).float().mean()), 4)
+        out["compiled_equals_eager"] = round(float((toks["compiled"] == toks["eager"]).float().mean()), 4)
+        out["ms"] = {"greedy_legacy": graph_ms(lambda: logits.float().argmax(-1)),
+                     "greedy": graph_ms(lambda: SM.sample(logits, grd, seeds, steps)),
+                     "legacy": graph_ms(legacy), "eager": graph_ms(eager), "compiled": graph_ms(compiled),
+                     "topk_fp32": graph_ms(lambda: logits.float().topk(SM.TOP_CANDIDATES, dim=-1)),
+                     "topk_own_dtype": graph_ms(lambda: logits.topk(SM.TOP_CANDIDATES, dim=-1))}
+    return out
+
+
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
-               compile: str = "on") -> dict[str, Any]:
+               compile: str = "on", sampler: str = "new") -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -195,14 +290,36 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     fuse_v = {"both": [False, True], "on": [True], "off": [False]}[fuse] if can_fuse else [False]
     comp_v = {"both": [False, True], "on": [True], "off": [False]}[compile] if can_compile else [False]
     variants = [(f, c) for f in fuse_v for c in comp_v]  # (fused, compiled); the last is the record's main path
+    samplers = {"both": ["legacy", "new"], "new": ["new"], "legacy": ["legacy"]}[sampler] if eng else ["new"]
     paths = {}
+    if eng is not None and sampler == "both" and torch.cuda.is_available():
+        rec["sampler_draw"] = sampler_draw(eng, batch)
     for fused, compiled in variants:  # the same loaded model and engine, switched per call
-        if eng is not None:
-            eng.dec.use_fused, eng.dec.use_compiled = fused, compiled
-        paths[(fused, compiled)] = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
-        if eng is not None and compiled and not eng.dec.use_compiled:  # compilation failed: say so
-            rec["compile_failed"] = eng.dec.compile_failed
-    main = paths[variants[-1]]
+        for smp_kind in samplers:
+            if eng is not None:
+                eng.dec.use_fused, eng.dec.use_compiled = fused, compiled
+                own = eng.sampler
+                if smp_kind == "legacy":
+                    eng.sampler = LegacySampler()
+            try:
+                paths[(fused, compiled, smp_kind)] = engine_paths(backend, prompts, greedy, sampled, batch, max_new,
+                                                                  w_bytes)
+            finally:
+                if eng is not None:
+                    eng.sampler = own
+            if eng is not None and compiled and not eng.dec.use_compiled:  # compilation failed: say so
+                rec["compile_failed"] = eng.dec.compile_failed
+            if eng is not None and smp_kind == "new" and eng.sampler.compile_failed:
+                rec["sampler_compile_failed"] = eng.sampler.compile_failed
+    main = paths[variants[-1] + (samplers[-1],)]
+    rec["sampler"] = samplers[-1]
+    if len(samplers) == 2:
+        base = paths[variants[-1] + ("legacy",)]
+        rec["legacy_sampler"] = base
+        rec["new_sampler_over_legacy"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
+        rec["new_sampler_over_legacy_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
+        rec["legacy_sampler_ratio"] = round(base["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
+    paths = {k[:2]: v for k, v in paths.items() if k[2] == samplers[-1]}
     rec.update(main)
     rec["fused"], rec["compiled"] = variants[-1]
     rec["ratio"] = round(rec["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
@@ -245,10 +362,23 @@ def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sam
         out["engine_capture_ms"] = stats.capture_ms
         out["engine_captures"] = stats.captures
         out["engine_decode_ms_step"] = round((1000 * secs - stats.prefill_ms - stats.capture_ms) / max(1, stats.steps), 2)
-    engine_run(backend, prompts, sampled)  # warm-up of the sampling graphs
-    (tok_s, secs_s, _), _ = best_of(lambda: engine_run(backend, prompts, sampled), seconds_of=lambda r: r[1])
+    _, warm_s, _ = engine_run(backend, prompts, sampled)  # warm-up of the sampling graphs
+    out["engine_sampled_warmup_s"] = round(warm_s, 2)
+    (tok_s, secs_s, st_s), _ = best_of(lambda: engine_run(backend, prompts, sampled), seconds_of=lambda r: r[1])
     out["engine_sampled_tok_s"] = round(tok_s / secs_s, 1)
     out["sampled_over_greedy"] = round(out["engine_sampled_tok_s"] / out["engine_tok_s"], 3)
+    out["engine_sampled_tokens"] = tok_s
+    if st_s is not None:
+        out["engine_sampled_steps"] = st_s.steps
+        out["engine_sampled_ms_step"] = round(1000 * secs_s / max(1, st_s.steps), 2)
+        out["engine_sampler_compiled"] = st_s.sampler_compiled
+        if stats is not None and stats.steps:  # per step, free of how many tokens the rows produced
+            out["sampled_over_greedy_per_step"] = round(out["engine_ms_step"] / out["engine_sampled_ms_step"], 3)
+        if st_s.graphs:
+            out["engine_sampled_prefill_ms"] = st_s.prefill_ms
+            out["engine_sampled_capture_ms"] = st_s.capture_ms
+            out["engine_sampled_decode_ms_step"] = round(
+                (1000 * secs_s - st_s.prefill_ms - st_s.capture_ms) / max(1, st_s.steps), 2)
     eng = backend.engine()
     if eng is not None and stats is not None and stats.steps:
         prompt_len = sum(len(x) for x in backend.encode(prompts)) / len(prompts)
@@ -330,6 +460,10 @@ def main() -> int:
                     help="engine with its layers compiled (torch.compile, on), eager (off), or both in turn on one "
                          "loaded model (both: the record's engine_* fields are the compiled path's, `uncompiled` "
                          "the other)")
+    ap.add_argument("--sampler", choices=("new", "legacy", "both"), default="new",
+                    help="the engine's token draw as it is (new), as of 08ca440 (legacy: float32 logits, eager), or "
+                         "both in turn on one engine (both: the record's engine_* fields are the new draw's, "
+                         "`legacy_sampler` the other; adds `sampler_draw`, one draw alone)")
     ap.add_argument("--no-hf-cb", action="store_true", help="skip transformers' generate_batch (hf_cb_tok_s)")
     ap.add_argument("--note", default=None, help="a note stored in each record (e.g. the command and commit)")
     a = ap.parse_args()
@@ -339,7 +473,7 @@ def main() -> int:
         os.environ["STAGE1_ENGINE_COMPILE"] = "0"
     elif torch.cuda.is_available() or a.compile == "both":
         os.environ.setdefault("STAGE1_ENGINE_COMPILE", "1")
-    opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile}
+    opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler}
     date = dt.date.today().isoformat()
     out = Path(a.out or REPO / "bench" / "results" / f"gpu_engine-{date}{'-smoke' if a.smoke else ''}.json")
     records: list[dict[str, Any]] = json.loads(out.read_text())["records"] if out.is_file() else []

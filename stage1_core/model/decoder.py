@@ -251,14 +251,17 @@ class Decoder:
         o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # (s, kv, group, d)
         return o.reshape(s, 1, self.n_heads * d)
 
-    def logits(self, h: "torch.Tensor") -> "torch.Tensor":
-        """Final norm + LM head (+ soft-capping) of hidden states (n, hidden) -> float32 (n, vocab)."""
+    def logits(self, h: "torch.Tensor", float32: bool = True) -> "torch.Tensor":
+        """Final norm + LM head (+ soft-capping) of hidden states (n, hidden) -> float32 (n, vocab); with
+        `float32=False`, the LM head's own dtype where no soft-capping applies (the engine's sampler upcasts
+        only what it needs: sampling.py)."""
         import torch
 
-        out = self.lm_head(self.norm(h)).float()
+        out = self.lm_head(self.norm(h))
         if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+            out = out.float()
+            return torch.tanh(out / self.softcap) * self.softcap
+        return out.float() if float32 else out
 
     def prefill(self, tokens: "torch.Tensor", lengths: "torch.Tensor", slots: "torch.Tensor",
                 cache: list[tuple["torch.Tensor", "torch.Tensor"]]) -> "torch.Tensor":

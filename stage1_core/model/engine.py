@@ -13,11 +13,13 @@ Mistral, Qwen2/3: `supports(model)` says which) and completes token-id prompts:
   match state (no decode, no host sync per step; stops.py);
 - sampling randomness of a row comes from (run seed, item id, step) through a counter-based hash, so
   the same seed gives the same text at any batch size, in any batch company, after any OOM back-off
-  (sampling.py);
+  (sampling.py); the draw reads the logits in the LM head's dtype, and its top-k/top-p part is compiled
+  with the layers (`Sampler`);
 - on CUDA the decode step is captured once per (slots, context, mode) in a CUDA graph and replayed;
   on the CPU it runs eagerly. Rows are harvested every `sync_every` steps (1 on the CPU);
-- on CUDA the layers' stretches around attention are compiled with `torch.compile` before the graph
-  is captured (decoder.py; `STAGE1_ENGINE_COMPILE=0` or `Engine(compile=False)` turns it off).
+- on CUDA the layers' stretches around attention and the top-k/top-p draw are compiled with
+  `torch.compile` before the graph is captured (decoder.py, sampling.py; `STAGE1_ENGINE_COMPILE=0` or
+  `Engine(compile=False)` turns both off).
 The engine reuses the model's own modules (projections, norms, MLP, rotary tables), so its numerics
 follow transformers'; `HFBackend` keeps plain `model.generate` as the reference path
 (`model.engine: reference`).
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from stage1_core.infra.errors import DeviceOOM
 from stage1_core.model.decoder import Decoder, compile_enabled
 from stage1_core.model.fusion import fusion_enabled
-from stage1_core.model.sampling import Sampling, row_seed, sample, sampling_mode
+from stage1_core.model.sampling import Sampler, Sampling, row_seed, sampling_mode
 from stage1_core.model.stops import cached_stop_tables, cached_token_strings, vocab_key
 
 if TYPE_CHECKING:
@@ -102,6 +104,7 @@ class EngineStats:
     seconds: float = 0.0
     graphs: bool = False
     compiled: bool = False
+    sampler_compiled: bool = False  # the top-k/top-p draw ran compiled (sampling.Sampler)
     prefill_ms: float = 0.0  # device-timeline spans (CUDA events) of the prefills and of the graph captures
     capture_ms: float = 0.0  # (warm-up steps and compilation included)
     captures: int = 0
@@ -127,8 +130,8 @@ class Engine:
             prefill_tokens: padded prompt tokens per prefill forward (default 2048 CPU, 32768 CUDA).
             fuse: fuse q/k/v and gate/up into one GEMM each (default on; `STAGE1_ENGINE_FUSE=0` turns
                 the default off). The model's modules keep working: their weights become views.
-            compile: torch.compile the layers' stretches around attention (default on CUDA;
-                `STAGE1_ENGINE_COMPILE=0/1` sets the default; a backend name may be given).
+            compile: torch.compile the layers' stretches around attention and the top-k/top-p draw
+                (default on CUDA; `STAGE1_ENGINE_COMPILE=0/1` sets the default; a backend name may be given).
         Raises:
             ValueError: the model is not supported (`supports` says why).
         """
@@ -139,8 +142,10 @@ class Engine:
 
         self.model, self.tokenizer = model, tokenizer
         device = next(model.parameters()).device
-        self.dec = Decoder(model, fuse=fusion_enabled() if fuse is None else fuse,
-                           compile=compile_enabled(device.type) if compile is None else compile)
+        comp = compile_enabled(device.type) if compile is None else compile
+        self.dec = Decoder(model, fuse=fusion_enabled() if fuse is None else fuse, compile=comp)
+        self.sampler = Sampler(compile=comp)
+        """The token draw; its `use_compiled` may be switched per call (the benchmark does)."""
         self.device = self.dec.device
         self.cuda = self.device.type == "cuda"
         self.eos_ids = sorted({int(e) for e in eos_ids})
@@ -276,6 +281,8 @@ class Engine:
                             len(prompts) - len(results), slots)
         self.stats.seconds = time.perf_counter() - t0
         self.stats.compiled = self.dec.use_compiled  # off when compilation failed during the call
+        nucleus = sampling_mode(temperature, top_p, top_k) == "nucleus"
+        self.stats.sampler_compiled = self.sampler.use_compiled and nucleus  # the draw the decode steps ran
         self._collect_spans()
         return [results[i] for i in range(len(prompts))]
 
@@ -401,7 +408,7 @@ class Engine:
             h = self.dec.prefill(toks, lengths, sl, self._cache)
             seeds = torch.tensor([row_seed(seed, ids[i]) for i in chunk], dtype=torch.long, device=dev)
             zero = torch.zeros(n, dtype=torch.long, device=dev)
-            first = sample(self.dec.logits(h), smp, seeds, zero)
+            first = self.sampler(self.dec.logits(h, float32=False), smp, seeds, zero, compiled=False)
             stop_state = nxt_tab[zero, first]
             ended = fire_tab[zero, first] | self._eos_mask[first] | (st.max_new <= 1)
             st.tok[sl] = first
@@ -427,7 +434,7 @@ class Engine:
 
         def eager(bucket: int) -> None:
             h = self.dec.decode(st.tok, st.pos, cache, bucket)
-            nxt = sample(self.dec.logits(h), smp, st.seed, st.ngen)
+            nxt = self.sampler(self.dec.logits(h, float32=False), smp, st.seed, st.ngen)
             live = st.live
             st.out[rows, st.ngen.clamp(max=last)] = torch.where(live, nxt, st.out[rows, st.ngen.clamp(max=last)])
             new_stop = nxt_tab[st.stop, nxt]

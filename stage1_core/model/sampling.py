@@ -4,16 +4,31 @@ A row's randomness comes from (run seed, item id, step) through a 32-bit integer
 gives the same text at any batch size, in any batch company, after any OOM back-off: there is no
 generator state to share or advance. `sample` draws greedy, full-vocabulary or top-k/top-p tokens with
 fixed shapes and no host sync, so it runs inside the engine's captured CUDA graph.
+
+The logits may come in the LM head's own dtype (bf16 on the GPU): greedy takes their argmax, and the
+top-k/top-p draw selects its TOP_CANDIDATES on them (half the bytes of a float32 copy, and half the radix
+passes), then works in float32 on those candidates and on one fused pass for the normaliser. A bf16
+value is exactly a float32 one, so the candidates and their probabilities are those of the float32
+logits.
+
+`Sampler` (the engine's) runs that draw through `torch.compile` when the engine compiles (on CUDA by
+default, `STAGE1_ENGINE_COMPILE`; decoder.py): the temperature, the normaliser over the vocabulary, the
+hash, the top-k/top-p masks and cumulative sums become a few fused kernels around torch's own top-k,
+without CUDA graphs of its own (the engine captures the decode step). A compile that fails falls back to
+the same function run eagerly.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("stage1.engine")
 
 TOP_CANDIDATES = 1024
 """Top-p / top-k sampling draws from the 1024 most likely tokens: the nucleus lies inside them unless
@@ -79,16 +94,43 @@ def sampling_mode(temperature: float, top_p: float, top_k: int) -> str:
     return "full" if top_p >= 1.0 and top_k == 0 else "nucleus"
 
 
-def sample(logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "torch.Tensor") -> "torch.Tensor":
+def _draw_top(logits: "torch.Tensor", temperature: "torch.Tensor", top_p: "torch.Tensor", top_k: "torch.Tensor",
+              seeds: "torch.Tensor", steps: "torch.Tensor") -> "torch.Tensor":
+    """The top-k/top-p draw of `sample` among the TOP_CANDIDATES most likely tokens (a pure tensor function:
+    `Sampler` compiles it). logits (n, vocab) in any float dtype; temperature, top_p, top_k 0-d tensors."""
+    import torch
+
+    k = min(TOP_CANDIDATES, logits.shape[-1])
+    top, idx = logits.topk(k, dim=-1)  # on the logits as they come: a temperature > 0 keeps their order
+    vals = top.float() / temperature  # = (logits / temperature)[idx], exactly (a bf16 value is a float32 one)
+    m = vals[:, :1]  # the row's largest scaled logit: torch.logsumexp's shift, and the same formula after it
+    lse = m + torch.log(torch.exp(logits.float() / temperature - m).sum(dim=-1, keepdim=True))
+    probs = torch.exp(vals - lse)
+    ranks = torch.arange(k, device=logits.device)
+    limit = torch.where(top_k > 0, top_k, torch.full_like(top_k, k))
+    probs = probs * (ranks < limit).to(probs.dtype)
+    probs = probs / probs.sum(dim=-1, keepdim=True)  # renormalised over top-k (= 1 without top-k)
+    cum = probs.cumsum(dim=-1)
+    keep = (cum - probs) < top_p  # the mass strictly before a token is < top_p: always keeps the first
+    kept = probs * keep.to(probs.dtype)
+    kcum = kept.cumsum(dim=-1)
+    u = uniform(seeds, steps)
+    j = (kcum <= (u * kcum[:, -1]).unsqueeze(-1)).sum(dim=-1).clamp(max=k - 1)
+    return idx.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+
+
+def sample(logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "torch.Tensor",
+           draw: Callable[..., "torch.Tensor"] | None = None) -> "torch.Tensor":
     """Draw one token per row, deterministically from (row seed, step).
 
     Temperature, then top-k, then top-p (transformers' order); the draw is an inverse-CDF lookup with
     the row's counter-based uniform. Graph-safe: no host sync, fixed shapes.
 
     Args:
-        logits: (n, vocab) float32.
+        logits: (n, vocab), float32 or the LM head's dtype (exactly upcast where float32 is needed).
         s: the call's sampling settings.
         seeds, steps: (n,) int64.
+        draw: the top-k/top-p draw to use (`_draw_top`, or its compiled form).
     Returns:
         (n,) int64 token ids.
     """
@@ -96,22 +138,48 @@ def sample(logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "t
 
     if s.mode == "greedy":
         return logits.argmax(dim=-1)
-    scaled = logits / s.temperature
-    u = uniform(seeds, steps)
     if s.mode == "full":
-        cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+        u = uniform(seeds, steps)
+        cdf = torch.softmax(logits.float() / s.temperature, dim=-1).cumsum(dim=-1)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).contiguous(), right=True).squeeze(-1)
         return pick.clamp(max=logits.shape[-1] - 1)
-    k = min(TOP_CANDIDATES, logits.shape[-1])
-    vals, idx = scaled.topk(k, dim=-1)
-    probs = torch.exp(vals - torch.logsumexp(scaled, dim=-1, keepdim=True))
-    ranks = torch.arange(k, device=logits.device)
-    limit = torch.where(s.top_k > 0, s.top_k, torch.full_like(s.top_k, k))
-    probs = probs * (ranks < limit).to(probs.dtype)
-    probs = probs / probs.sum(dim=-1, keepdim=True)  # renormalised over top-k (= 1 without top-k)
-    cum = probs.cumsum(dim=-1)
-    keep = (cum - probs) < s.top_p  # the mass strictly before a token is < top_p: always keeps the first
-    kept = probs * keep.to(probs.dtype)
-    kcum = kept.cumsum(dim=-1)
-    j = (kcum <= (u * kcum[:, -1]).unsqueeze(-1)).sum(dim=-1).clamp(max=k - 1)
-    return idx.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+    return (draw or _draw_top)(logits, s.temperature, s.top_p, s.top_k, seeds, steps)
+
+
+class Sampler:
+    """`sample` with its top-k/top-p draw compiled or not (the engine holds one; see the module docstring).
+
+    `use_compiled` may be switched later (the benchmark measures both on one engine); a draw whose
+    compilation fails turns it off (logged, `compile_failed` says why) and runs eagerly; out of device
+    memory is re-raised as such (the engine backs off)."""
+
+    def __init__(self, compile: Any = False) -> None:
+        """compile: False, True (inductor) or a torch.compile backend. Static shapes first; a second slot
+        count makes dynamo's automatic dynamic shapes take over (as for the decoder's decode stretches)."""
+        import torch
+
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        if compile:
+            self.compiled = torch.compile(_draw_top, backend="inductor" if compile is True else compile,
+                                          fullgraph=True)
+        self.use_compiled = self.compiled is not None
+        self.compile_failed: str | None = None
+
+    def __call__(self, logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "torch.Tensor",
+                 compiled: bool = True) -> "torch.Tensor":
+        """`sample`, through the compiled draw when on and `compiled` (the engine's decode step; its
+        prefills, at varying row counts, draw eagerly)."""
+        import torch
+
+        if compiled and self.use_compiled and s.mode == "nucleus":
+            try:
+                return sample(logits, s, seeds, steps, draw=self.compiled)
+            except Exception as e:  # noqa: BLE001 - inductor/triton missing or failing: the eager draw is the same
+                from stage1_core.model.decoder import _out_of_memory
+
+                if _out_of_memory(e):
+                    raise torch.OutOfMemoryError(str(e)) from e
+                self.use_compiled = False
+                self.compile_failed = f"{type(e).__name__}: {e}"[:500]
+                log.warning("engine: torch.compile of the sampler failed (%s); drawing eagerly", self.compile_failed)
+        return sample(logits, s, seeds, steps)

@@ -143,6 +143,130 @@ def test_sampling_follows_the_distribution(top_p: float, top_k: int) -> None:
     assert S.sample(logits[:2], _sampling(0.0, 1.0, 0), seeds[:2], seeds[:2]).tolist() == [0, 0]
 
 
+def _legacy_sample(logits: Any, s: S.Sampling, seeds: Any, steps: Any) -> Any:
+    """The top-k/top-p draw as it was before it read the LM head's dtype and could be compiled (08ca440):
+    top-k on logits / temperature, torch.logsumexp over them."""
+    scaled = logits / s.temperature
+    u = S.uniform(seeds, steps)
+    k = min(S.TOP_CANDIDATES, logits.shape[-1])
+    vals, idx = scaled.topk(k, dim=-1)
+    probs = torch.exp(vals - torch.logsumexp(scaled, dim=-1, keepdim=True))
+    limit = torch.where(s.top_k > 0, s.top_k, torch.full_like(s.top_k, k))
+    probs = probs * (torch.arange(k) < limit).to(probs.dtype)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    cum = probs.cumsum(dim=-1)
+    kept = probs * ((cum - probs) < s.top_p).to(probs.dtype)
+    kcum = kept.cumsum(dim=-1)
+    j = (kcum <= (u * kcum[:, -1]).unsqueeze(-1)).sum(dim=-1).clamp(max=k - 1)
+    return idx.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+
+
+def _distinct_logits(n: int, vocab: int, seed: int = 0) -> Any:
+    """(n, vocab) float32 logits with no ties, exact in bf16 (a permutation of distinct bf16 values per row)."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(0x3800, 0x4100, dtype=torch.int16).view(torch.bfloat16).float()  # every bf16 in [2**-15, 8)
+    grid = torch.cat([pos, -pos])
+    assert grid.numel() >= vocab
+    return torch.stack([grid[torch.randperm(grid.numel(), generator=g)[:vocab]] for _ in range(n)])
+
+
+@pytest.mark.parametrize("t,top_p,top_k", [(0.7, 0.9, 0), (1.0, 0.5, 0), (0.8, 0.95, 40), (1.3, 1.0, 7)])
+def test_draw_equals_the_previous_one_in_float32_and_in_bf16(t: float, top_p: float, top_k: int) -> None:
+    """The top-k is taken on the logits (not logits / temperature) in whatever dtype they come; the tokens
+    are those of the previous draw on the float32 logits, and the same on their bf16 form."""
+    logits = _distinct_logits(64, 1500)
+    seeds = torch.tensor([S.row_seed(5, f"r{i}") for i in range(64)])
+    smp = _sampling(t, top_p, top_k)
+    for step in range(4):
+        steps = torch.full((64,), step, dtype=torch.long)
+        ref = _legacy_sample(logits, smp, seeds, steps)
+        assert torch.equal(S.sample(logits, smp, seeds, steps), ref)
+        assert torch.equal(S.sample(logits.to(torch.bfloat16), smp, seeds, steps), ref)
+    assert torch.equal(S.sample(logits.to(torch.bfloat16), _sampling(0.0, 1.0, 0), seeds, seeds),
+                       logits.argmax(-1))  # greedy on the LM head's dtype: the float32 argmax
+
+
+def test_compiled_sampler_draws_like_the_eager_one_and_traces_once() -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()  # traces like torch.compile (fullgraph), runs the captured graph eagerly
+    sampler = S.Sampler(compile=counter)
+    assert sampler.use_compiled
+    logits = _distinct_logits(16, 1200, seed=1)
+    seeds = torch.tensor([S.row_seed(9, f"c{i}") for i in range(16)])
+    smp = _sampling(0.7, 0.9, 0)
+    for step in range(3):
+        steps = torch.full((16,), step, dtype=torch.long)
+        assert torch.equal(sampler(logits, smp, seeds, steps), S.sample(logits, smp, seeds, steps))
+    assert counter.frame_count == 1 and sampler.compile_failed is None  # one trace, no graph break
+    assert torch.equal(sampler(logits, _sampling(0.0, 1.0, 0), seeds, seeds), logits.argmax(-1))  # greedy: eager
+    assert counter.frame_count == 1
+
+
+def test_engine_sampled_tokens_same_with_the_sampler_compiled_or_not() -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _tiny("gemma3", std=0.1)
+    prompts = _prompts(7, 96, seed=5)
+    ids = [f"s{i}" for i in range(7)]
+    counter = CompileCounter()
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=3, compile=counter)
+    eng.dec.use_compiled = False  # the sampler alone
+    got = {}
+    for c in (True, False):
+        eng.sampler.use_compiled = c
+        got[c] = eng.generate(prompts, ids, 12, 0.8, 0.9, 0, STOPS, seed=4)
+        assert eng.stats.sampler_compiled == c
+    assert got[True] == got[False]
+    assert counter.frame_count >= 1 and eng.sampler.compile_failed is None
+    assert len({t for row in got[True] for t in row}) > 15  # really sampled
+    plain = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=5, compile=False)  # another batch, eager
+    assert not plain.sampler.use_compiled
+    assert plain.generate(prompts, ids, 12, 0.8, 0.9, 0, STOPS, seed=4) == got[True]
+
+
+def test_a_failing_sampler_compile_falls_back_to_the_eager_draw() -> None:
+    def broken(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    sampler = S.Sampler(compile=broken)
+    logits = _distinct_logits(4, 300, seed=2)
+    seeds = torch.tensor([S.row_seed(1, f"f{i}") for i in range(4)])
+    steps = torch.zeros(4, dtype=torch.long)
+    smp = _sampling(0.9, 0.9, 0)
+    assert torch.equal(sampler(logits, smp, seeds, steps), S.sample(logits, smp, seeds, steps))
+    assert not sampler.use_compiled and "no compiler here" in (sampler.compile_failed or "")
+
+    def oom_at_run(gm: Any, example_inputs: Any) -> Any:
+        def run(*args: Any) -> Any:
+            raise torch.OutOfMemoryError("fake: no room to run")
+        return run
+
+    torch._dynamo.reset()
+    sampler = S.Sampler(compile=oom_at_run)
+    with pytest.raises(torch.OutOfMemoryError):  # no compile failure: the engine backs off
+        sampler(logits, smp, seeds, steps)
+    assert sampler.use_compiled and sampler.compile_failed is None
+
+
+@pytest.mark.not_fast
+def test_inductor_compiled_sampler_draws_like_the_eager_one_on_the_cpu() -> None:
+    """The real compiler (inductor, C++ on the CPU): the same tokens as the eager draw, float32 and bf16 logits."""
+    torch._dynamo.reset()
+    sampler = S.Sampler(compile=True)
+    logits = _distinct_logits(32, 4000, seed=3)
+    seeds = torch.tensor([S.row_seed(2, f"i{i}") for i in range(32)])
+    smp = _sampling(0.7, 0.9, 0)
+    for x in (logits, logits.to(torch.bfloat16)):
+        for step in range(3):
+            steps = torch.full((32,), step, dtype=torch.long)
+            assert torch.equal(sampler(x, smp, seeds, steps), S.sample(x, smp, seeds, steps))
+    assert sampler.use_compiled, sampler.compile_failed
+
+
 # --------------------------------------------------------------------------- tiny random models
 
 class _TinyTokenizer:
@@ -331,7 +455,8 @@ def test_compile_default_is_cuda_only_and_the_variable_overrides_it(monkeypatch:
     monkeypatch.setenv(D.COMPILE_ENV, "1")
     assert D.compile_enabled("cpu")
     monkeypatch.delenv(D.COMPILE_ENV)
-    assert not E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[]).dec.use_compiled  # the CPU default
+    eng = E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[])
+    assert not eng.dec.use_compiled and not eng.sampler.use_compiled  # the CPU default
 
 
 @pytest.mark.not_fast
