@@ -266,7 +266,7 @@ def sampler_draw(eng: Any, batch: int) -> dict[str, Any]:
 
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
-               compile: str = "on", sampler: str = "new") -> dict[str, Any]:
+               compile: str = "on", sampler: str = "new", partial: Any = None) -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -338,6 +338,8 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     rec["token_match"] = token_match
     rec["parameters"] = n_params
     rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
+    if partial is not None:  # kept if the run is cut short during hf_cb (its slowest part)
+        partial(dict(rec))
     if hf_cb:  # last: it sizes its paged cache from free memory (the engine's cache is released first)
         rec.update(hf_cb_rate(backend, prompts, max_new))
     return rec
@@ -512,7 +514,13 @@ def main() -> int:
             max_new, plen = (8, 32) if a.smoke else (128, 128)
             prompts_all = bench_prompts(backend, max(batches), plen)
             for b in batches:
-                rec = record_for(backend, name, b, cfg.dtype, prompts_all[:b], max_new, True, None, **opts)
+                def keep(r: dict[str, Any]) -> None:
+                    r.update(load_seconds=round(load_s, 1), note=a.note)
+                    upsert(records, r)
+                    write(out, records)
+
+                rec = record_for(backend, name, b, cfg.dtype, prompts_all[:b], max_new, True, None, partial=keep,
+                                 **opts)
                 rec["load_seconds"] = round(load_s, 1)
                 rec["note"] = a.note
                 upsert(records, rec)
