@@ -32,7 +32,9 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
-  before it). `--no-hf-cb` skips it.
+  before it). `--no-hf-cb` skips it, `--no-plain` the plain baseline (its fields are then null).
+  `--tokenizer-dir DIR` gives random models the embedded tokenizer from an HF folder (on a machine that
+  lacks the embedded GGUF, which the loader reads only for that tokenizer).
 - 4b/12b/27b: `random:gemma3-*` (random weights on the embedded tokenizer), 128-token prompts, 128 new
   tokens. 270m: the embedded weights in bf16 and float32 on 256 real phase-1 and phase-3 prompts;
   `token_match` = tokens in the common prefix of engine and plain greedy output / reference tokens,
@@ -266,7 +268,7 @@ def sampler_draw(eng: Any, batch: int) -> dict[str, Any]:
 
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
-               compile: str = "on", sampler: str = "new", partial: Any = None) -> dict[str, Any]:
+               compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True) -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -274,11 +276,14 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     # Every path is timed the same way: one warm-up call at the full batch and length, then the best
     # of REPEATS timed calls, in this one process. (A plain baseline timed on its first full-size call
     # ran 1,330 tok/s where a warmed one ran 2,012 at 12B: the old records' ratios were inflated.)
-    plain_generate(backend, prompts, max_new, forced_plain)  # warm-up, full size
-    outs, secs = best_of(lambda: plain_generate(backend, prompts, max_new, forced_plain))
-    plain_tokens = sum(len(o) for o in outs) if not forced_plain else len(prompts) * max_new
-    rec["plain_warm_tok_s"] = round(plain_tokens / secs, 1)
-    rec["plain_ms_step"] = round(1000 * secs / max_new, 2)
+    rec["plain_warm_tok_s"] = rec["plain_ms_step"] = None  # --no-plain: not measured
+    if plain:
+        plain_generate(backend, prompts, max_new, forced_plain)  # warm-up, full size
+        outs, secs = best_of(lambda: plain_generate(backend, prompts, max_new, forced_plain))
+        plain_tokens = sum(len(o) for o in outs) if not forced_plain else len(prompts) * max_new
+        rec["plain_warm_tok_s"] = round(plain_tokens / secs, 1)
+        rec["plain_ms_step"] = round(1000 * secs / max_new, 2)
+    over_plain = lambda tok_s: round(tok_s / rec["plain_warm_tok_s"], 2) if plain else None  # noqa: E731
     greedy = GenerationParams(max_new_tokens=max_new, temperature=0.0, stop_sequences=STOPS)
     sampled = GenerationParams(max_new_tokens=max_new, temperature=0.7, top_p=0.9, stop_sequences=STOPS)
     rec["timing"] = f"warm-up at full size, then best of {REPEATS}"
@@ -318,11 +323,11 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
         rec["legacy_sampler"] = base
         rec["new_sampler_over_legacy"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
         rec["new_sampler_over_legacy_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
-        rec["legacy_sampler_ratio"] = round(base["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
+        rec["legacy_sampler_ratio"] = over_plain(base["engine_tok_s"])
     paths = {k[:2]: v for k, v in paths.items() if k[2] == samplers[-1]}
     rec.update(main)
     rec["fused"], rec["compiled"] = variants[-1]
-    rec["ratio"] = round(rec["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
+    rec["ratio"] = over_plain(rec["engine_tok_s"])
     for name, flag in (("fused", 0), ("compiled", 1)):
         if len({v[flag] for v in variants}) == 2:  # measured with and without this switch
             other = tuple(not x if i == flag else x for i, x in enumerate(variants[-1]))
@@ -330,7 +335,7 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
             rec["un" + name] = base
             rec[f"{name}_over_un{name}"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
             rec[f"{name}_over_un{name}_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
-            rec[f"un{name}_ratio"] = round(base["engine_tok_s"] / rec["plain_warm_tok_s"], 2)
+            rec[f"un{name}_ratio"] = over_plain(base["engine_tok_s"])
     rate, n_tok = critic_rate(backend, prompts)
     rec["critic_prompts_s"] = round(rate, 1)
     rec["critic_prompt_tokens"] = round(n_tok, 1)
@@ -467,6 +472,10 @@ def main() -> int:
                          "both in turn on one engine (both: the record's engine_* fields are the new draw's, "
                          "`legacy_sampler` the other; adds `sampler_draw`, one draw alone)")
     ap.add_argument("--no-hf-cb", action="store_true", help="skip transformers' generate_batch (hf_cb_tok_s)")
+    ap.add_argument("--no-plain", action="store_true", help="skip the warmed plain generate (plain_warm_tok_s, ratio)")
+    ap.add_argument("--tokenizer-dir", default=None,
+                    help="random models: the embedded model's tokenizer from this HF folder instead of the one "
+                         "converted from the embedded GGUF (a device machine without the GGUF)")
     ap.add_argument("--note", default=None, help="a note stored in each record (e.g. the command and commit)")
     a = ap.parse_args()
     if a.fuse == "off":
@@ -475,7 +484,14 @@ def main() -> int:
         os.environ["STAGE1_ENGINE_COMPILE"] = "0"
     elif torch.cuda.is_available() or a.compile == "both":
         os.environ.setdefault("STAGE1_ENGINE_COMPILE", "1")
-    opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler}
+    opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler,
+            "plain": not a.no_plain}
+    if a.tokenizer_dir:  # the loader reads the GGUF only for the tokenizer of a random model: hand it the folder
+        from stage1_core.model import loader
+
+        loader.embedded_gguf_path = lambda: None
+        loader.resolve_gguf = lambda *_: None
+        loader._gguf_as_hf_folder = lambda *_: Path(a.tokenizer_dir)
     date = dt.date.today().isoformat()
     out = Path(a.out or REPO / "bench" / "results" / f"gpu_engine-{date}{'-smoke' if a.smoke else ''}.json")
     records: list[dict[str, Any]] = json.loads(out.read_text())["records"] if out.is_file() else []
