@@ -1,8 +1,8 @@
 """A pilot run's plan and folder: validation before anything runs, the run identity and the
 output-folder rules, per-phase calls, iteration settings, and the final files.
 
-`prepare_pilot(...)` validates config, seeds, model and output folder and returns a JSON-able plan
-without writing anything (InputError on bad input, so the CLI exits 2 with nothing written).
+`prepare_pilot(...)` validates config, seeds, model and output folder and returns the typed plan
+(`plans.PilotPlan`) without writing anything (InputError on bad input, so the CLI exits 2 with nothing written).
 `load_model(plan)` loads and checks the model (guards, sentinels) before `claim_output(plan)`
 creates/claims the folder, so a model that fails its guards leaves the folder as it was;
 `finalize(...)` writes the top-level files.
@@ -20,7 +20,7 @@ from stage1_core.phases import approval as approval_mod
 from stage1_core.phases import qc
 from stage1_core.infra import provenance, storage
 from stage1_core.model import Backend
-from stage1_core.infra.config import (InstructionGenerationConfig, ResponseGenerationConfig,
+from stage1_core.infra.config import (InstructionGenerationConfig, PilotConfig, ResponseGenerationConfig,
                                 load_pilot_config)
 from stage1_core.phases.critic import rubric_variants
 from stage1_core.infra.errors import InputError, ModelGuardError
@@ -109,20 +109,30 @@ def prepare_pilot(opts: PilotOptions) -> PilotPlan:
     Raises:
         InputError: any bad input.
     """
-    from stage1_core.model import model_fingerprint, resolve_model
-
     output, config = opts.output or LOCAL_OUTPUT, opts.config
     cfg = load_pilot_config(config, opts.config_overrides(), flags=CONFIG_FLAGS)
+    config_hash = storage.sha256_text(storage.canonical_json(cfg.model_dump(mode="json")))
+    seeds, model, identity = check_seeds_and_model(cfg, config_hash)
+    path, state = check_output_dir(output, identity, opts.overwrite)
+    return PilotPlan(config=cfg, config_hash=config_hash, output=path, folder_state=state, seeds=seeds, model=model,
+                     identity=identity, config_source=str(config) if config else None)
+
+
+def check_seeds_and_model(cfg: PilotConfig, config_hash: str) -> tuple[SeedsSummary, ModelRecord, RunIdentity]:
+    """A pilot or scale config's seed file (usable for its few-shot lists) and model (resolved and
+    fingerprinted, not loaded), and the run identity they make with the config's hash.
+
+    Raises:
+        InputError: a bad seed file, too few usable seeds, or a model that does not resolve.
+    """
+    from stage1_core.model import model_fingerprint, resolve_model
+
     seedset = load_seeds(cfg.seeds_path)
     require_usable(seedset, cfg.instruction_generation.few_shot_k)
     resolve_model(cfg.model)
     model = ModelRecord.model_validate(model_fingerprint(cfg.model))
-    config_hash = storage.sha256_text(storage.canonical_json(cfg.model_dump(mode="json")))
     identity = RunIdentity(config_sha256=config_hash, seeds_sha256=seedset.sha256, model_weights_sha256=model.weights_sha256)
-    path, state = check_output_dir(output, identity, opts.overwrite)
-    return PilotPlan(config=cfg, config_hash=config_hash, output=path, folder_state=state,
-                     seeds=SeedsSummary.model_validate(seedset.summary()), model=model, identity=identity,
-                     config_source=str(config) if config else None)
+    return SeedsSummary.model_validate(seedset.summary()), model, identity
 
 
 GUARD_FIX_TRANSFORMERS = "5.24"

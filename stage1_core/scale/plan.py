@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from stage1_core.phases import pipeline, run
-from stage1_core.phases.plans import FileRef, ModelRecord, RunIdentity, RunMeta, SeedsSummary
+from stage1_core.phases.plans import FileRef, FolderState, RunIdentity, RunMeta
 from stage1_core.infra import jsonl, provenance, storage
 from stage1_core.scale import shards
 from stage1_core.scale.options import ScaleOptions
@@ -35,7 +35,6 @@ from stage1_core.infra.settings import deep_merge, read_yaml_mapping
 from stage1_core.infra.errors import InputError
 from stage1_core.infra.locks import LOCK_NAME, hold_lock
 from stage1_core.phases.options import CONFIG_FLAGS
-from stage1_core.phases.seeds import load_seeds, require_usable
 
 # Settings that change how a run is operated, not what it computes: left out of the run identity,
 # so a resume may change them.
@@ -172,8 +171,6 @@ def prepare_scale(*, output: str, config: str | None = None, from_pilot: str | N
     Raises:
         InputError: any bad input (the CLI exits 2).
     """
-    from stage1_core.model import model_fingerprint, resolve_model
-
     pilot = None
     if from_pilot is not None:
         clash = [f for f, v in (("--config", config), ("--model", model), ("--seeds", seeds), ("--bos-policy", bos_policy))
@@ -197,22 +194,18 @@ def prepare_scale(*, output: str, config: str | None = None, from_pilot: str | N
     cfg = load_scale_config(config=config, pilot=(pilot_config, pilot_config_path) if pilot else None, overrides=over,
                             scale_over={"shard_size": shard_size, "shard_timeout_s": shard_timeout_s,
                                         "shard_retries": shard_retries})
-    seedset = load_seeds(cfg.seeds_path)
-    require_usable(seedset, cfg.instruction_generation.few_shot_k)
-    resolve_model(cfg.model)
-    model = ModelRecord.model_validate(model_fingerprint(cfg.model))
     config_hash = storage.sha256_text(storage.canonical_json(identity_config(cfg)))
-    identity = RunIdentity(config_sha256=config_hash, seeds_sha256=seedset.sha256, model_weights_sha256=model.weights_sha256)
+    seeds_summary, fingerprint, identity = run.check_seeds_and_model(cfg, config_hash)
     path, state = _check_folder(output, identity, overwrite)
     sizes = shard_sizes(cfg.count, cfg.scale.shard_size)
     return ScalePlan(config=cfg, config_hash=config_hash, output=path, folder_state=state,
-                     seeds=SeedsSummary.model_validate(seedset.summary()), model=model, identity=identity,
+                     seeds=seeds_summary, model=fingerprint, identity=identity,
                      config_source=str(config) if config else None, strict_qc=strict_qc, pilot=pilot,
                      forced=bool(pilot and pilot.forced),
                      shards=[ShardSpec(index=i, seed=shard_seed(cfg.seed, i), size=n) for i, n in enumerate(sizes)])
 
 
-def _check_folder(output: str, identity: RunIdentity, overwrite: bool) -> tuple[str, run.FolderState]:
+def _check_folder(output: str, identity: RunIdentity, overwrite: bool) -> tuple[str, FolderState]:
     """The pilot's folder rules; a folder holding nothing but a lock file counts as new."""
     path = Path(output)
     if path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= {LOCK_NAME}:
