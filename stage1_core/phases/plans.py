@@ -5,9 +5,9 @@
     call = run.make_call(plan, "generate_responses", meta=..., iteration=1, inputs={"kept": kept})
     manifest = pipeline.run_phase(call)                              # ResponsesManifest
 
-Everything here is a frozen pydantic record: built from parts that are already valid (the config
-sections of the plan, files the phases wrote), so nothing is checked twice, and any field a phase
-reads is an attribute, not a key. The cache key hashes a call's `model_dump(mode="json")`
+Everything here is a frozen pydantic record (but `IterationRecord`, which the pilot flow fills in
+after an `iterate`), built from parts that are already valid (the config sections of the plan, files
+the phases wrote), so nothing is checked twice, and any field a phase reads is an attribute, not a key. The cache key hashes a call's `model_dump(mode="json")`
 (`pipeline.cache_key`). Documents that the run writes as JSON files (a QC summary, the critic's
 dev-set measurement) stay JSON objects (`JsonObject`) inside the manifests that carry them.
 """
@@ -208,14 +208,15 @@ class PhaseCall(Record):
         return getattr(self.params, "instructions_since", None)
 
     def label(self) -> str:
-        """`phase-round-NN[-iter-NN]` or `phase-iter-NN`: the task run's name and the timings key."""
-        if self.round is not None:
-            suffix = f"-round-{self.round:02d}"
-        else:
-            suffix = f"-iter-{self.iteration or 0:02d}"
-        if self.instructions_since:
-            suffix += f"-iter-{self.instructions_since:02d}"
-        return self.phase + suffix
+        """The task run's name (`phase_label`)."""
+        return phase_label(self.phase, self.round, self.iteration, self.instructions_since)
+
+
+def phase_label(phase: str, round: int | None, iteration: int | None, instructions_since: int | None) -> str:
+    """`phase-round-NN[-iter-NN]` (phases 1-2; `-iter-NN` names a rerun's instruction settings) or
+    `phase-iter-NN` (phases 3-5): a phase task run's name and its key in a run's timings."""
+    suffix = f"-round-{round:02d}" if round is not None else f"-iter-{iteration or 0:02d}"
+    return phase + suffix + (f"-iter-{instructions_since:02d}" if instructions_since else "")
 
 
 class GenerateInstructionsCall(PhaseCall):
@@ -267,10 +268,8 @@ class PhaseManifest(Record):
     instructions_since: int | None = None
 
     def label(self) -> str:
-        """As `PhaseCall.label`, with `-iter-NN` only where the phase has an iteration."""
-        name = self.phase + (f"-round-{self.round:02d}" if self.round else "")
-        name += f"-iter-{self.iteration:02d}" if self.iteration else ""
-        return name + (f"-iter-{self.instructions_since:02d}" if self.instructions_since else "")
+        """The name of the call that made it (`phase_label`)."""
+        return phase_label(self.phase, self.round, self.iteration, self.instructions_since)
 
 
 class InstructionRoundManifest(PhaseManifest):
