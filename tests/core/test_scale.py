@@ -96,6 +96,19 @@ def test_a_manifest_of_another_identity_does_not_count(tmp_path):
     assert shards.valid_manifest(other.output, other, 0) is None
 
 
+def test_a_manifest_read_from_disk_is_typed_checked_and_tolerates_keys_a_later_version_adds(tmp_path):
+    plan = plan_for(tmp_path / "o")
+    scale.claim(plan, "r")
+    written = scale.compute_shard(plan, 0, "r")
+    path = shards.paths(plan.output, 0)["manifest"]
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "written_by": "a later stage1"}))
+    assert shards.valid_manifest(plan.output, plan, 0) == written  # an added key: still complete
+    for broken in ({k: v for k, v in raw.items() if k != "counts"}, {**raw, "rows": "three"}, [raw]):
+        path.write_text(json.dumps(broken))
+        assert shards.valid_manifest(plan.output, plan, 0) is None  # a field missing or of the wrong type
+
+
 def _write(path: Path, data: dict) -> str:
     path.write_text(yaml.safe_dump(data))
     return str(path)
