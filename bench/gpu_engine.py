@@ -1,7 +1,7 @@
 """Benchmark: the stage1 generation engine against plain `model.generate` on one GPU (not a test).
 
     python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
-                               [--compile on|off|both] [--sampler new|legacy|both]
+                               [--compile on|off|both] [--sampler new|legacy|both] [--attention on|off|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
 
 One JSON file holds every record, rewritten after each one (`bench/results/gpu_engine-<date>.json`
@@ -29,6 +29,12 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   device-timeline spans of prefills and graph captures (`engine_prefill_ms`, `engine_capture_ms`;
   `engine_decode_ms_step` is the rest per step), greedy and sampled (`engine_sampled_*`: tokens, ms/step;
   `sampled_over_greedy_per_step` compares the steps, free of how many tokens the rows produced).
+  `--attention both` likewise measures decode attention as two batched matmuls over the context bucket
+  (the `matmul_attention` block, `live_over_matmul`) and as the live-KV Triton kernel (attention.py; the
+  record's engine_* fields), and adds `attention_tokens_agree` (greedy tokens of the two paths on the
+  record's prompts: common-prefix tokens / tokens) and `attention_kernel` (`attention_check`: the kernel
+  against the matmul path and a float64 reference of the same inputs per dtype, at positions from 0 to
+  past the sliding window, and one attention call alone at the record's shape, CUDA-graph replayed).
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
@@ -266,9 +272,92 @@ def sampler_draw(eng: Any, batch: int) -> dict[str, Any]:
     return out
 
 
+def attention_check(eng: Any, batch: int) -> dict[str, Any]:
+    """The live-KV kernel (attention.py) against the matmul path (`Decoder._attend_one`) on the same random
+    inputs, both against `reference_attention` in float64: max abs error per dtype and case (full layers,
+    sliding layers with positions past the window, rows at position 0, key splits); then ms per call of
+    each at the record's shape (rows = batch, positions spread around 192 as in the benchmark, the bucket
+    the matmuls would read), CUDA-graph replayed, for several launch settings and key splits."""
+    from stage1_core.model import attention as A
+
+    dec = eng.dec
+    dev = eng.device
+    layer = dec.layers[0].self_attn
+    scale = float(layer.scaling)
+    heads, kv, d = dec.n_heads, dec.n_kv, dec.head_dim
+    win = next((w for w in dec.windows if w), None)
+    out: dict[str, Any] = {"heads": heads, "kv_heads": kv, "head_dim": d, "scale": scale, "window": win,
+                           "block_n": A.BLOCK_N, "num_warps": A.NUM_WARPS, "num_stages": A.NUM_STAGES}
+    g = torch.Generator(device=dev).manual_seed(0)
+    errs: dict[str, Any] = {}
+    with torch.inference_mode():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            name = str(dtype).replace("torch.", "")
+            cases = (("full", None, 320), ("sliding", 64, 320), ("sliding_model", win, (win or 0) + 192))
+            for case, window, ctx in cases:
+                if window is None and case == "sliding_model":
+                    continue
+                rows = 24
+                k = torch.randn(rows, kv, ctx, d, device=dev, generator=g).to(dtype)
+                v = torch.randn(rows, kv, ctx, d, device=dev, generator=g).to(dtype)
+                q = (torch.randn(rows, heads, 1, d, device=dev, generator=g) * 2).to(dtype)
+                pos = torch.randint(0, ctx, (rows,), device=dev, generator=g)
+                pos[:3] = torch.tensor([0, 1, ctx - 1], device=dev)  # rows at position 0 and at the end
+                keys = torch.arange(ctx, device=dev)
+                m = keys[None, :] <= pos[:, None]
+                if window:
+                    m = m & (keys[None, :] > pos[:, None] - window)
+                ref = A.reference_attention(q.double(), k.double(), v.double(), pos, scale, window).float()
+                mat = dec._attend_one(q, k, v, m[:, None, None, :], scale).float()
+                e: dict[str, Any] = {"matmul_vs_ref": float((mat - ref).abs().max())}
+                for sp in (1, 4):
+                    ker = A.decode_attention(q, k, v, pos, scale, window, splits=sp).float()
+                    e[f"kernel_vs_ref{'' if sp == 1 else f'_splits{sp}'}"] = float((ker - ref).abs().max())
+                    if sp == 1:
+                        e["kernel_vs_matmul"] = float((ker - mat).abs().max())
+                        e["kernel_rel_l2"] = float((ker - ref).norm() / ref.norm())
+                errs[f"{name}/{case}"] = {kk: round(vv, 6) for kk, vv in e.items()}
+        out["max_abs_err"] = errs
+        # timing at the record's shape, the model's dtype
+        ctx = 256
+        k = torch.randn(batch, kv, ctx, d, device=dev, generator=g).to(dec.dtype)
+        v = torch.randn(batch, kv, ctx, d, device=dev, generator=g).to(dec.dtype)
+        q = torch.randn(batch, heads, 1, d, device=dev, generator=g).to(dec.dtype)
+        pos = torch.randint(128, 256, (batch,), device=dev, generator=g)  # mean 192: the benchmark's mean context
+        m = (torch.arange(ctx, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
+        ms: dict[str, Any] = {"matmul_bucket256": graph_ms(lambda: dec._attend_one(q, k, v, m, scale), reps=50)}
+        for bn, nw, ns in ((32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 3), (16, 4, 2)):
+            for sp in (1, 2, 4):
+                key = f"kernel_n{bn}_w{nw}_s{ns}_splits{sp}"
+                try:
+                    ms[key] = graph_ms(lambda: A.decode_attention(q, k, v, pos, scale, None, splits=sp, block_n=bn,
+                                                                  num_warps=nw, num_stages=ns), reps=50)
+                except Exception as ex:  # noqa: BLE001 - a launch setting that does not compile is recorded
+                    ms[key] = f"{type(ex).__name__}: {ex}"[:200]
+        live = float((pos + 1).sum()) * kv * d * 2 * k.element_size()
+        out["timing_shape"] = {"rows": batch, "context": ctx, "mean_live_keys": round(float(pos.float().mean()) + 1, 1),
+                               "live_kv_mb": round(live / 1e6, 2),
+                               "bucket_kv_mb": round(batch * ctx * kv * d * 2 * k.element_size() / 1e6, 2)}
+        out["ms"] = ms
+    return out
+
+
+def tokens_agree(a: list[list[int]], b: list[list[int]]) -> float:
+    """Tokens in the common prefix of each pair of rows / tokens of `a`, summed over the rows."""
+    common = total = 0
+    for r, g in zip(a, b):
+        k = 0
+        while k < min(len(r), len(g)) and r[k] == g[k]:
+            k += 1
+        common += k
+        total += len(r)
+    return round(common / max(1, total), 4)
+
+
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
-               compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True) -> dict[str, Any]:
+               compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True,
+               attention: str = "on") -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -292,23 +381,34 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     eng = backend.engine()
     can_fuse = eng is not None and bool(eng.dec.fused)
     can_compile = eng is not None and bool(eng.dec.compiled)
+    can_attend = eng is not None and eng.dec.attention_kernel
     fuse_v = {"both": [False, True], "on": [True], "off": [False]}[fuse] if can_fuse else [False]
     comp_v = {"both": [False, True], "on": [True], "off": [False]}[compile] if can_compile else [False]
-    variants = [(f, c) for f in fuse_v for c in comp_v]  # (fused, compiled); the last is the record's main path
+    att_v = {"both": [False, True], "on": [True], "off": [False]}[attention] if can_attend else [False]
+    # (fused, compiled, live-KV attention); the last is the record's main path
+    variants = [(f, c, at) for f in fuse_v for c in comp_v for at in att_v]
+    if can_attend and attention != "off" and torch.cuda.is_available():
+        rec["attention_kernel"] = attention_check(eng, batch)
     samplers = {"both": ["legacy", "new"], "new": ["new"], "legacy": ["legacy"]}[sampler] if eng else ["new"]
     paths = {}
     if eng is not None and sampler == "both" and torch.cuda.is_available():
         rec["sampler_draw"] = sampler_draw(eng, batch)
-    for fused, compiled in variants:  # the same loaded model and engine, switched per call
+    greedy_rows: dict[bool, list[list[int]]] = {}
+    for fused, compiled, live in variants:  # the same loaded model and engine, switched per call
+        if eng is not None and len(att_v) == 2:  # greedy tokens of each attention path, for their agreement
+            eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel = fused, compiled, live
+            with torch.inference_mode():
+                greedy_rows[live] = eng.generate(backend.encode(prompts), [f"b{i}" for i in range(len(prompts))],
+                                                 max_new, 0.0, 1.0, 0, [], 1)
         for smp_kind in samplers:
             if eng is not None:
-                eng.dec.use_fused, eng.dec.use_compiled = fused, compiled
+                eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel = fused, compiled, live
                 own = eng.sampler
                 if smp_kind == "legacy":
                     eng.sampler = LegacySampler()
             try:
-                paths[(fused, compiled, smp_kind)] = engine_paths(backend, prompts, greedy, sampled, batch, max_new,
-                                                                  w_bytes)
+                paths[(fused, compiled, live, smp_kind)] = engine_paths(backend, prompts, greedy, sampled, batch,
+                                                                        max_new, w_bytes)
             finally:
                 if eng is not None:
                     eng.sampler = own
@@ -316,6 +416,8 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
                 rec["compile_failed"] = eng.dec.compile_failed
             if eng is not None and smp_kind == "new" and eng.sampler.compile_failed:
                 rec["sampler_compile_failed"] = eng.sampler.compile_failed
+            if eng is not None and live and eng.dec.attention_failed:  # the kernel failed: the matmuls ran
+                rec["attention_failed"] = eng.dec.attention_failed
     main = paths[variants[-1] + (samplers[-1],)]
     rec["sampler"] = samplers[-1]
     if len(samplers) == 2:
@@ -324,18 +426,22 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
         rec["new_sampler_over_legacy"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
         rec["new_sampler_over_legacy_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
         rec["legacy_sampler_ratio"] = over_plain(base["engine_tok_s"])
-    paths = {k[:2]: v for k, v in paths.items() if k[2] == samplers[-1]}
+    paths = {k[:3]: v for k, v in paths.items() if k[3] == samplers[-1]}
     rec.update(main)
-    rec["fused"], rec["compiled"] = variants[-1]
+    rec["fused"], rec["compiled"], rec["live_attention"] = variants[-1]
     rec["ratio"] = over_plain(rec["engine_tok_s"])
-    for name, flag in (("fused", 0), ("compiled", 1)):
+    if len(greedy_rows) == 2:
+        rec["attention_tokens_agree"] = tokens_agree(greedy_rows[False], greedy_rows[True])
+    # (flag, the other path's block, ratio name): e.g. `uncompiled`, `compiled_over_uncompiled`
+    for flag, other_name, ratio in ((0, "unfused", "fused_over_unfused"), (1, "uncompiled", "compiled_over_uncompiled"),
+                                    (2, "matmul_attention", "live_over_matmul")):
         if len({v[flag] for v in variants}) == 2:  # measured with and without this switch
             other = tuple(not x if i == flag else x for i, x in enumerate(variants[-1]))
             base = paths[other]
-            rec["un" + name] = base
-            rec[f"{name}_over_un{name}"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
-            rec[f"{name}_over_un{name}_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
-            rec[f"un{name}_ratio"] = over_plain(base["engine_tok_s"])
+            rec[other_name] = base
+            rec[ratio] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
+            rec[f"{ratio}_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
+            rec[f"{other_name}_ratio"] = over_plain(base["engine_tok_s"])
     rate, n_tok = critic_rate(backend, prompts)
     rec["critic_prompts_s"] = round(rate, 1)
     rec["critic_prompt_tokens"] = round(n_tok, 1)
@@ -364,6 +470,7 @@ def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sam
     out["engine_slots"] = stats.slots if stats else None
     out["engine_graphs"] = stats.graphs if stats else None
     out["engine_compiled"] = stats.compiled if stats else None
+    out["engine_attention_kernel"] = stats.attention_kernel if stats else None
     if stats is not None and stats.graphs:  # device-timeline spans of the timed call (CUDA events)
         out["engine_prefill_ms"] = stats.prefill_ms
         out["engine_capture_ms"] = stats.capture_ms
@@ -471,6 +578,10 @@ def main() -> int:
                     help="the engine's token draw as it is (new), as of 08ca440 (legacy: float32 logits, eager), or "
                          "both in turn on one engine (both: the record's engine_* fields are the new draw's, "
                          "`legacy_sampler` the other; adds `sampler_draw`, one draw alone)")
+    ap.add_argument("--attention", choices=("on", "off", "both"), default="on",
+                    help="decode attention by the live-KV Triton kernel (on), by two batched matmuls over the context "
+                         "bucket (off), or both in turn on one engine (both: the record's engine_* fields are the "
+                         "kernel's, `matmul_attention` the other; adds `attention_kernel`: numerics, one call alone)")
     ap.add_argument("--no-hf-cb", action="store_true", help="skip transformers' generate_batch (hf_cb_tok_s)")
     ap.add_argument("--no-plain", action="store_true", help="skip the warmed plain generate (plain_warm_tok_s, ratio)")
     ap.add_argument("--tokenizer-dir", default=None,
@@ -484,8 +595,10 @@ def main() -> int:
         os.environ["STAGE1_ENGINE_COMPILE"] = "0"
     elif torch.cuda.is_available() or a.compile == "both":
         os.environ.setdefault("STAGE1_ENGINE_COMPILE", "1")
+    if a.attention == "off":
+        os.environ["STAGE1_ENGINE_ATTENTION"] = "0"
     opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler,
-            "plain": not a.no_plain}
+            "plain": not a.no_plain, "attention": a.attention}
     if a.tokenizer_dir:  # the loader reads the GGUF only for the tokenizer of a random model: hand it the folder
         from stage1_core.model import loader
 

@@ -16,6 +16,13 @@ residual adds, gate/up GEMM, activation and down_proj after it. Norms, residuals
 activation then run as a few fused kernels instead of ~30 small ones per layer. Each stretch is compiled
 once for all layers (the layer's modules are arguments, so their weights are graph inputs), once for
 decode and once for prefill (dynamic shapes); the KV-cache writes and the attention stay eager.
+
+With `attention` (CUDA with triton; `STAGE1_ENGINE_ATTENTION`, see `attention_enabled`) decode attention
+is attention.py's Triton kernel, which reads only each row's live keys `[max(0, pos - window + 1), pos]`
+from the cache instead of the two batched matmuls over the whole `[:context]` slice with a mask; it reads
+the positions from the device, so the step does not depend on `context` at all (the engine then captures
+one graph per call instead of one per 64-token bucket). A kernel that fails turns itself off for this
+decoder (logged once) and the matmul path runs. Prefill attention stays SDPA.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from stage1_core.model import attention as live_attention
 from stage1_core.model.fusion import FusedLayer, fuse_projections
 
 if TYPE_CHECKING:
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("stage1.engine")
 
 COMPILE_ENV = "STAGE1_ENGINE_COMPILE"
+ATTENTION_ENV = "STAGE1_ENGINE_ATTENTION"
 
 
 def compile_enabled(device_type: str) -> bool:
@@ -44,6 +53,14 @@ def compile_enabled(device_type: str) -> bool:
     if v in ("1", "true", "yes", "on"):
         return True
     return device_type == "cuda"
+
+
+def attention_enabled(device_type: str) -> bool:
+    """Whether the engine's decode attention is the live-KV Triton kernel (attention.py) by default: on CUDA
+    when triton imports, unless `STAGE1_ENGINE_ATTENTION` is 0. The CPU keeps SDPA either way."""
+    if os.environ.get(ATTENTION_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return device_type == "cuda" and live_attention.available() is None
 
 
 def _pre_attn(dec: "Decoder", layer: Any, fused: FusedLayer | None, x: "torch.Tensor", c: "torch.Tensor",
@@ -118,13 +135,14 @@ def _post_attn_prefill(dec: "Decoder", layer: Any, fused: Any, x: Any, a: Any) -
 class Decoder:
     """The model's layers run over a static, slot-indexed KV cache (prefill and decode)."""
 
-    def __init__(self, model: Any, fuse: bool = True, compile: Any = False) -> None:
+    def __init__(self, model: Any, fuse: bool = True, compile: Any = False, attention: bool = False) -> None:
         """Take the model's modules; with `fuse`, concatenate q/k/v and gate/up of each layer (fusion.py);
         with `compile` (True = inductor, or a torch.compile backend), compile the stretches of a layer
-        around its attention (see the module docstring).
+        around its attention; with `attention` (CUDA only), decode attention by the live-KV kernel
+        (see the module docstring).
 
-        `use_fused` and `use_compiled` may be switched later (the modules still hold the same weights,
-        as views): the benchmark measures the paths on one loaded model.
+        `use_fused`, `use_compiled` and `use_attention_kernel` may be switched later (the modules still
+        hold the same weights, as views): the benchmark measures the paths on one loaded model.
         """
         import torch
 
@@ -164,6 +182,13 @@ class Decoder:
         self.use_compiled = bool(self.compiled)
         """Run the compiled stretches (else the same functions eagerly)."""
         self.compile_failed: str | None = None
+        self.attention_kernel = bool(attention) and self.matmul_decode and live_attention.available() is None
+        """The live-KV decode kernel can run here (asked for, CUDA, triton imports)."""
+        self.use_attention_kernel = self.attention_kernel
+        """Decode attention by the kernel (else the matmul path); off for good once the kernel fails."""
+        self.attention_splits = 1
+        """The kernel's programs per (row, KV head) along the keys (attention.decode_attention)."""
+        self.attention_failed: str | None = None
 
     def _stretch(self, name: str, *args: Any) -> Any:
         """Run one stretch of a layer (pre_attn_decode, post_attn_prefill, ...), compiled when on; a stretch
@@ -182,6 +207,23 @@ class Decoder:
                 log.warning("engine: torch.compile of the layers failed (%s); running them eagerly",
                             self.compile_failed)
         return eager(self, *args)
+
+    def _attend_live(self, q: "torch.Tensor", ck: "torch.Tensor", cv: "torch.Tensor", pos: "torch.Tensor",
+                     window: int | None, scale: float) -> "torch.Tensor | None":
+        """Decode attention by the live-KV kernel, or None when it fails (then it is off for this decoder,
+        logged once, and the caller takes the matmul path). Out of memory is re-raised."""
+        import torch
+
+        try:
+            return live_attention.decode_attention(q, ck, cv, pos, scale, window, splits=self.attention_splits)
+        except Exception as e:  # noqa: BLE001 - triton missing or failing: the matmul path is exact
+            if _out_of_memory(e):
+                raise torch.OutOfMemoryError(str(e)) from e
+            self.use_attention_kernel = False
+            self.attention_failed = f"{type(e).__name__}: {e}"[:500]
+            log.warning("engine: the live-KV decode attention kernel failed (%s); using the matmul path",
+                        self.attention_failed)
+            return None
 
     def _fused(self, li: int) -> FusedLayer | None:
         return self.fused[li] if self.use_fused and self.fused else None
@@ -294,29 +336,35 @@ class Decoder:
 
     def decode(self, tokens: "torch.Tensor", pos: "torch.Tensor",
                cache: list[tuple["torch.Tensor", "torch.Tensor"]], context: int) -> "torch.Tensor":
-        """One token per slot (s,) at positions (s,); keys are each slot's cache [0, pos]. Returns (s, hidden)."""
+        """One token per slot (s,) at positions (s,); keys are each slot's cache [0, pos] (from pos - window + 1
+        on sliding layers), all below `context` (which the live-KV kernel does not need). Returns (s, hidden)."""
         import torch
 
         s = tokens.shape[0]
         keys = torch.arange(context, device=self.device)
-        upto = keys[None, :] <= pos[:, None]  # (s, context)
         masks: dict[int | None, torch.Tensor] = {}
+
+        def mask(w: int | None) -> "torch.Tensor":  # (s, 1, 1, context), built once per window and step
+            if w not in masks:
+                m = keys[None, :] <= pos[:, None]
+                masks[w] = (m if w is None else m & (keys[None, :] > pos[:, None] - w))[:, None, None, :]
+            return masks[w]
+
         rows = torch.arange(s, device=self.device)
         rot = self._rope_at(pos[:, None])
         x = self.embed(tokens[:, None])
         for li, layer in enumerate(self.layers):
             w = self.windows[li]
-            if w not in masks:
-                m = upto if w is None else upto & (keys[None, :] > pos[:, None] - w)
-                masks[w] = m[:, None, None, :]
             c, sn = rot[self.layer_types[li]]
             q, k, v = self._stretch("pre_attn_decode", layer, self._fused(li), x, c, sn)
             ck, cv = cache[li]
             ck[rows, :, pos] = k[:, :, 0]
             cv[rows, :, pos] = v[:, :, 0]
-            if self.matmul_decode:
-                a = self._attend_one(q, ck[:, :, :context], cv[:, :, :context], masks[w], layer.self_attn.scaling)
-            else:
-                a = self._attend(q, ck[:, :, :context], cv[:, :, :context], masks[w], layer.self_attn.scaling)
+            scale = layer.self_attn.scaling
+            a = self._attend_live(q, ck, cv, pos, w, scale) if self.use_attention_kernel else None
+            if a is None and self.matmul_decode:
+                a = self._attend_one(q, ck[:, :, :context], cv[:, :, :context], mask(w), scale)
+            elif a is None:
+                a = self._attend(q, ck[:, :, :context], cv[:, :, :context], mask(w), scale)
             x = self._stretch("post_attn_decode", layer, self._fused(li), x, a)
         return x[:, 0]

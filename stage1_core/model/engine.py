@@ -19,7 +19,11 @@ Mistral, Qwen2/3: `supports(model)` says which) and completes token-id prompts:
   on the CPU it runs eagerly. Rows are harvested every `sync_every` steps (1 on the CPU);
 - on CUDA the layers' stretches around attention and the top-k/top-p draw are compiled with
   `torch.compile` before the graph is captured (decoder.py, sampling.py; `STAGE1_ENGINE_COMPILE=0` or
-  `Engine(compile=False)` turns both off).
+  `Engine(compile=False)` turns both off);
+- on CUDA decode attention is a Triton kernel that reads only each row's live KV (attention.py;
+  `STAGE1_ENGINE_ATTENTION=0` or `Engine(attention=False)` turns it off: two batched matmuls over the
+  whole 64-token context bucket with a mask). With it the step does not depend on the bucket, so one
+  graph is captured per call instead of one per bucket.
 The engine reuses the model's own modules (projections, norms, MLP, rotary tables), so its numerics
 follow transformers'; `HFBackend` keeps plain `model.generate` as the reference path
 (`model.engine: reference`).
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from stage1_core.infra.errors import DeviceOOM
-from stage1_core.model.decoder import Decoder, compile_enabled
+from stage1_core.model.decoder import Decoder, attention_enabled, compile_enabled
 from stage1_core.model.fusion import fusion_enabled
 from stage1_core.model.sampling import Sampler, Sampling, row_seed, sampling_mode
 from stage1_core.model.stops import cached_stop_tables, cached_token_strings, vocab_key
@@ -105,6 +109,7 @@ class EngineStats:
     graphs: bool = False
     compiled: bool = False
     sampler_compiled: bool = False  # the top-k/top-p draw ran compiled (sampling.Sampler)
+    attention_kernel: bool = False  # decode attention ran the live-KV kernel (attention.py)
     prefill_ms: float = 0.0  # device-timeline spans (CUDA events) of the prefills and of the graph captures
     capture_ms: float = 0.0  # (warm-up steps and compilation included)
     captures: int = 0
@@ -117,7 +122,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, eos_ids: Sequence[int], *, slots: int | None = None,
                  use_graphs: bool | None = None, sync_every: int | None = None,
                  prefill_tokens: int | None = None, fuse: bool | None = None,
-                 compile: Any = None) -> None:
+                 compile: Any = None, attention: bool | None = None) -> None:
         """Prepare the engine for a loaded model (nothing is allocated until the first call).
 
         Args:
@@ -132,6 +137,8 @@ class Engine:
                 the default off). The model's modules keep working: their weights become views.
             compile: torch.compile the layers' stretches around attention and the top-k/top-p draw
                 (default on CUDA; `STAGE1_ENGINE_COMPILE=0/1` sets the default; a backend name may be given).
+            attention: decode attention by the live-KV Triton kernel (default on CUDA when triton imports;
+                `STAGE1_ENGINE_ATTENTION=0` turns the default off; a failing kernel falls back to the matmuls).
         Raises:
             ValueError: the model is not supported (`supports` says why).
         """
@@ -143,7 +150,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         device = next(model.parameters()).device
         comp = compile_enabled(device.type) if compile is None else compile
-        self.dec = Decoder(model, fuse=fusion_enabled() if fuse is None else fuse, compile=comp)
+        att = attention_enabled(device.type) if attention is None else attention
+        self.dec = Decoder(model, fuse=fusion_enabled() if fuse is None else fuse, compile=comp, attention=att)
         self.sampler = Sampler(compile=comp)
         """The token draw; its `use_compiled` may be switched per call (the benchmark does)."""
         self.device = self.dec.device
@@ -283,6 +291,7 @@ class Engine:
         self.stats.compiled = self.dec.use_compiled  # off when compilation failed during the call
         nucleus = sampling_mode(temperature, top_p, top_k) == "nucleus"
         self.stats.sampler_compiled = self.sampler.use_compiled and nucleus  # the draw the decode steps ran
+        self.stats.attention_kernel = self.dec.use_attention_kernel  # off when the kernel failed during the call
         self._collect_spans()
         return [results[i] for i in range(len(prompts))]
 
@@ -360,9 +369,10 @@ class Engine:
                 self._span_end("prefill", span)
                 for s, i in zip(free, take):
                     reach[s] = len(prompts[i])
-            # attend only as far as any occupied row can reach before the next harvest (64-token buckets)
+            # attend only as far as any occupied row can reach before the next harvest (64-token buckets);
+            # the live-KV kernel reads each row's own range whatever the bucket: one bucket, one graph
             need = max(reach[s] for s in range(slots) if owner[s] is not None) + self.sync_every
-            bucket = min(context, -(-need // 64) * 64)
+            bucket = context if self.dec.use_attention_kernel else min(context, -(-need // 64) * 64)
             for _ in range(self.sync_every):
                 step(bucket)
             for s in range(slots):
