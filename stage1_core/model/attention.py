@@ -109,7 +109,7 @@ def _kernels() -> tuple[Any, Any]:
         heads = kvh * GROUP + hh
         mh = hh < GROUP
         dd = tl.arange(0, BLOCK_D)
-        md = dd < HEAD_DIM
+        md = dd < HEAD_DIM  # all true when HEAD_DIM is a power of two: the K/V masks then vary along keys only
         q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + dd[None, :], mask=mh[:, None] & md[None, :], other=0.0)
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -119,7 +119,10 @@ def _kernels() -> tuple[Any, Any]:
         for n0 in range(start, end, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
             mn = nn < end
-            kt = tl.load(kbase + nn[None, :] * sk_n + dd[:, None], mask=mn[None, :] & md[:, None], other=0.0)
+            if BLOCK_D == HEAD_DIM:
+                kt = tl.load(kbase + nn[None, :] * sk_n + dd[:, None], mask=mn[None, :], other=0.0)
+            else:
+                kt = tl.load(kbase + nn[None, :] * sk_n + dd[:, None], mask=mn[None, :] & md[:, None], other=0.0)
             if IEEE:
                 sc = tl.dot(q, kt, input_precision="ieee")
             else:
@@ -129,7 +132,10 @@ def _kernels() -> tuple[Any, Any]:
             alpha = tl.exp(m_i - m_new)
             pr = tl.exp(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(pr, 1)
-            vv = tl.load(vbase + nn[:, None] * sv_n + dd[None, :], mask=mn[:, None] & md[None, :], other=0.0)
+            if BLOCK_D == HEAD_DIM:
+                vv = tl.load(vbase + nn[:, None] * sv_n + dd[None, :], mask=mn[:, None], other=0.0)
+            else:
+                vv = tl.load(vbase + nn[:, None] * sv_n + dd[None, :], mask=mn[:, None] & md[None, :], other=0.0)
             if IEEE:
                 pv = tl.dot(pr.to(vv.dtype), vv, input_precision="ieee")
             else:
