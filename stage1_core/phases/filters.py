@@ -29,8 +29,6 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Iterable
 
-from rouge_score.tokenizers import DefaultTokenizer
-
 from stage1_core.infra.config import InstructionFilterConfig
 
 # Reason strings (stable; written to rejected.jsonl and counted in QC).
@@ -145,6 +143,8 @@ class RougeDeduper:
             raise ValueError(f"rouge threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
         self._threshold_exact = Fraction(repr(float(threshold)))  # the decimal the user wrote
+        from rouge_score.tokenizers import DefaultTokenizer  # imports nltk and scipy (0.7 s): only when deduping
+
         self._tokenizer = DefaultTokenizer(use_stemmer=False)
         self._pool: list[tuple[str, list[str]]] = []
         for text in pool:
