@@ -108,7 +108,9 @@ def test_pilot_deployment_on_postgres(pg_database, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("url", ["sqlite:///prefect.db", f"mysql://u:{SECRET}@127.0.0.1/prefect",
-                                 "postgresql://127.0.0.1:5432", "not a url"])
+                                 "postgresql://127.0.0.1:5432", "not a url"],
+                         ids=["sqlite", "mysql-with-password", "postgres-without-database", "not-a-url"])
+# fixed ids: SECRET differs per process, and parallel workers must collect the same test names
 def test_up_refuses_a_url_that_is_not_postgres(url, tmp_path):
     with pytest.raises(SystemExit, match="expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE") as e:
         stack.main(["up", "--state-dir", str(tmp_path / "stack"), "--database", url])
