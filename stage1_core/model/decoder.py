@@ -17,7 +17,7 @@ activation then run as a few fused kernels instead of ~30 small ones per layer. 
 once for all layers (the layer's modules are arguments, so their weights are graph inputs), once for
 decode and once for prefill (dynamic shapes); the KV-cache writes and the attention stay eager.
 
-With `attention` (CUDA with triton; `STAGE1_ENGINE_ATTENTION`, see `attention_enabled`) decode attention
+With `attention` (opt-in: CUDA with triton and `STAGE1_ENGINE_ATTENTION=1`, see `attention_enabled`) decode attention
 is attention.py's Triton kernel, which reads only each row's live keys `[max(0, pos - window + 1), pos]`
 from the cache instead of the two batched matmuls over the whole `[:context]` slice with a mask; it reads
 the positions from the device, so the step does not depend on `context` at all (the engine then captures
@@ -56,9 +56,10 @@ def compile_enabled(device_type: str) -> bool:
 
 
 def attention_enabled(device_type: str) -> bool:
-    """Whether the engine's decode attention is the live-KV Triton kernel (attention.py) by default: on CUDA
-    when triton imports, unless `STAGE1_ENGINE_ATTENTION` is 0. The CPU keeps SDPA either way."""
-    if os.environ.get(ATTENTION_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+    """Whether the engine's decode attention is the live-KV Triton kernel (attention.py) by default: only
+    when `STAGE1_ENGINE_ATTENTION` is 1, on CUDA, when triton imports. Off by default until a GPU record
+    shows it faster than the matmul path (issue 23: not yet measured on a GPU). The CPU keeps SDPA either way."""
+    if os.environ.get(ATTENTION_ENV, "").strip().lower() not in ("1", "true", "yes", "on"):
         return False
     return device_type == "cuda" and live_attention.available() is None
 

@@ -20,10 +20,11 @@ Mistral, Qwen2/3: `supports(model)` says which) and completes token-id prompts:
 - on CUDA the layers' stretches around attention and the top-k/top-p draw are compiled with
   `torch.compile` before the graph is captured (decoder.py, sampling.py; `STAGE1_ENGINE_COMPILE=0` or
   `Engine(compile=False)` turns both off);
-- on CUDA decode attention is a Triton kernel that reads only each row's live KV (attention.py;
-  `STAGE1_ENGINE_ATTENTION=0` or `Engine(attention=False)` turns it off: two batched matmuls over the
-  whole 64-token context bucket with a mask). With it the step does not depend on the bucket, so one
-  graph is captured per call instead of one per bucket.
+- on CUDA, opt-in until a GPU record measures it (`STAGE1_ENGINE_ATTENTION=1` or
+  `Engine(attention=True)`), decode attention is a Triton kernel that reads only each row's live KV
+  (attention.py); the default is two batched matmuls over the whole 64-token context bucket with a
+  mask. With the kernel the step does not depend on the bucket, so one graph is captured per call
+  instead of one per bucket.
 The engine reuses the model's own modules (projections, norms, MLP, rotary tables), so its numerics
 follow transformers'; `HFBackend` keeps plain `model.generate` as the reference path
 (`model.engine: reference`).
@@ -137,8 +138,8 @@ class Engine:
                 the default off). The model's modules keep working: their weights become views.
             compile: torch.compile the layers' stretches around attention and the top-k/top-p draw
                 (default on CUDA; `STAGE1_ENGINE_COMPILE=0/1` sets the default; a backend name may be given).
-            attention: decode attention by the live-KV Triton kernel (default on CUDA when triton imports;
-                `STAGE1_ENGINE_ATTENTION=0` turns the default off; a failing kernel falls back to the matmuls).
+            attention: decode attention by the live-KV Triton kernel (CUDA with triton only; default off,
+                `STAGE1_ENGINE_ATTENTION=1` turns the default on; a failing kernel falls back to the matmuls).
         Raises:
             ValueError: the model is not supported (`supports` says why).
         """
