@@ -46,7 +46,12 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   `token_match` = tokens in the common prefix of engine and plain greedy output / reference tokens,
   summed over the prompts.
 - `critic_prompts_s`: distinct 128-token prompts scored through `next_token_logprobs` (A/B candidates,
-  critic batch auto); `critic_mfu` = 2 x parameters x prompt tokens x prompts/s / 989e12.
+  critic batch auto; no shared prefix, so the plain path: the engine's compiled prefill where the model has
+  an engine, `critic_path`), warmed at full size, best of three; `critic_mfu` = 2 x parameters x prompt
+  tokens x prompts/s / 989e12. With an engine the same prompts also run through the model's own forward
+  (`critic_forward_prompts_s`, `critic_forward_mfu`, `critic_engine_over_forward`), and the record says how
+  far the two paths' log-probabilities differ (`critic_max_abs_diff`) and how often they pick the same
+  candidate (`critic_same_choice`).
 - `limit_fraction` = (weight bytes + KV bytes the live rows need per step, at the mean context)
   / 4.3e12 B/s / measured engine step time.
 """
@@ -171,11 +176,19 @@ def engine_run(backend: Any, prompts: list[str], params: GenerationParams) -> tu
     return sum(c.n_tokens for c in comps), secs, (eng.stats if eng is not None else None)
 
 
-def critic_rate(backend: Any, prompts: list[str]) -> tuple[float, float]:
-    backend.next_token_logprobs(prompts[:8], CANDS)  # warm-up
-    _, secs = timed(lambda: backend.next_token_logprobs(prompts, CANDS))
+def critic_rate(backend: Any, prompts: list[str], engine: bool = True) -> tuple[float, float, list[dict[str, float]]]:
+    """Critic prompts/s through `next_token_logprobs`, its scores' plain path through the engine's compiled
+    prefill (`engine`) or through the model's own forward (STAGE1_ENGINE_SCORE switched for the call);
+    warmed at full size, best of REPEATS. Returns (prompts/s, mean prompt tokens, the scores)."""
+    before = os.environ.get("STAGE1_ENGINE_SCORE")
+    os.environ["STAGE1_ENGINE_SCORE"] = "1" if engine else "0"
+    try:
+        backend.next_token_logprobs(prompts, CANDS)  # warm-up at full size (compilation of new shapes)
+        scores, secs = best_of(lambda: backend.next_token_logprobs(prompts, CANDS))
+    finally:
+        os.environ.pop("STAGE1_ENGINE_SCORE") if before is None else os.environ.update(STAGE1_ENGINE_SCORE=before)
     n_tok = sum(len(x) for x in backend.encode(prompts)) / len(prompts)
-    return len(prompts) / secs, n_tok
+    return len(prompts) / secs, n_tok, scores
 
 
 def param_bytes(model: Any) -> tuple[int, int]:
@@ -442,10 +455,19 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
             rec[ratio] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
             rec[f"{ratio}_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
             rec[f"{other_name}_ratio"] = over_plain(base["engine_tok_s"])
-    rate, n_tok = critic_rate(backend, prompts)
+    rate, n_tok, scores = critic_rate(backend, prompts, engine=True)
     rec["critic_prompts_s"] = round(rate, 1)
     rec["critic_prompt_tokens"] = round(n_tok, 1)
     rec["critic_mfu"] = round(2 * n_params * n_tok * rate / PEAK_BF16, 3)
+    rec["critic_path"] = "engine prefill" if eng is not None else "forward"
+    if eng is not None:  # the same prompts through the model's own forward, in this process
+        p_rate, _, p_scores = critic_rate(backend, prompts, engine=False)
+        rec["critic_forward_prompts_s"] = round(p_rate, 1)
+        rec["critic_forward_mfu"] = round(2 * n_params * n_tok * p_rate / PEAK_BF16, 3)
+        rec["critic_engine_over_forward"] = round(rate / p_rate, 3)
+        rec["critic_max_abs_diff"] = round(max(abs(a[c] - b[c]) for a, b in zip(scores, p_scores) for c in a), 6)
+        rec["critic_same_choice"] = round(sum(max(a, key=a.get) == max(b, key=b.get)
+                                              for a, b in zip(scores, p_scores)) / len(scores), 4)
     rec["token_match"] = token_match
     rec["parameters"] = n_params
     rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None

@@ -5,8 +5,9 @@ tables), so its numerics follow transformers'. `prefill` runs right-padded promp
 writes their K/V into chosen slots of the cache; `decode` runs one token per slot at each slot's own
 position. The cache is `(slots, kv_heads, context, head_dim)` per layer. Grouped-query attention never
 repeats K/V: query heads of one KV head become extra query rows. Sliding-window layers mask by window.
-On CUDA decode attention is two batched matmuls over the cache slice read in place; on the CPU it is
-SDPA (which matches transformers there). With fusion (fusion.py, on by default) each layer's q/k/v and
+On CUDA decode attention is the live-KV kernel (below) or two batched matmuls over the cache slice read
+in place; on the CPU it is SDPA (which matches transformers there). `next_token_logprobs` runs prompts
+through prefill without a cache, for the critic. With fusion (fusion.py, on by default) each layer's q/k/v and
 gate/up projections are one GEMM each.
 
 With `compile` (CUDA; `STAGE1_ENGINE_COMPILE`, see `compile_enabled`) the two stretches of a layer around
@@ -30,7 +31,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from stage1_core.model import attention as live_attention
 from stage1_core.model.fusion import FusedLayer, fuse_projections
@@ -44,15 +45,30 @@ COMPILE_ENV = "STAGE1_ENGINE_COMPILE"
 ATTENTION_ENV = "STAGE1_ENGINE_ATTENTION"
 
 
-def compile_enabled(device_type: str) -> bool:
-    """Whether the engine compiles its layers by default: `STAGE1_ENGINE_COMPILE` 1/0, else on CUDA only
-    (the CPU path stays eager: inductor's C++ build there costs more than it saves)."""
-    v = os.environ.get(COMPILE_ENV, "").strip().lower()
+SCORE_ENV = "STAGE1_ENGINE_SCORE"
+
+
+def _switch(env: str, device_type: str) -> bool:
+    """An engine switch: the variable `env` 1/0 (true/false, yes/no, on/off), else on CUDA only."""
+    v = os.environ.get(env, "").strip().lower()
     if v in ("0", "false", "no", "off"):
         return False
     if v in ("1", "true", "yes", "on"):
         return True
     return device_type == "cuda"
+
+
+def compile_enabled(device_type: str) -> bool:
+    """Whether the engine compiles its layers by default: `STAGE1_ENGINE_COMPILE` 1/0, else on CUDA only
+    (the CPU path stays eager: inductor's C++ build there costs more than it saves)."""
+    return _switch(COMPILE_ENV, device_type)
+
+
+def score_enabled(device_type: str) -> bool:
+    """Whether the critic's plain path (prompts without a shared prefix) runs through the engine's prefill
+    (`Decoder.next_token_logprobs`: compiled, no KV cache) instead of transformers' forward:
+    `STAGE1_ENGINE_SCORE` 1/0, else on CUDA only (on the CPU neither is faster; the forward stays)."""
+    return _switch(SCORE_ENV, device_type)
 
 
 def attention_enabled(device_type: str) -> bool:
@@ -306,9 +322,10 @@ class Decoder:
             return torch.tanh(out / self.softcap) * self.softcap
         return out.float() if float32 else out
 
-    def prefill(self, tokens: "torch.Tensor", lengths: "torch.Tensor", slots: "torch.Tensor",
-                cache: list[tuple["torch.Tensor", "torch.Tensor"]]) -> "torch.Tensor":
-        """Run right-padded prompts (n, t) from position 0, write their K/V into `slots` of the cache.
+    def prefill(self, tokens: "torch.Tensor", lengths: "torch.Tensor", slots: "torch.Tensor | None",
+                cache: list[tuple["torch.Tensor", "torch.Tensor"]] | None) -> "torch.Tensor":
+        """Run right-padded prompts (n, t) from position 0, write their K/V into `slots` of the cache
+        (`cache` None: write nothing, as when scoring a prompt's next token).
 
         Returns the last real position's hidden state per row, (n, hidden).
         """
@@ -328,12 +345,50 @@ class Decoder:
                 masks[w] = m[None, None]
             c, sn = rot[self.layer_types[li]]
             q, k, v = self._stretch("pre_attn_prefill", layer, self._fused(li), x, c, sn)
-            ck, cv = cache[li]
-            ck[slots, :, :t] = k
-            cv[slots, :, :t] = v
+            if cache is not None:
+                ck, cv = cache[li]
+                ck[slots, :, :t] = k
+                cv[slots, :, :t] = v
             a = self._attend(q, k, v, masks[w], layer.self_attn.scaling)
             x = self._stretch("post_attn_prefill", layer, self._fused(li), x, a)
         return x[torch.arange(n, device=self.device), lengths - 1]
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]], token_ids: Sequence[int],
+                            max_tokens: int = 32768) -> "torch.Tensor":
+        """Log-probabilities (float32, over the full vocabulary) of `token_ids` as the next token of each
+        prompt: the prompts run through `prefill` (compiled when on) without touching a cache, right padded,
+        longest first, in forwards of at most `max_tokens` padded tokens; only each prompt's last position
+        goes through the LM head. What the critic's plain path computes (HFBackend.next_token_logprobs).
+
+        Args:
+            prompts: token ids per prompt (BOS included by the caller's policy), each non-empty.
+            token_ids: the candidate tokens.
+            max_tokens: padded prompt tokens per forward.
+        Returns:
+            (n, len(token_ids)) float32 on the model's device, in input order.
+        """
+        import torch
+
+        dev, n = self.device, len(prompts)
+        out = torch.empty(n, len(token_ids), dtype=torch.float32, device=dev)
+        order = sorted(range(n), key=lambda i: (-len(prompts[i]), i))
+        if not order:
+            return out
+        self.rope_tables(len(prompts[order[0]]))
+        cand = torch.tensor(list(token_ids), dtype=torch.long, device=dev)
+        k = 0
+        while k < n:
+            width = len(prompts[order[k]])  # longest first: a forward's first prompt is its widest
+            rows = order[k:k + max(1, min(n - k, max_tokens // width))]
+            k += len(rows)
+            toks = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                toks[r, : len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
+            lengths = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.long)
+            h = self.prefill(toks.to(dev), lengths.to(dev), None, None)
+            lp = torch.log_softmax(self.logits(h), dim=-1)
+            out[torch.tensor(rows, dtype=torch.long, device=dev)] = lp.index_select(-1, cand)
+        return out
 
     def decode(self, tokens: "torch.Tensor", pos: "torch.Tensor",
                cache: list[tuple["torch.Tensor", "torch.Tensor"]], context: int) -> "torch.Tensor":

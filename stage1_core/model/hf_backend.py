@@ -335,9 +335,9 @@ class HFBackend:
         by `stage1_core.model.scoring.PrefixScorer`: each prefix runs once (memoized across calls while the
         weights are unchanged), then the suffixes run in batches of `batch_size` rows whose attention
         reads the prefix K/V in place (broadcast, never copied per row). Prompts without a worthwhile
-        shared prefix, and model classes outside `scoring.SUPPORTED`, take the plain path
-        (`_score_plain`: whole prompts, left padded), which is also the reference
-        (`_next_token_logprobs_plain`); the two agree up to float rounding (~1e-5 in float32).
+        shared prefix, and model classes outside `scoring.SUPPORTED`, take the plain path (`_score_plain`: whole
+        prompts, through the engine's compiled prefill on CUDA, else the forward left padded: the reference,
+        `_next_token_logprobs_plain`); the paths agree up to float rounding (~1e-5 in float32).
 
         Args:
             prompts: plain-text prompts without BOS.
@@ -447,7 +447,7 @@ class HFBackend:
         cand_ids = self._candidate_ids(candidates)
         encoded = self.encode(prompts, "critic prompt")
         out: list[dict[str, float]] = [{} for _ in prompts]
-        self._score_plain(encoded, list(range(len(encoded))), cand_ids, out)
+        self._score_plain(encoded, list(range(len(encoded))), cand_ids, out, engine=False)
         return out
 
     def _candidate_ids(self, candidates: list[str]) -> dict[str, int]:
@@ -468,21 +468,32 @@ class HFBackend:
 
     def _score_plain(self, encoded: list[list[int]], subset: list[int], cand_ids: dict[str, int],
                      out: list[dict[str, float]], batch_size: int | None = None,
-                     progress: ProgressFn | None = None) -> None:
-        """Score encoded[i] for i in subset: whole prompts, left padded, batched by length (batch_size
-        rows per forward, default model.batch_size)."""
+                     progress: ProgressFn | None = None, engine: bool = True) -> None:
+        """Score encoded[i] for i in subset: whole prompts batched by length (batch_size rows per forward,
+        default model.batch_size). With `engine` and the engine's scoring on (`decoder.score_enabled`: CUDA
+        by default) they run through its compiled prefill (`Decoder.next_token_logprobs`, right padded);
+        else through the model's own forward, left padded (the reference)."""
         import torch
 
+        from stage1_core.model.decoder import score_enabled
+
+        eng = self.engine() if engine else None
+        dec = eng.dec if eng is not None and score_enabled(eng.device.type) else None
         bs = batch_size or self.batch_size
         order = sorted(subset, key=lambda i: (len(encoded[i]), i))
         for k in range(0, len(order), bs):
             idx = order[k:k + bs]
-            input_ids, mask = self._pad_left([encoded[i] for i in idx])
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with self._lock, torch.inference_mode():
-                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                                    use_cache=False, logits_to_keep=1).logits[:, -1, :]
-                self._store_logprobs(logits, idx, cand_ids, out)
+                if dec is not None:
+                    lp = dec.next_token_logprobs([encoded[i] for i in idx], list(cand_ids.values())).cpu().tolist()
+                    for r, i in enumerate(idx):
+                        out[i] = {c: float(v) for c, v in zip(cand_ids, lp[r])}
+                else:
+                    input_ids, mask = self._pad_left([encoded[i] for i in idx])
+                    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                    logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                                        use_cache=False, logits_to_keep=1).logits[:, -1, :]
+                    self._store_logprobs(logits, idx, cand_ids, out)
             if progress is not None:
                 progress(len(idx))
             faults.maybe_fault("critic")
