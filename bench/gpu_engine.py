@@ -617,7 +617,7 @@ def main() -> int:
         os.environ["STAGE1_ENGINE_COMPILE"] = "0"
     elif torch.cuda.is_available() or a.compile == "both":
         os.environ.setdefault("STAGE1_ENGINE_COMPILE", "1")
-    os.environ["STAGE1_ENGINE_ATTENTION"] = "0" if a.attention == "off" else "1"  # the engine's default is off
+    os.environ["STAGE1_ENGINE_ATTENTION"] = "0" if a.attention == "off" else "1"  # as the engine's CUDA default
     opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler,
             "plain": not a.no_plain, "attention": a.attention}
     if a.tokenizer_dir:  # the loader reads the GGUF only for the tokenizer of a random model: hand it the folder

@@ -18,7 +18,7 @@ combines their partial results; the engine uses one split unless its measurement
 and for the benchmark's numerics check. Triton is imported lazily: on a machine without it (the CPU venv)
 `available()` is False and the decoder keeps its matmul path.
 
-Run it: the engine uses it on CUDA with `STAGE1_ENGINE_ATTENTION=1` (opt-in until measured; see decoder.py); the GPU numerics and
+Run it: the engine uses it on CUDA by default (`STAGE1_ENGINE_ATTENTION=0` turns it off; see decoder.py); the GPU numerics and
 timings are `python bench/gpu_engine.py --attention both`; tests: `python -m pytest -q tests/core/test_attention.py`.
 """
 

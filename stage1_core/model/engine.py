@@ -20,11 +20,11 @@ Mistral, Qwen2/3: `supports(model)` says which) and completes token-id prompts:
 - on CUDA the layers' stretches around attention and the top-k/top-p draw are compiled with
   `torch.compile` before the graph is captured (decoder.py, sampling.py; `STAGE1_ENGINE_COMPILE=0` or
   `Engine(compile=False)` turns both off);
-- on CUDA, opt-in until a GPU record measures it (`STAGE1_ENGINE_ATTENTION=1` or
-  `Engine(attention=True)`), decode attention is a Triton kernel that reads only each row's live KV
-  (attention.py); the default is two batched matmuls over the whole 64-token context bucket with a
-  mask. With the kernel the step does not depend on the bucket, so one graph is captured per call
-  instead of one per bucket.
+- on CUDA decode attention is a Triton kernel that reads only each row's live KV, so one graph is
+  captured per call, not one per 64-token context bucket (attention.py; `STAGE1_ENGINE_ATTENTION=0` or
+  `Engine(attention=False)`: two batched matmuls over the bucket with a mask);
+- on CUDA the critic's prompts without a shared prefix are scored through the same compiled prefill
+  (`Decoder.next_token_logprobs`, no KV cache; `STAGE1_ENGINE_SCORE=0` turns it off).
 The engine reuses the model's own modules (projections, norms, MLP, rotary tables), so its numerics
 follow transformers'; `HFBackend` keeps plain `model.generate` as the reference path
 (`model.engine: reference`).
@@ -138,8 +138,8 @@ class Engine:
                 the default off). The model's modules keep working: their weights become views.
             compile: torch.compile the layers' stretches around attention and the top-k/top-p draw
                 (default on CUDA; `STAGE1_ENGINE_COMPILE=0/1` sets the default; a backend name may be given).
-            attention: decode attention by the live-KV Triton kernel (CUDA with triton only; default off,
-                `STAGE1_ENGINE_ATTENTION=1` turns the default on; a failing kernel falls back to the matmuls).
+            attention: decode attention by the live-KV Triton kernel (CUDA with triton only; default on there,
+                `STAGE1_ENGINE_ATTENTION=0/1` sets the default; a failing kernel falls back to the matmuls).
         Raises:
             ValueError: the model is not supported (`supports` says why).
         """
