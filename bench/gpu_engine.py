@@ -2,6 +2,7 @@
 
     python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
                                [--compile on|off|both] [--sampler new|legacy|both] [--attention on|off|both]
+                               [--autotune on|off|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
 
 One JSON file holds every record, rewritten after each one (`bench/results/gpu_engine-<date>.json`
@@ -35,6 +36,8 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   record's prompts: common-prefix tokens / tokens) and `attention_kernel` (`attention_check`: the kernel
   against the matmul path and a float64 reference of the same inputs per dtype, at positions from 0 to
   past the sliding window, and one attention call alone at the record's shape, CUDA-graph replayed).
+  `--autotune both` likewise measures decode's stretches as compiled by default (the `default_compile`
+  block) and by inductor's max-autotune (decoder.py, `STAGE1_ENGINE_AUTOTUNE`; `autotuned_over_default`).
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
@@ -370,7 +373,7 @@ def tokens_agree(a: list[list[int]], b: list[list[int]]) -> float:
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
                compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True,
-               attention: str = "on") -> dict[str, Any]:
+               attention: str = "on", autotune: str = "off") -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -398,8 +401,10 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     fuse_v = {"both": [False, True], "on": [True], "off": [False]}[fuse] if can_fuse else [False]
     comp_v = {"both": [False, True], "on": [True], "off": [False]}[compile] if can_compile else [False]
     att_v = {"both": [False, True], "on": [True], "off": [False]}[attention] if can_attend else [False]
-    # (fused, compiled, live-KV attention); the last is the record's main path
-    variants = [(f, c, at) for f in fuse_v for c in comp_v for at in att_v]
+    can_tune = eng is not None and bool(eng.dec.autotuned)
+    tune_v = {"both": [False, True], "on": [True], "off": [False]}[autotune] if can_tune else [False]
+    # (fused, compiled, live-KV attention, autotuned decode); the last is the record's main path
+    variants = [(f, c, at, tu) for f in fuse_v for c in comp_v for at in att_v for tu in tune_v]
     if can_attend and attention != "off" and torch.cuda.is_available():
         rec["attention_kernel"] = attention_check(eng, batch)
     samplers = {"both": ["legacy", "new"], "new": ["new"], "legacy": ["legacy"]}[sampler] if eng else ["new"]
@@ -407,7 +412,9 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     if eng is not None and sampler == "both" and torch.cuda.is_available():
         rec["sampler_draw"] = sampler_draw(eng, batch)
     greedy_rows: dict[bool, list[list[int]]] = {}
-    for fused, compiled, live in variants:  # the same loaded model and engine, switched per call
+    for fused, compiled, live, tuned in variants:  # the same loaded model and engine, switched per call
+        if eng is not None:
+            eng.dec.use_autotuned = tuned
         if eng is not None and len(att_v) == 2:  # greedy tokens of each attention path, for their agreement
             eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel = fused, compiled, live
             with torch.inference_mode():
@@ -420,8 +427,8 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
                 if smp_kind == "legacy":
                     eng.sampler = LegacySampler()
             try:
-                paths[(fused, compiled, live, smp_kind)] = engine_paths(backend, prompts, greedy, sampled, batch,
-                                                                        max_new, w_bytes)
+                key = (fused, compiled, live, tuned, smp_kind)
+                paths[key] = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
             finally:
                 if eng is not None:
                     eng.sampler = own
@@ -439,15 +446,18 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
         rec["new_sampler_over_legacy"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
         rec["new_sampler_over_legacy_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
         rec["legacy_sampler_ratio"] = over_plain(base["engine_tok_s"])
-    paths = {k[:3]: v for k, v in paths.items() if k[3] == samplers[-1]}
+    paths = {k[:4]: v for k, v in paths.items() if k[4] == samplers[-1]}
     rec.update(main)
-    rec["fused"], rec["compiled"], rec["live_attention"] = variants[-1]
+    rec["fused"], rec["compiled"], rec["live_attention"], rec["autotuned"] = variants[-1]
+    if eng is not None and eng.dec.autotune_failed:
+        rec["autotune_failed"] = eng.dec.autotune_failed
     rec["ratio"] = over_plain(rec["engine_tok_s"])
     if len(greedy_rows) == 2:
         rec["attention_tokens_agree"] = tokens_agree(greedy_rows[False], greedy_rows[True])
     # (flag, the other path's block, ratio name): e.g. `uncompiled`, `compiled_over_uncompiled`
     for flag, other_name, ratio in ((0, "unfused", "fused_over_unfused"), (1, "uncompiled", "compiled_over_uncompiled"),
-                                    (2, "matmul_attention", "live_over_matmul")):
+                                    (2, "matmul_attention", "live_over_matmul"),
+                                    (3, "default_compile", "autotuned_over_default")):
         if len({v[flag] for v in variants}) == 2:  # measured with and without this switch
             other = tuple(not x if i == flag else x for i, x in enumerate(variants[-1]))
             base = paths[other]
@@ -604,6 +614,10 @@ def main() -> int:
                     help="decode attention by the live-KV Triton kernel (on), by two batched matmuls over the context "
                          "bucket (off), or both in turn on one engine (both: the record's engine_* fields are the "
                          "kernel's, `matmul_attention` the other; adds `attention_kernel`: numerics, one call alone)")
+    ap.add_argument("--autotune", choices=("on", "off", "both"), default="off",
+                    help="decode's stretches compiled by inductor's max-autotune (on; STAGE1_ENGINE_AUTOTUNE=1), by the "
+                         "default compile (off), or both in turn on one engine (both: the record's engine_* fields "
+                         "are the autotuned path's, `default_compile` the other, `autotuned_over_default`)")
     ap.add_argument("--no-hf-cb", action="store_true", help="skip transformers' generate_batch (hf_cb_tok_s)")
     ap.add_argument("--no-plain", action="store_true", help="skip the warmed plain generate (plain_warm_tok_s, ratio)")
     ap.add_argument("--tokenizer-dir", default=None,
@@ -619,7 +633,9 @@ def main() -> int:
         os.environ.setdefault("STAGE1_ENGINE_COMPILE", "1")
     os.environ["STAGE1_ENGINE_ATTENTION"] = "0" if a.attention == "off" else "1"  # as the engine's CUDA default
     opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler,
-            "plain": not a.no_plain, "attention": a.attention}
+            "plain": not a.no_plain, "attention": a.attention, "autotune": a.autotune}
+    if a.autotune != "off":
+        os.environ["STAGE1_ENGINE_AUTOTUNE"] = "1"
     if a.tokenizer_dir:  # the loader reads the GGUF only for the tokenizer of a random model: hand it the folder
         from stage1_core.model import loader
 

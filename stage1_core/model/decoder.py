@@ -46,6 +46,7 @@ ATTENTION_ENV = "STAGE1_ENGINE_ATTENTION"
 
 
 SCORE_ENV = "STAGE1_ENGINE_SCORE"
+AUTOTUNE_ENV = "STAGE1_ENGINE_AUTOTUNE"
 
 
 def _switch(env: str, device_type: str) -> bool:
@@ -151,14 +152,17 @@ def _post_attn_prefill(dec: "Decoder", layer: Any, fused: Any, x: Any, a: Any) -
 class Decoder:
     """The model's layers run over a static, slot-indexed KV cache (prefill and decode)."""
 
-    def __init__(self, model: Any, fuse: bool = True, compile: Any = False, attention: bool = False) -> None:
+    def __init__(self, model: Any, fuse: bool = True, compile: Any = False, attention: bool = False,
+                 autotune: bool | None = None) -> None:
         """Take the model's modules; with `fuse`, concatenate q/k/v and gate/up of each layer (fusion.py);
         with `compile` (True = inductor, or a torch.compile backend), compile the stretches of a layer
         around its attention; with `attention` (CUDA only), decode attention by the live-KV kernel
-        (see the module docstring).
+        (see the module docstring). With `autotune` (and `compile` True; None = `STAGE1_ENGINE_AUTOTUNE` is 1,
+        off by default: an experiment) decode's stretches are compiled by inductor's max-autotune, which
+        times candidate GEMM kernels for each shape (minutes per new slot count) and keeps the fastest.
 
-        `use_fused`, `use_compiled` and `use_attention_kernel` may be switched later (the modules still
-        hold the same weights, as views): the benchmark measures the paths on one loaded model.
+        `use_fused`, `use_compiled`, `use_autotuned` and `use_attention_kernel` may be switched later (the
+        modules still hold the same weights, as views): the benchmark measures the paths on one loaded model.
         """
         import torch
 
@@ -197,6 +201,16 @@ class Decoder:
                                             (_pre_attn_prefill, True), (_post_attn_prefill, True))}
         self.use_compiled = bool(self.compiled)
         """Run the compiled stretches (else the same functions eagerly)."""
+        if autotune is None:
+            autotune = os.environ.get(AUTOTUNE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self.autotuned: dict[str, Any] = {}
+        if compile is True and autotune:  # decode's static shapes only: prefill's dynamic ones leave little to tune
+            self.autotuned = {f.__name__.lstrip("_"): torch.compile(f, mode="max-autotune-no-cudagraphs",
+                                                                    dynamic=False)
+                              for f in (_pre_attn_decode, _post_attn_decode)}
+        self.use_autotuned = bool(self.autotuned)
+        """Run decode's stretches as autotuned (else as compiled by default)."""
+        self.autotune_failed: str | None = None
         self.compile_failed: str | None = None
         self.attention_kernel = bool(attention) and self.matmul_decode and live_attention.available() is None
         """The live-KV decode kernel can run here (asked for, CUDA, triton imports)."""
@@ -213,11 +227,17 @@ class Decoder:
 
         eager = globals()["_" + name]
         if self.use_compiled:
+            fn = self.autotuned.get(name) if self.use_autotuned else None
             try:
-                return self.compiled[name](self, *args)
+                return (fn or self.compiled[name])(self, *args)
             except Exception as e:  # noqa: BLE001 - inductor/triton missing or failing: the eager path is exact
                 if _out_of_memory(e):
                     raise torch.OutOfMemoryError(str(e)) from e  # the engine backs off; compilation stays on
+                if fn is not None:  # autotuning failed: decode's stretches as compiled by default
+                    self.use_autotuned = False
+                    self.autotune_failed = f"{type(e).__name__}: {e}"[:500]
+                    log.warning("engine: max-autotune of the decode step failed (%s)", self.autotune_failed)
+                    return self._stretch(name, *args)
                 self.use_compiled = False
                 self.compile_failed = f"{type(e).__name__}: {e}"[:500]
                 log.warning("engine: torch.compile of the layers failed (%s); running them eagerly",

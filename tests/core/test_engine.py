@@ -459,6 +459,33 @@ def test_compile_default_is_cuda_only_and_the_variable_overrides_it(monkeypatch:
     assert not eng.dec.use_compiled and not eng.sampler.use_compiled  # the CPU default
 
 
+def test_autotune_is_opt_in_and_a_failing_one_falls_back_to_the_default_compile(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.delenv(D.AUTOTUNE_ENV, raising=False)
+    model = _tiny("llama")
+    assert not D.Decoder(model, fuse=False, compile=True).autotuned  # off by default
+    monkeypatch.setenv(D.AUTOTUNE_ENV, "1")
+    dec = D.Decoder(model, fuse=False, compile=True)
+    assert sorted(dec.autotuned) == ["post_attn_decode", "pre_attn_decode"] and dec.use_autotuned
+    assert not D.Decoder(model, fuse=False, compile=False).autotuned  # nothing compiled: nothing to tune
+    assert not D.Decoder(model, fuse=False, compile=CompileCounter()).autotuned  # inductor's mode only
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("no autotuning here")
+
+    torch._dynamo.reset()
+    prompts = _prompts(4, 96, seed=4)
+    ref = _reference(model, prompts, 8)
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=2, compile=CompileCounter())
+    eng.dec.autotuned = {"pre_attn_decode": broken, "post_attn_decode": broken}
+    eng.dec.use_autotuned = True
+    assert eng.generate(prompts, [str(i) for i in range(4)], 8, 0.0, 1.0, 0, [], seed=0) == ref
+    assert not eng.dec.use_autotuned and "no autotuning here" in (eng.dec.autotune_failed or "")
+    assert eng.dec.use_compiled and eng.dec.compile_failed is None  # the default compile still runs
+
+
 @pytest.mark.not_fast
 def test_inductor_compiled_layers_decode_exactly_on_the_cpu() -> None:
     """The real compiler (inductor, C++ on the CPU; ~40 s on 2 cores): the same greedy tokens as generate."""
