@@ -49,14 +49,16 @@ SCORE_ENV = "STAGE1_ENGINE_SCORE"
 AUTOTUNE_ENV = "STAGE1_ENGINE_AUTOTUNE"
 
 
-def _switch(env: str, device_type: str) -> bool:
-    """An engine switch: the variable `env` 1/0 (true/false, yes/no, on/off), else on CUDA only."""
+def _flag(env: str) -> bool | None:
+    """The variable `env` as a switch: 1/true/yes/on, 0/false/no/off, or None (unset or anything else)."""
     v = os.environ.get(env, "").strip().lower()
-    if v in ("0", "false", "no", "off"):
-        return False
-    if v in ("1", "true", "yes", "on"):
-        return True
-    return device_type == "cuda"
+    return True if v in ("1", "true", "yes", "on") else False if v in ("0", "false", "no", "off") else None
+
+
+def _switch(env: str, device_type: str) -> bool:
+    """An engine switch: the variable `env` (see `_flag`), else on CUDA only."""
+    v = _flag(env)
+    return device_type == "cuda" if v is None else v
 
 
 def compile_enabled(device_type: str) -> bool:
@@ -202,7 +204,7 @@ class Decoder:
         self.use_compiled = bool(self.compiled)
         """Run the compiled stretches (else the same functions eagerly)."""
         if autotune is None:
-            autotune = os.environ.get(AUTOTUNE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+            autotune = _flag(AUTOTUNE_ENV) is True
         self.autotuned: dict[str, Any] = {}
         if compile is True and autotune:  # decode's static shapes only: prefill's dynamic ones leave little to tune
             self.autotuned = {f.__name__.lstrip("_"): torch.compile(f, mode="max-autotune-no-cudagraphs",

@@ -477,8 +477,9 @@ class HFBackend:
 
         from stage1_core.model.decoder import score_enabled
 
-        eng = self.engine() if engine else None
-        dec = eng.dec if eng is not None and score_enabled(eng.device.type) else None
+        # the engine is built (its projections fused) only where it will score
+        eng = self.engine() if engine and score_enabled(str(self.device).split(":")[0]) else None
+        dec = eng.dec if eng is not None else None
         bs = batch_size or self.batch_size
         order = sorted(subset, key=lambda i: (len(encoded[i]), i))
         for k in range(0, len(order), bs):
