@@ -70,6 +70,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -183,13 +184,9 @@ def critic_rate(backend: Any, prompts: list[str], engine: bool = True) -> tuple[
     """Critic prompts/s through `next_token_logprobs`, its scores' plain path through the engine's compiled
     prefill (`engine`) or through the model's own forward (STAGE1_ENGINE_SCORE switched for the call);
     warmed at full size, best of REPEATS. Returns (prompts/s, mean prompt tokens, the scores)."""
-    before = os.environ.get("STAGE1_ENGINE_SCORE")
-    os.environ["STAGE1_ENGINE_SCORE"] = "1" if engine else "0"
-    try:
+    with mock.patch.dict(os.environ, {"STAGE1_ENGINE_SCORE": "1" if engine else "0"}):
         backend.next_token_logprobs(prompts, CANDS)  # warm-up at full size (compilation of new shapes)
         scores, secs = best_of(lambda: backend.next_token_logprobs(prompts, CANDS))
-    finally:
-        os.environ.pop("STAGE1_ENGINE_SCORE") if before is None else os.environ.update(STAGE1_ENGINE_SCORE=before)
     n_tok = sum(len(x) for x in backend.encode(prompts)) / len(prompts)
     return len(prompts) / secs, n_tok, scores
 

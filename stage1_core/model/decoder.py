@@ -82,6 +82,19 @@ def attention_enabled(device_type: str) -> bool:
     return _switch(ATTENTION_ENV, device_type) and device_type == "cuda" and live_attention.available() is None
 
 
+def pad_right(prompts: Sequence[Sequence[int]], rows: Sequence[int],
+              device: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Prompts `rows` as one right-padded batch for `Decoder.prefill` (pad id 0; callers go longest first, so
+    the first row sets the width): tokens (n, width) and lengths (n,), int64 on `device`."""
+    import torch
+
+    toks = torch.zeros((len(rows), len(prompts[rows[0]])), dtype=torch.long)
+    for r, i in enumerate(rows):
+        toks[r, : len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
+    lengths = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.long)
+    return toks.to(device), lengths.to(device)
+
+
 def _pre_attn(dec: "Decoder", layer: Any, fused: FusedLayer | None, x: "torch.Tensor", c: "torch.Tensor",
               s: "torch.Tensor") -> tuple["torch.Tensor", ...]:
     """x (n, t, hidden) -> q (n, heads, t, d), k and v (n, kv, t, d): input norm, projections, q/k norms, rotary
@@ -402,11 +415,7 @@ class Decoder:
             width = len(prompts[order[k]])  # longest first: a forward's first prompt is its widest
             rows = order[k:k + max(1, min(n - k, max_tokens // width))]
             k += len(rows)
-            toks = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                toks[r, : len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            lengths = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.long)
-            h = self.prefill(toks.to(dev), lengths.to(dev), None, None)
+            h = self.prefill(*pad_right(prompts, rows, dev), None, None)
             lp = torch.log_softmax(self.logits(h), dim=-1)
             out[torch.tensor(rows, dtype=torch.long, device=dev)] = lp.index_select(-1, cand)
         return out

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from stage1_core.infra.errors import DeviceOOM
-from stage1_core.model.decoder import Decoder, attention_enabled, compile_enabled
+from stage1_core.model.decoder import Decoder, attention_enabled, compile_enabled, pad_right
 from stage1_core.model.fusion import fusion_enabled
 from stage1_core.model.sampling import Sampler, Sampling, row_seed, sampling_mode
 from stage1_core.model.stops import cached_stop_tables, cached_token_strings, vocab_key
@@ -411,10 +411,7 @@ class Engine:
             n = max(1, min(len(take) - k, self.prefill_tokens // max(width, 1)))
             chunk, cslots = take[k:k + n], slots[k:k + n]
             k += n
-            toks = torch.zeros((n, width), dtype=torch.long, device=dev)
-            for r, i in enumerate(chunk):
-                toks[r, : len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            lengths = torch.tensor([len(prompts[i]) for i in chunk], dtype=torch.long, device=dev)
+            toks, lengths = pad_right(prompts, chunk, dev)
             sl = torch.tensor(cslots, dtype=torch.long, device=dev)
             h = self.dec.prefill(toks, lengths, sl, self._cache)
             seeds = torch.tensor([row_seed(seed, ids[i]) for i in chunk], dtype=torch.long, device=dev)

@@ -478,7 +478,7 @@ class HFBackend:
         from stage1_core.model.decoder import score_enabled
 
         # the engine is built (its projections fused) only where it will score
-        eng = self.engine() if engine and score_enabled(str(self.device).split(":")[0]) else None
+        eng = self.engine() if engine and score_enabled(torch.device(self.device).type) else None
         dec = eng.dec if eng is not None else None
         bs = batch_size or self.batch_size
         order = sorted(subset, key=lambda i: (len(encoded[i]), i))

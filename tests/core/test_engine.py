@@ -447,16 +447,23 @@ def test_a_failing_compile_falls_back_to_the_eager_layers() -> None:
         assert eng.dec.use_compiled and eng.dec.compile_failed is None
 
 
-def test_compile_default_is_cuda_only_and_the_variable_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("env,enabled,off", [(D.COMPILE_ENV, D.compile_enabled, "0"),
+                                             (D.SCORE_ENV, D.score_enabled, "off")])
+def test_switch_default_is_cuda_only_and_the_variable_overrides_it(monkeypatch: pytest.MonkeyPatch, env: str,
+                                                                   enabled: Any, off: str) -> None:
+    """Compiling the layers, and scoring the critic's plain path through the engine's prefill."""
+    monkeypatch.delenv(env, raising=False)
+    assert enabled("cuda") and not enabled("cpu")
+    monkeypatch.setenv(env, off)
+    assert not enabled("cuda")
+    monkeypatch.setenv(env, "1")
+    assert enabled("cpu")
+
+
+def test_the_cpu_engine_compiles_nothing_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(D.COMPILE_ENV, raising=False)
-    assert D.compile_enabled("cuda") and not D.compile_enabled("cpu")
-    monkeypatch.setenv(D.COMPILE_ENV, "0")
-    assert not D.compile_enabled("cuda")
-    monkeypatch.setenv(D.COMPILE_ENV, "1")
-    assert D.compile_enabled("cpu")
-    monkeypatch.delenv(D.COMPILE_ENV)
     eng = E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[])
-    assert not eng.dec.use_compiled and not eng.sampler.use_compiled  # the CPU default
+    assert not eng.dec.use_compiled and not eng.sampler.use_compiled
 
 
 def test_autotune_is_opt_in_and_a_failing_one_falls_back_to_the_default_compile(

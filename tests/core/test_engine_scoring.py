@@ -53,15 +53,6 @@ def test_compiled_prefill_scores_like_the_eager_one() -> None:
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
 
 
-def test_scoring_through_the_engine_is_cuda_only_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(D.SCORE_ENV, raising=False)
-    assert D.score_enabled("cuda") and not D.score_enabled("cpu")
-    monkeypatch.setenv(D.SCORE_ENV, "off")
-    assert not D.score_enabled("cuda")
-    monkeypatch.setenv(D.SCORE_ENV, "1")
-    assert D.score_enabled("cpu")
-
-
 _ODD = ["The capital of France is", "1, 2, 3, 4,", "Is a whale a fish? Answer:", "Name a primary color.\nAnswer:",
         "Q: What is 7 times 8?\nA:"]
 
