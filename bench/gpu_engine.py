@@ -2,6 +2,7 @@
 
     python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
                                [--compile on|off|both] [--sampler new|legacy|both] [--attention on|off|both]
+                               [--topk on|off|both]
                                [--autotune on|off|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
 
@@ -370,7 +371,7 @@ def tokens_agree(a: list[list[int]], b: list[list[int]]) -> float:
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
                compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True,
-               attention: str = "on", autotune: str = "off") -> dict[str, Any]:
+               attention: str = "on", autotune: str = "off", topk: str = "on") -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -475,6 +476,15 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
         rec["critic_max_abs_diff"] = round(max(abs(a[c] - b[c]) for a, b in zip(scores, p_scores) for c in a), 6)
         rec["critic_same_choice"] = round(sum(max(a, key=a.get) == max(b, key=b.get)
                                               for a, b in zip(scores, p_scores)) / len(scores), 4)
+    if eng is not None and topk == "both" and eng.sampler.kernel_used:  # the main path drew with the kernel
+        eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel, eng.dec.use_autotuned = variants[-1]
+        eng.sampler.kernel = False
+        try:
+            base = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
+        finally:
+            eng.sampler.kernel = True
+        rec["torch_topk"] = base
+        rec["topk_kernel_over_torch_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
     rec["token_match"] = token_match
     rec["parameters"] = n_params
     rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
@@ -515,6 +525,8 @@ def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sam
         out["engine_sampled_steps"] = st_s.steps
         out["engine_sampled_ms_step"] = round(1000 * secs_s / max(1, st_s.steps), 2)
         out["engine_sampler_compiled"] = st_s.sampler_compiled
+        eng = backend.engine()
+        out["engine_topk_kernel"] = eng is not None and eng.sampler.kernel_used
         if stats is not None and stats.steps:  # per step, free of how many tokens the rows produced
             out["sampled_over_greedy_per_step"] = round(out["engine_ms_step"] / out["engine_sampled_ms_step"], 3)
         if st_s.graphs:
@@ -615,6 +627,9 @@ def main() -> int:
                     help="decode's stretches compiled by inductor's max-autotune (on; STAGE1_ENGINE_AUTOTUNE=1), by the "
                          "default compile (off), or both in turn on one engine (both: the record's engine_* fields "
                          "are the autotuned path's, `default_compile` the other, `autotuned_over_default`)")
+    ap.add_argument("--topk", choices=("on", "off", "both"), default="on",
+                    help="the sampler's candidates by topk.py's Triton kernel (on) or torch.topk (off); both: the "
+                         "record's main path with the kernel, `torch_topk` the other, `topk_kernel_over_torch_sampled`")
     ap.add_argument("--no-hf-cb", action="store_true", help="skip transformers' generate_batch (hf_cb_tok_s)")
     ap.add_argument("--no-plain", action="store_true", help="skip the warmed plain generate (plain_warm_tok_s, ratio)")
     ap.add_argument("--tokenizer-dir", default=None,
@@ -630,7 +645,8 @@ def main() -> int:
         os.environ.setdefault("STAGE1_ENGINE_COMPILE", "1")
     os.environ["STAGE1_ENGINE_ATTENTION"] = "0" if a.attention == "off" else "1"  # as the engine's CUDA default
     opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler,
-            "plain": not a.no_plain, "attention": a.attention, "autotune": a.autotune}
+            "plain": not a.no_plain, "attention": a.attention, "autotune": a.autotune, "topk": a.topk}
+    os.environ["STAGE1_ENGINE_TOPK"] = "0" if a.topk == "off" else "1"
     if a.autotune != "off":
         os.environ["STAGE1_ENGINE_AUTOTUNE"] = "1"
     if a.tokenizer_dir:  # the loader reads the GGUF only for the tokenizer of a random model: hand it the folder

@@ -13,9 +13,11 @@ logits.
 
 `Sampler` (the engine's) runs that draw through `torch.compile` when the engine compiles (on CUDA by
 default, `STAGE1_ENGINE_COMPILE`; decoder.py): the temperature, the normaliser over the vocabulary, the
-hash, the top-k/top-p masks and cumulative sums become a few fused kernels around torch's own top-k,
-without CUDA graphs of its own (the engine captures the decode step). A compile that fails falls back to
-the same function run eagerly.
+hash, the top-k/top-p masks and cumulative sums become a few fused kernels around the top-k, without CUDA
+graphs of its own (the engine captures the decode step). A compile that fails falls back to the same
+function run eagerly. On CUDA the candidates come from topk.py's Triton radix select (`STAGE1_ENGINE_TOPK=0`
+gives back `torch.topk`): its order among equal logits is defined (lower id first), so eager and compiled
+draws agree there too; a kernel that fails falls back to `torch.topk`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
+
+from stage1_core.model import topk
 
 if TYPE_CHECKING:
     import torch
@@ -95,13 +99,15 @@ def sampling_mode(temperature: float, top_p: float, top_k: int) -> str:
 
 
 def _draw_top(logits: "torch.Tensor", temperature: "torch.Tensor", top_p: "torch.Tensor", top_k: "torch.Tensor",
-              seeds: "torch.Tensor", steps: "torch.Tensor") -> "torch.Tensor":
+              seeds: "torch.Tensor", steps: "torch.Tensor", kernel: bool = False) -> "torch.Tensor":
     """The top-k/top-p draw of `sample` among the TOP_CANDIDATES most likely tokens (a pure tensor function:
-    `Sampler` compiles it). logits (n, vocab) in any float dtype; temperature, top_p, top_k 0-d tensors."""
+    `Sampler` compiles it). logits (n, vocab) in any float dtype; temperature, top_p, top_k 0-d tensors;
+    kernel: take the candidates with topk.py's Triton kernel (CUDA) instead of `torch.topk`."""
     import torch
 
     k = min(TOP_CANDIDATES, logits.shape[-1])
-    top, idx = logits.topk(k, dim=-1)  # on the logits as they come: a temperature > 0 keeps their order
+    # on the logits as they come: a temperature > 0 keeps their order
+    top, idx = topk.top_candidates(logits, k) if kernel else logits.topk(k, dim=-1)
     vals = top.float() / temperature  # = (logits / temperature)[idx], exactly (a bf16 value is a float32 one)
     m = vals[:, :1]  # the row's largest scaled logit: torch.logsumexp's shift, and the same formula after it
     lse = m + torch.log(torch.exp(logits.float() / temperature - m).sum(dim=-1, keepdim=True))
@@ -117,6 +123,12 @@ def _draw_top(logits: "torch.Tensor", temperature: "torch.Tensor", top_p: "torch
     u = uniform(seeds, steps)
     j = (kcum <= (u * kcum[:, -1]).unsqueeze(-1)).sum(dim=-1).clamp(max=k - 1)
     return idx.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+
+
+def _draw_top_kernel(logits: "torch.Tensor", temperature: "torch.Tensor", top_p: "torch.Tensor",
+                     top_k: "torch.Tensor", seeds: "torch.Tensor", steps: "torch.Tensor") -> "torch.Tensor":
+    """`_draw_top` with the kernel's candidates (its own function, so `Sampler` compiles each form once)."""
+    return _draw_top(logits, temperature, top_p, top_k, seeds, steps, kernel=True)
 
 
 def sample(logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "torch.Tensor",
@@ -147,39 +159,67 @@ def sample(logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "t
 
 
 class Sampler:
-    """`sample` with its top-k/top-p draw compiled or not (the engine holds one; see the module docstring).
+    """`sample` with its top-k/top-p draw compiled or not, and its candidates from topk.py's kernel or
+    `torch.topk` (the engine holds one; see the module docstring).
 
-    `use_compiled` may be switched later (the benchmark measures both on one engine); a draw whose
-    compilation fails turns it off (logged, `compile_failed` says why) and runs eagerly; out of device
-    memory is re-raised as such (the engine backs off)."""
+    `use_compiled` and `kernel` may be switched later (the benchmark measures each way on one engine). A
+    draw whose compilation fails turns `use_compiled` off (logged, `compile_failed` says why) and runs
+    eagerly; a kernel that fails turns `kernel` off (`kernel_failed`) and the draw takes `torch.topk`; out
+    of device memory is re-raised as such (the engine backs off)."""
 
-    def __init__(self, compile: Any = False) -> None:
+    def __init__(self, compile: Any = False, kernel: bool | None = None) -> None:
         """compile: False, True (inductor) or a torch.compile backend. Static shapes first; a second slot
-        count makes dynamo's automatic dynamic shapes take over (as for the decoder's decode stretches)."""
+        count makes dynamo's automatic dynamic shapes take over (as for the decoder's decode stretches).
+        kernel: take the candidates with the Triton kernel where the logits are on CUDA and triton imports
+        (None: `topk.enabled()`, on unless `STAGE1_ENGINE_TOPK=0`)."""
         import torch
 
         self.compiled: Callable[..., torch.Tensor] | None = None
+        self.compiled_kernel: Callable[..., torch.Tensor] | None = None
         if compile:
-            self.compiled = torch.compile(_draw_top, backend="inductor" if compile is True else compile,
-                                          fullgraph=True)
+            backend = "inductor" if compile is True else compile
+            self.compiled = torch.compile(_draw_top, backend=backend, fullgraph=True)
+            self.compiled_kernel = torch.compile(_draw_top_kernel, backend=backend, fullgraph=True)
         self.use_compiled = self.compiled is not None
         self.compile_failed: str | None = None
+        self.kernel = topk.enabled() if kernel is None else kernel
+        self.kernel_failed: str | None = None
+        self.kernel_used = False
+        """Whether the last top-k/top-p draw took the kernel's candidates."""
 
     def __call__(self, logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "torch.Tensor",
                  compiled: bool = True) -> "torch.Tensor":
         """`sample`, through the compiled draw when on and `compiled` (the engine's decode step; its
         prefills, at varying row counts, draw eagerly)."""
-        import torch
-
-        if compiled and self.use_compiled and s.mode == "nucleus":
+        if s.mode != "nucleus":
+            return sample(logits, s, seeds, steps)
+        kernel = self.kernel and topk.usable(logits)
+        self.kernel_used = kernel
+        if compiled and self.use_compiled:
             try:
-                return sample(logits, s, seeds, steps, draw=self.compiled)
+                return sample(logits, s, seeds, steps, draw=self.compiled_kernel if kernel else self.compiled)
             except Exception as e:  # noqa: BLE001 - inductor/triton missing or failing: the eager draw is the same
-                from stage1_core.model.decoder import _out_of_memory
-
-                if _out_of_memory(e):
-                    raise torch.OutOfMemoryError(str(e)) from e
+                self.compile_failed = _failure(e)
                 self.use_compiled = False
-                self.compile_failed = f"{type(e).__name__}: {e}"[:500]
                 log.warning("engine: torch.compile of the sampler failed (%s); drawing eagerly", self.compile_failed)
-        return sample(logits, s, seeds, steps)
+        if not kernel:
+            return sample(logits, s, seeds, steps)
+        try:
+            return sample(logits, s, seeds, steps, draw=_draw_top_kernel)
+        except Exception as e:  # noqa: BLE001 - a kernel that does not build or run here: torch.topk instead
+            self.kernel_failed = _failure(e)
+            self.kernel = self.kernel_used = False
+            log.warning("engine: the top-k kernel failed (%s); taking torch.topk", self.kernel_failed)
+            return sample(logits, s, seeds, steps)
+
+
+def _failure(e: Exception) -> str:
+    """Why a compiled or kernel draw failed, for the fallback's log; out of device memory is re-raised as
+    torch.OutOfMemoryError instead (the engine backs off rather than falling back)."""
+    import torch
+
+    from stage1_core.model.decoder import _out_of_memory
+
+    if _out_of_memory(e):
+        raise torch.OutOfMemoryError(str(e)) from e
+    return f"{type(e).__name__}: {e}"[:500]
