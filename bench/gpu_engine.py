@@ -39,6 +39,9 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   past the sliding window, and one attention call alone at the record's shape, CUDA-graph replayed).
   `--autotune both` likewise measures decode's stretches as compiled by default (the `default_compile`
   block) and by inductor's max-autotune (decoder.py, `STAGE1_ENGINE_AUTOTUNE`; `autotuned_over_default`).
+  `--topk both` times the record's main path with the sampler's candidates from topk.py's Triton kernel and
+  then again with `torch.topk` (the `torch_topk` block, `topk_kernel_over_torch_sampled`); each path says
+  which it drew with (`engine_topk_kernel`).
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
