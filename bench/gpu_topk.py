@@ -9,7 +9,8 @@ replays):
   values) on these logits and on tie-heavy ones (values rounded to 0.25, so thousands tie at the k-th);
   `values_equal_torch_topk`: its values equal torch.topk's (the sorted top-k values have one answer).
 - `ms`: torch.topk on the logits' own dtype (the draw's today), the kernel at its defaults, and a sweep of
-  BLOCK (2048-16384) x num_warps (8, 16) (`sweep`).
+  BLOCK x num_warps x splits (`sweep`), and
+  torch's sort of the k packed keys per row alone (`sort_of_k`, part of the kernel's time).
 - `draw_ms`: the whole top-p 0.9 / temperature 0.7 draw (sampling.py), eager and compiled, with torch.topk
   and with the kernel, and greedy's argmax for scale; `draw_tokens_agree`: the fraction of rows whose drawn
   token is the same both ways (ties at bf16 may order candidates differently; 1.0 on distinct logits).
@@ -74,26 +75,29 @@ def record(rows: int, vocab: int, dtype: torch.dtype) -> dict[str, Any]:
     logits = (torch.randn(rows, vocab, device=dev, generator=g) * 1.25).to(dtype)
     ties = ((torch.randn(rows, vocab, device=dev, generator=g) * 1.25 * 4).round() / 4).to(dtype)
     rec: dict[str, Any] = {"rows": rows, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""), "k": K,
-                           "block": TK.BLOCK, "num_warps": TK.NUM_WARPS}
+                           "block": TK.BLOCK, "num_warps": TK.NUM_WARPS, "splits": TK.SPLITS}
     with torch.inference_mode():
+        packed = torch.randint(0, 1 << 47, (rows, K), device=dev, generator=g)  # the kernel's sort, alone
         rec["exact"] = exact(logits)
         rec["exact_ties"] = exact(ties)
         rec["values_equal_torch_topk"] = bool(torch.equal(TK.top_candidates(logits, K)[0],
                                                           logits.topk(K, dim=-1).values))
         rec["ms"] = {"torch_topk": graph_ms(lambda: logits.topk(K, dim=-1)),
                      "kernel": graph_ms(lambda: TK.top_candidates(logits, K)),
-                     "argmax": graph_ms(lambda: logits.argmax(-1))}
+                     "argmax": graph_ms(lambda: logits.argmax(-1)),
+                     "sort_of_k": graph_ms(lambda: packed.sort(dim=-1, descending=True))}
         rec["kernel_over_torch"] = round(rec["ms"]["torch_topk"] / rec["ms"]["kernel"], 3)
         sweep = {}
-        for block in (2048, 4096, 8192, 16384):
-            for warps in (8, 16):
-                name = f"b{block}_w{warps}"
-                try:
-                    ok = exact(logits, block=block, num_warps=warps)
-                    sweep[name] = {"ms": graph_ms(lambda: TK.top_candidates(logits, K, block=block, num_warps=warps)),
-                                   "exact": ok}
-                except Exception as e:  # noqa: BLE001 - a launch setting that does not build: say so, go on
-                    sweep[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        for block in (1024, 2048, 4096):
+            for warps in (4, 8):
+                for splits in (8, 16, 32):
+                    name = f"b{block}_w{warps}_s{splits}"
+                    kw = {"block": block, "num_warps": warps, "splits": splits}
+                    try:
+                        ok = exact(logits, **kw)
+                        sweep[name] = {"ms": graph_ms(lambda: TK.top_candidates(logits, K, **kw)), "exact": ok}
+                    except Exception as e:  # noqa: BLE001 - a launch setting that does not build: say so, go on
+                        sweep[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
         rec["sweep"] = sweep
         seeds = torch.tensor([SM.row_seed(1, f"d{i}") for i in range(rows)], dtype=torch.long, device=dev)
         steps = torch.full((rows,), 3, dtype=torch.long, device=dev)

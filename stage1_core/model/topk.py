@@ -5,15 +5,23 @@ descending and, among equal values, by id ascending (the boundary too: of the to
 value, the lowest ids are taken). That order is defined, so the draw does not depend on how a top-k
 implementation breaks ties; `reference_top` is the same contract in plain torch.
 
-How the kernel works, one program per row:
+How the kernels work, each row split over SPLITS programs (one slice of the vocabulary each):
 - Each logit becomes an order-preserving unsigned key (16 bits for bf16/fp16, 32 for float32: the sign bit
   flipped for positives, every bit for negatives), so larger keys are larger values.
-- Radix select, 8 bits a pass, from the top: a 256-bin histogram of the key's next byte among the keys
-  that match the bytes chosen so far gives the byte of the k-th largest key. Two passes for bf16, four for
-  float32. The result is the threshold key T and `need`, how many keys equal to T belong in the top k.
-- A last pass writes every key above T, and the first `need` keys equal to T in id order, to k slots as
-  `key << 31 | (2**31 - 1 - id)`; those are distinct, so one `torch.sort` of the k per row gives the order
-  above. Every pass reads the row once (three reads for bf16, 512 KB a row at Gemma 3's vocabulary).
+- Radix select, 8 bits a pass, from the top. A pass's programs each write a 256-bin histogram of the key's
+  next byte in their slice, among the keys that match the bytes chosen so far; then one small program per
+  row sums them and picks the byte of the k-th largest key. Two passes for bf16, four for float32. The
+  result is the threshold key T and `need`, how many keys equal to T belong in the top k; along the way
+  each slice's count of keys above T, and after the last pass its count of keys equal to T, are kept.
+- The compaction pass: from those counts each program knows where its slice's keys go and which of its
+  keys equal to T are among the first `need` in id order. It writes every key above T, and those, to k
+  slots as `key << 31 | (2**31 - 1 - id)`; those are distinct, so one `torch.sort` of the k per row gives
+  the order above. Every pass reads the row once (three reads for bf16, 512 KB a row at Gemma 3's
+  vocabulary).
+
+Status (docs/performance.md, 2026-12-06): off by default (`STAGE1_ENGINE_TOPK=1` turns it on). A first
+version, one program per row, measured 2.5x slower than `torch.topk` on an H100 at 256 rows; this split
+version is checked in Triton's interpreter and awaits its GPU measurement.
 
 The launch has a fixed grid and no host sync, so it runs inside the compiled draw and the engine's CUDA
 graph (dynamo traces a user-defined Triton kernel). Without triton or CUDA, `available()` says why and
@@ -24,14 +32,17 @@ timing: `python bench/gpu_topk.py`.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-BLOCK = 4096
-"""Logits per loop iteration of the kernel."""
+BLOCK = 2048
+"""Logits per loop iteration of the kernels."""
 NUM_WARPS = 8
+SPLITS = 16
+"""Programs per row: each takes one slice of the row's vocabulary."""
 _ID_BITS = 31
 _ID_MASK = (1 << _ID_BITS) - 1
 
@@ -105,71 +116,118 @@ def kernel() -> Any:
     return _RADIX
 
 
-def _define() -> Any:
-    """Define the radix-select kernel (see the module docstring)."""
+def _define() -> tuple[Any, Any, Any, bool]:
+    """Define the three kernels (see the module docstring): a pass's partial histograms, the per-row choice
+    of the pass's byte, and the compaction; and whether this triton's histogram takes a mask."""
     import triton
     import triton.language as tl
 
+    masked = "mask" in inspect.signature(tl.histogram).parameters  # triton >= 3.3; else a sink bin
+
     @triton.jit
-    def radix_top(X, OUT, sx, V, K: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    def hist_pass(X, ST, H, sx, V, CHUNK, P: tl.constexpr, KEY_BITS: tl.constexpr, SPLITS: tl.constexpr,
+                  BLOCK: tl.constexpr, MASKED: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        base = X + row * sx
+        sp = tl.program_id(1)
+        lo = sp * CHUNK
+        hi = tl.minimum(lo + CHUNK, V)
         offs = tl.arange(0, BLOCK)
-        bins = tl.arange(0, 512)
-        real = bins < 256  # bin 256 collects what is masked out (tl.histogram has no mask)
-        prefix = tl.zeros([], dtype=tl.int64)
-        remaining = tl.full([], K, dtype=tl.int64)
-        for p in tl.static_range(KEY_BITS // 8):
-            shift = KEY_BITS - 8 * (p + 1)
-            hist = tl.zeros([512], dtype=tl.int32)
-            for start in range(0, V, BLOCK):
-                idx = start + offs
-                m = idx < V
-                if KEY_BITS == 16:
-                    bits = tl.load(base + idx, mask=m, other=0).to(tl.int64) & 0xFFFF
-                    key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
-                else:
-                    bits = tl.load(base + idx, mask=m, other=0).to(tl.int64) & 0xFFFFFFFF
-                    key = tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-                byte = (key >> shift) & 255
-                if p > 0:
-                    m = m & ((key >> (shift + 8)) == prefix)
-                hist += tl.histogram(tl.where(m, byte, 256).to(tl.int32), 512)
-            c = tl.where(real, hist, 0).to(tl.int64)
-            above = tl.sum(c, 0) - tl.cumsum(c, 0)  # keys in bins above each bin
-            chosen = tl.sum((real & (above >= remaining)).to(tl.int64), 0)
-            remaining = remaining - tl.sum(tl.where(bins == chosen, above, 0), 0)
-            prefix = (prefix << 8) | chosen
-        written = tl.zeros([], dtype=tl.int64)
-        eq_seen = tl.zeros([], dtype=tl.int64)
-        for start in range(0, V, BLOCK):
+        bins = tl.arange(0, 256 if MASKED else 512)
+        shift = KEY_BITS - 8 * (P + 1)
+        if P > 0:
+            prefix = tl.load(ST + row * 2)
+        hist = tl.zeros([256 if MASKED else 512], dtype=tl.int32)
+        for start in range(lo, hi, BLOCK):
             idx = start + offs
-            m = idx < V
-            if KEY_BITS == 16:
-                bits = tl.load(base + idx, mask=m, other=0).to(tl.int64) & 0xFFFF
+            m = idx < hi
+            if KEY_BITS == 16:  # order-preserving keys: int32 for 16-bit dtypes, int64 for float32
+                bits = tl.load(X + row * sx + idx, mask=m, other=0).to(tl.int32) & 0xFFFF
                 key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
             else:
-                bits = tl.load(base + idx, mask=m, other=0).to(tl.int64) & 0xFFFFFFFF
+                bits = tl.load(X + row * sx + idx, mask=m, other=0).to(tl.int64) & 0xFFFFFFFF
                 key = tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-            eq = m & (key == prefix)
-            take = (m & (key > prefix)) | (eq & (eq_seen + tl.cumsum(eq.to(tl.int64), 0) <= remaining))
+            byte = ((key >> shift) & 255).to(tl.int32)
+            if P > 0:
+                m = m & ((key >> (shift + 8)).to(tl.int64) == prefix)
+            if MASKED:
+                hist += tl.histogram(byte, 256, mask=m)
+            else:
+                hist += tl.histogram(tl.where(m, byte, 256), 512)  # bin 256 collects the rest
+        tl.store(H + (row * SPLITS + sp) * 256 + bins, hist, mask=bins < 256)
+
+    @triton.jit
+    def choose(ST, H, GT, EQ, K: tl.constexpr, P: tl.constexpr, LAST: tl.constexpr, SPLITS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        ss = tl.arange(0, SPLITS)
+        bins = tl.arange(0, 256)
+        h = tl.load(H + (row * SPLITS + ss[:, None]) * 256 + bins[None, :]).to(tl.int64)  # (splits, 256)
+        c = tl.sum(h, 0)
+        if P == 0:
+            prefix = tl.zeros([], dtype=tl.int64)
+            remaining = tl.full([], K, dtype=tl.int64)
+            gt = tl.zeros([SPLITS], dtype=tl.int64)
+        else:
+            prefix = tl.load(ST + row * 2)
+            remaining = tl.load(ST + row * 2 + 1)
+            gt = tl.load(GT + row * SPLITS + ss)
+        above = tl.sum(c, 0) - tl.cumsum(c, 0)  # keys (matching the prefix) in bins above each bin
+        chosen = tl.sum((above >= remaining).to(tl.int64), 0)
+        remaining = remaining - tl.sum(tl.where(bins == chosen, above, 0), 0)
+        gt = gt + tl.sum(tl.where(bins[None, :] > chosen, h, 0), 1)  # each split's keys above the threshold
+        tl.store(GT + row * SPLITS + ss, gt)
+        tl.store(ST + row * 2, (prefix << 8) | chosen)
+        tl.store(ST + row * 2 + 1, remaining)
+        if LAST:
+            tl.store(EQ + row * SPLITS + ss, tl.sum(tl.where(bins[None, :] == chosen, h, 0), 1))
+
+    @triton.jit
+    def compact(X, ST, GT, EQ, OUT, sx, V, CHUNK, K: tl.constexpr, KEY_BITS: tl.constexpr, SPLITS: tl.constexpr,
+                BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        sp = tl.program_id(1)
+        lo = sp * CHUNK
+        hi = tl.minimum(lo + CHUNK, V)
+        offs = tl.arange(0, BLOCK)
+        thr = tl.load(ST + row * 2)
+        need = tl.load(ST + row * 2 + 1)  # keys equal to thr to take, lowest ids first
+        ss = tl.arange(0, SPLITS)
+        gt = tl.load(GT + row * SPLITS + ss)
+        eq = tl.load(EQ + row * SPLITS + ss)
+        eq_before = tl.cumsum(eq, 0) - eq
+        taken = tl.minimum(tl.maximum(need - eq_before, 0), eq)
+        earlier = ss < sp
+        written = tl.sum(tl.where(earlier, gt + taken, 0), 0)
+        eq_seen = tl.sum(tl.where(earlier, eq, 0), 0)
+        for start in range(lo, hi, BLOCK):
+            idx = start + offs
+            m = idx < hi
+            if KEY_BITS == 16:  # order-preserving keys: int32 for 16-bit dtypes, int64 for float32
+                bits = tl.load(X + row * sx + idx, mask=m, other=0).to(tl.int32) & 0xFFFF
+                key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
+            else:
+                bits = tl.load(X + row * sx + idx, mask=m, other=0).to(tl.int64) & 0xFFFFFFFF
+                key = tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+            key = key.to(tl.int64)
+            is_eq = m & (key == thr)
+            take = (m & (key > thr)) | (is_eq & (eq_seen + tl.cumsum(is_eq.to(tl.int64), 0) <= need))
             at = written + tl.cumsum(take.to(tl.int64), 0) - 1
             tl.store(OUT + row * K + at, (key << 31) | (0x7FFFFFFF - idx.to(tl.int64)), mask=take)
             written += tl.sum(take.to(tl.int64), 0)
-            eq_seen += tl.sum(eq.to(tl.int64), 0)
+            eq_seen += tl.sum(is_eq.to(tl.int64), 0)
 
-    return radix_top
+    return hist_pass, choose, compact, masked
 
 
-def top_candidates(logits: "torch.Tensor", k: int, block: int = BLOCK,
-                   num_warps: int = NUM_WARPS) -> tuple["torch.Tensor", "torch.Tensor"]:
+def top_candidates(logits: "torch.Tensor", k: int, block: int = BLOCK, num_warps: int = NUM_WARPS,
+                   splits: int = SPLITS) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Each row's k largest logits and their ids by the Triton kernel (CUDA tensors; the contract of
     `reference_top`).
 
     Args:
         logits: (n, vocab) bf16, fp16 or float32, last dimension contiguous.
         k: candidates per row, 1 <= k <= vocab.
-        block, num_warps: launch settings (the benchmark sweeps them).
+        block, num_warps, splits: launch settings (the benchmark sweeps them); splits is the programs per
+            row, a power of two.
     Returns:
         values (n, k) in logits' dtype, ids (n, k) int64.
     Raises:
@@ -179,13 +237,29 @@ def top_candidates(logits: "torch.Tensor", k: int, block: int = BLOCK,
 
     n, vocab = logits.shape
     bits = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}.get(logits.dtype)
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"top_candidates: splits={splits}; expected a power of two >= 1")
     if bits is None or logits.stride(-1) != 1 or not 1 <= k <= vocab or vocab > _ID_MASK:
         raise ValueError(f"top_candidates: logits {logits.dtype} {tuple(logits.shape)} stride {logits.stride()}, "
                          f"k={k}; expected bf16/fp16/float32 (n, vocab) with a contiguous last dimension, "
                          "1 <= k <= vocab < 2**31")
     raw = logits.view(torch.int16 if bits == 16 else torch.int32)
-    packed = torch.empty(n, k, dtype=torch.int64, device=logits.device)
-    kernel()[(n,)](raw, packed, raw.stride(0), vocab, K=k, KEY_BITS=bits, BLOCK=block, num_warps=num_warps)
+    hist_pass, choose, compact, masked = kernel()
+    dev = logits.device
+    per = -(-vocab // splits)
+    chunk = -(-per // block) * block  # each split's share of the row, in whole blocks
+    hist = torch.empty(n, splits, 256, dtype=torch.int32, device=dev)
+    state = torch.empty(n, 2, dtype=torch.int64, device=dev)  # per row: the key prefix so far, keys still to take
+    gt = torch.empty(n, splits, dtype=torch.int64, device=dev)
+    eq = torch.empty(n, splits, dtype=torch.int64, device=dev)
+    packed = torch.empty(n, k, dtype=torch.int64, device=dev)
+    passes = bits // 8
+    for p in range(passes):
+        hist_pass[(n, splits)](raw, state, hist, raw.stride(0), vocab, chunk, P=p, KEY_BITS=bits, SPLITS=splits,
+                               BLOCK=block, MASKED=masked, num_warps=num_warps)
+        choose[(n,)](state, hist, gt, eq, K=k, P=p, LAST=p == passes - 1, SPLITS=splits, num_warps=4)
+    compact[(n, splits)](raw, state, gt, eq, packed, raw.stride(0), vocab, chunk, K=k, KEY_BITS=bits, SPLITS=splits,
+                         BLOCK=block, num_warps=num_warps)
     top = packed.sort(dim=-1, descending=True).values
     idx = _ID_MASK - (top & _ID_MASK)
     return logits.gather(-1, idx), idx

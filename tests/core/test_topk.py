@@ -47,6 +47,8 @@ def test_kernel_refuses_input_it_does_not_take_before_launching() -> None:
         TK.top_candidates(torch.zeros(2, 10), 11)
     with pytest.raises(ValueError, match="contiguous last dimension"):
         TK.top_candidates(torch.zeros(10, 2).t(), 1)
+    with pytest.raises(ValueError, match="power of two"):
+        TK.top_candidates(torch.zeros(2, 10), 3, splits=3)
 
 
 def test_kernel_is_not_used_without_cuda_and_the_switch_reads_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,7 +142,7 @@ def test_kernel_in_the_interpreter_equals_the_reference(monkeypatch: pytest.Monk
     cases[0][:, ::3] = float("-inf")
     for x in cases:
         x = x.to(dtype)
-        for k in (1, 17, 300, x.shape[1]):
-            got = TK.top_candidates(x, k, block=256)
+        for k, splits in ((1, 16), (17, 4), (300, 1), (x.shape[1], 2)):  # 16 splits of a short row: empty ones
+            got = TK.top_candidates(x, k, block=128, splits=splits)
             want = TK.reference_top(x, k)
-            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (dtype, k)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (dtype, k, splits)
