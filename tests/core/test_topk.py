@@ -146,3 +146,23 @@ def test_kernel_in_the_interpreter_equals_the_reference(monkeypatch: pytest.Monk
             got = TK.top_candidates(x, k, block=128, splits=splits)
             want = TK.reference_top(x, k)
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (dtype, k, splits)
+
+
+def test_engine_stats_say_whether_the_draw_took_the_kernels_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`EngineStats.topk_kernel` (what the benchmark's `engine_topk_kernel` reports): the sampled call's
+    draws took the kernel's candidates, with the same tokens as torch.topk's; greedy never does."""
+    from stage1_core.model import engine as E
+    from tests.core.test_engine import STOPS, _prompts, _tiny, _TinyTokenizer
+
+    model = _tiny("gemma3", std=0.1)
+    prompts, ids = _prompts(5, 96, seed=3), [f"t{i}" for i in range(5)]
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=3, compile=False)
+    eng.sampler.kernel = False
+    want = eng.generate(prompts, ids, 10, 0.8, 0.9, 0, STOPS, seed=2)
+    assert not eng.stats.topk_kernel
+    calls = _stand_in(monkeypatch, TK.reference_top)
+    eng.sampler.kernel = True
+    assert eng.generate(prompts, ids, 10, 0.8, 0.9, 0, STOPS, seed=2) == want
+    assert eng.stats.topk_kernel and calls
+    eng.generate(prompts, ids, 10, 0.0, 1.0, 0, STOPS, seed=2)
+    assert not eng.stats.topk_kernel
