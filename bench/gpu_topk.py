@@ -34,33 +34,16 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import torch  # noqa: E402
 
+from bench import gpu_engine as GE  # noqa: E402
 from stage1_core.model import sampling as SM  # noqa: E402
 from stage1_core.model import topk as TK  # noqa: E402
 
 K = SM.TOP_CANDIDATES
 
 
-def graph_ms(fn: Any, reps: int = 50) -> float:
-    """ms per call of fn: captured once in a CUDA graph, replayed `reps` times, best of three replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    best = float("inf")
-    for _ in range(3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) / reps)
-    return round(best, 4)
+def graph_ms(fn: Any) -> float:
+    """ms per call of fn: captured once in a CUDA graph, replayed 50 times, best of three such timings."""
+    return GE.graph_ms(fn, reps=50, tries=3)
 
 
 def exact(logits: torch.Tensor, **kw: Any) -> bool:
