@@ -31,7 +31,6 @@ timing: `python bench/gpu_topk.py`.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -47,9 +46,9 @@ _ID_BITS = 31
 _ID_MASK = (1 << _ID_BITS) - 1
 
 
-@functools.cache
 def available() -> str | None:
-    """None when triton imports and a CUDA device is there, else why not (the sampler then keeps torch.topk)."""
+    """None when triton imports and a CUDA device is there, else why not (the sampler then keeps torch.topk):
+    the attention kernel's check (cached there)."""
     from stage1_core.model import attention
 
     return attention.available()
