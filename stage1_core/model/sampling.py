@@ -15,9 +15,10 @@ logits.
 default, `STAGE1_ENGINE_COMPILE`; decoder.py): the temperature, the normaliser over the vocabulary, the
 hash, the top-k/top-p masks and cumulative sums become a few fused kernels around the top-k, without CUDA
 graphs of its own (the engine captures the decode step). A compile that fails falls back to the same
-function run eagerly. On CUDA the candidates come from topk.py's Triton radix select (`STAGE1_ENGINE_TOPK=0`
-gives back `torch.topk`): its order among equal logits is defined (lower id first), so eager and compiled
-draws agree there too; a kernel that fails falls back to `torch.topk`.
+function run eagerly. The candidates come from `torch.topk`; with `STAGE1_ENGINE_TOPK=1` (CUDA) they come
+from topk.py's Triton radix select instead, whose order among equal logits is defined (lower id first); a
+kernel that fails falls back to `torch.topk`. The kernel is off by default until a GPU record measures it
+faster (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ class Sampler:
         """compile: False, True (inductor) or a torch.compile backend. Static shapes first; a second slot
         count makes dynamo's automatic dynamic shapes take over (as for the decoder's decode stretches).
         kernel: take the candidates with the Triton kernel where the logits are on CUDA and triton imports
-        (None: `topk.enabled()`, on unless `STAGE1_ENGINE_TOPK=0`)."""
+        (None: `topk.enabled()`: `STAGE1_ENGINE_TOPK`, else `topk.DEFAULT`, off)."""
         import torch
 
         self.compiled: Callable[..., torch.Tensor] | None = None
