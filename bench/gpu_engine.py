@@ -2,7 +2,7 @@
 
     python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
                                [--compile on|off|both] [--sampler new|legacy|both] [--attention on|off|both]
-                               [--topk on|off|both]
+                               [--topk on|off|both] [--fp8 off|on|both]
                                [--autotune on|off|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
 
@@ -42,6 +42,12 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   `--topk both` times the record's main path with the sampler's candidates from topk.py's Triton kernel and
   then again with `torch.topk` (the `torch_topk` block, `topk_kernel_over_torch_sampled`); each path says
   which it drew with (`engine_topk_kernel`).
+  `--fp8 both` times the record's main path (bf16 projections) and then the same engine with FP8 projections
+  (fp8.py, `STAGE1_ENGINE_FP8`; the `fp8` block: greedy and sampled tok/s, `limit_fraction` still on the
+  bf16 bytes and `limit_fraction_fp8_bytes` on the bytes FP8 reads, the critic's prompts/s and MFU), with
+  `fp8_over_bf16` (greedy, and `_sampled`), `fp8_tokens_agree` (greedy tokens against the bf16 path's,
+  common prefix / tokens) and `fp8_critic_same_choice` / `fp8_critic_max_abs_diff` against the bf16 scores.
+  `--fp8 on` runs the whole record with FP8 projections.
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
@@ -378,7 +384,7 @@ def tokens_agree(a: list[list[int]], b: list[list[int]]) -> float:
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
                compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True,
-               attention: str = "on", autotune: str = "off", topk: str = "on") -> dict[str, Any]:
+               attention: str = "on", autotune: str = "off", topk: str = "on", fp8: str = "off") -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -400,6 +406,11 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     rec["lock_sha256"] = lock_sha256()
     n_params, w_bytes = param_bytes(backend.model)
     eng = backend.engine()
+    if eng is not None and eng.dec.fp8:  # --fp8 both: the main path in bf16, the `fp8` block after it
+        eng.dec.use_fp8 = fp8 == "on"
+    rec["fp8_projections"] = bool(eng is not None and eng.dec.use_fp8)
+    if eng is not None and eng.dec.fp8_unavailable:
+        rec["fp8_unavailable"] = eng.dec.fp8_unavailable
     can_fuse = eng is not None and bool(eng.dec.fused)
     can_compile = eng is not None and bool(eng.dec.compiled)
     can_attend = eng is not None and eng.dec.attention_kernel
@@ -492,6 +503,9 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
             eng.sampler.kernel = True
         rec["torch_topk"] = base
         rec["topk_kernel_over_torch_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
+    if eng is not None and fp8 == "both" and eng.dec.fp8:
+        eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel, eng.dec.use_autotuned = variants[-1]
+        rec.update(fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, main, scores, n_params))
     rec["token_match"] = token_match
     rec["parameters"] = n_params
     rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
@@ -500,6 +514,43 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     if hf_cb:  # last: it sizes its paged cache from free memory (the engine's cache is released first)
         rec.update(hf_cb_rate(backend, prompts, max_new))
     return rec
+
+
+def fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sampled: GenerationParams, batch: int,
+              max_new: int, w_bytes: int, main: dict[str, Any], bf16_scores: list[dict[str, float]],
+              n_params: int) -> dict[str, Any]:
+    """The engine with FP8 projections against its bf16 main path, on the same loaded model (`--fp8 both`)."""
+    eng = backend.engine()
+    dec = eng.dec
+    ids = [f"b{i}" for i in range(len(prompts))]
+    rows = {}
+    try:
+        for on in (False, True):  # greedy tokens of each path, for their agreement
+            dec.use_fp8 = on
+            with torch.inference_mode():
+                rows[on] = eng.generate(backend.encode(prompts), ids, max_new, 0.0, 1.0, 0, [], 1)
+        block = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
+        q_bytes = sum(f.weight.numel() for lay in dec.fp8 for f in (lay.qkv, lay.gate_up, lay.o, lay.down)
+                      if f is not None)  # bf16 bytes 2 per weight, FP8 1
+        if "limit_ms_step" in block:
+            kv_ms = block["limit_ms_step"] - 1000 * w_bytes / HBM_BYTES_S
+            fp8_limit = kv_ms + 1000 * (w_bytes - q_bytes) / HBM_BYTES_S
+            block["limit_ms_step_fp8_bytes"] = round(fp8_limit, 2)
+            block["limit_fraction_fp8_bytes"] = round(fp8_limit / block["engine_ms_step"], 3)
+        rate, n_tok, scores = critic_rate(backend, prompts, engine=True)
+        block["critic_prompts_s"] = round(rate, 1)
+        block["critic_mfu"] = round(2 * n_params * n_tok * rate / PEAK_BF16, 3)
+    finally:
+        dec.use_fp8 = False
+    out: dict[str, Any] = {"fp8": block}
+    out["fp8_over_bf16"] = round(block["engine_tok_s"] / main["engine_tok_s"], 3)
+    out["fp8_over_bf16_sampled"] = round(block["engine_sampled_tok_s"] / main["engine_sampled_tok_s"], 3)
+    out["fp8_tokens_agree"] = tokens_agree(rows[False], rows[True])
+    out["fp8_critic_same_choice"] = round(sum(max(a, key=a.get) == max(b, key=b.get)
+                                              for a, b in zip(scores, bf16_scores)) / len(scores), 4)
+    out["fp8_critic_max_abs_diff"] = round(max(abs(a[c] - b[c]) for a, b in zip(scores, bf16_scores) for c in a), 6)
+    out["fp8_quantized_weights"] = q_bytes
+    return out
 
 
 def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sampled: GenerationParams,
@@ -636,6 +687,9 @@ def main() -> int:
     ap.add_argument("--topk", choices=("on", "off", "both"), default="on",
                     help="the sampler's candidates by topk.py's Triton kernel (on) or torch.topk (off); both: the "
                          "record's main path with the kernel, `torch_topk` the other, `topk_kernel_over_torch_sampled`")
+    ap.add_argument("--fp8", choices=("off", "on", "both"), default="off",
+                    help="projections as FP8 GEMMs (fp8.py; STAGE1_ENGINE_FP8=1): on, the whole record; both: the "
+                         "main path in bf16 and the `fp8` block after it, `fp8_over_bf16`, `fp8_tokens_agree`")
     ap.add_argument("--no-hf-cb", action="store_true", help="skip transformers' generate_batch (hf_cb_tok_s)")
     ap.add_argument("--no-plain", action="store_true", help="skip the warmed plain generate (plain_warm_tok_s, ratio)")
     ap.add_argument("--tokenizer-dir", default=None,
@@ -651,7 +705,10 @@ def main() -> int:
         os.environ.setdefault("STAGE1_ENGINE_COMPILE", "1")
     os.environ["STAGE1_ENGINE_ATTENTION"] = "0" if a.attention == "off" else "1"  # as the engine's CUDA default
     opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler,
-            "plain": not a.no_plain, "attention": a.attention, "autotune": a.autotune, "topk": a.topk}
+            "plain": not a.no_plain, "attention": a.attention, "autotune": a.autotune, "topk": a.topk,
+            "fp8": a.fp8}
+    if a.fp8 != "off":
+        os.environ["STAGE1_ENGINE_FP8"] = "1"
     os.environ["STAGE1_ENGINE_TOPK"] = "0" if a.topk == "off" else "1"
     if a.autotune != "off":
         os.environ["STAGE1_ENGINE_AUTOTUNE"] = "1"

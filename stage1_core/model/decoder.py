@@ -24,6 +24,9 @@ from the cache instead of the two batched matmuls over the whole `[:context]` sl
 the positions from the device, so the step does not depend on `context` at all (the engine then captures
 one graph per call instead of one per 64-token bucket). A kernel that fails turns itself off for this
 decoder (logged once) and the matmul path runs. Prefill attention stays SDPA.
+
+With `fp8` (`STAGE1_ENGINE_FP8=1`, off by default: lossy, an experiment) the projections run as FP8 GEMMs
+on copies of their weights quantized at build time (fp8.py); `use_fp8` switches them per call.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import os
 from typing import TYPE_CHECKING, Any, Sequence
 
 from stage1_core.model import attention as live_attention
+from stage1_core.model import fp8 as fp8_weights
 from stage1_core.model.fusion import FusedLayer, fuse_projections
 
 if TYPE_CHECKING:
@@ -117,7 +121,8 @@ def _pre_attn(dec: "Decoder", layer: Any, fused: FusedLayer | None, x: "torch.Te
 def _post_attn(dec: "Decoder", layer: Any, fused: FusedLayer | None, x: "torch.Tensor",
                a: "torch.Tensor") -> "torch.Tensor":
     """The rest of a layer after attention: o_proj, norms and residuals, MLP. a (n, t, heads*d) -> x."""
-    attn_out = layer.self_attn.o_proj(a)
+    o = getattr(fused, "o", None)  # an FP8 layer's own O projection (fp8.Fp8Layer)
+    attn_out = o(a) if o is not None else layer.self_attn.o_proj(a)
     if dec.gemma_norms:
         x = x + layer.post_attention_layernorm(attn_out)
         return x + layer.post_feedforward_layernorm(_mlp(layer, fused, layer.pre_feedforward_layernorm(x)))
@@ -130,7 +135,9 @@ def _mlp(layer: Any, fused: FusedLayer | None, x: "torch.Tensor") -> "torch.Tens
     if fused is None or fused.gate_up is None:
         return layer.mlp(x)
     gate, up = fused.gate_up(x)
-    return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    down = getattr(fused, "down", None)  # an FP8 layer's own down projection
+    h = layer.mlp.act_fn(gate) * up
+    return down(h) if down is not None else layer.mlp.down_proj(h)
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -168,13 +175,15 @@ class Decoder:
     """The model's layers run over a static, slot-indexed KV cache (prefill and decode)."""
 
     def __init__(self, model: Any, fuse: bool = True, compile: Any = False, attention: bool = False,
-                 autotune: bool | None = None) -> None:
+                 autotune: bool | None = None, fp8: bool | None = None) -> None:
         """Take the model's modules; with `fuse`, concatenate q/k/v and gate/up of each layer (fusion.py);
         with `compile` (True = inductor, or a torch.compile backend), compile the stretches of a layer
         around its attention; with `attention` (CUDA only), decode attention by the live-KV kernel
         (see the module docstring). With `autotune` (and `compile` True; None = `STAGE1_ENGINE_AUTOTUNE` is 1,
         off by default: an experiment) decode's stretches are compiled by inductor's max-autotune, which
         times candidate GEMM kernels for each shape (minutes per new slot count) and keeps the fastest.
+        With `fp8` (None = `STAGE1_ENGINE_FP8` is 1, off by default) the projections run as FP8 GEMMs
+        (fp8.py) where the device has them.
 
         `use_fused`, `use_compiled`, `use_autotuned` and `use_attention_kernel` may be switched later (the
         modules still hold the same weights, as views): the benchmark measures the paths on one loaded model.
@@ -208,6 +217,14 @@ class Decoder:
         self.fused: list[FusedLayer] = fuse_projections(self.layers) if fuse else []
         self.use_fused = bool(self.fused)
         """Run the fused GEMMs where a layer has them (else the model's own projection modules)."""
+        if fp8 is None:
+            fp8 = _flag(fp8_weights.ENV) is True
+        self.fp8_unavailable = fp8_weights.available(self.device) if fp8 else None
+        self.fp8 = fp8_weights.quantize_layers(self.layers) if fp8 and self.fp8_unavailable is None else []
+        if self.fp8_unavailable:
+            log.warning("engine: FP8 projections asked for but not run: %s", self.fp8_unavailable)
+        self.use_fp8 = bool(self.fp8)
+        """Run the FP8 projections (before the fused ones; `fp8` on and the device has FP8 GEMMs)."""
         self.compiled: dict[str, Any] = {}
         if compile:
             backend = "inductor" if compile is True else compile
@@ -276,7 +293,9 @@ class Decoder:
                         self.attention_failed)
             return None
 
-    def _fused(self, li: int) -> FusedLayer | None:
+    def _fused(self, li: int) -> Any:
+        if self.use_fp8 and self.fp8:
+            return self.fp8[li]
         return self.fused[li] if self.use_fused and self.fused else None
 
     # -- rotary tables ------------------------------------------------------------------------

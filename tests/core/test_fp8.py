@@ -1,0 +1,95 @@
+"""FP8 projections (stage1_core/model/fp8.py): the quantization, the GEMM against its float emulation, and
+the decoder's wiring (opt-in, switchable per call), on the CPU's `torch._scaled_mm`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from stage1_core.model import decoder as D  # noqa: E402
+from stage1_core.model import engine as E  # noqa: E402
+from stage1_core.model import fp8 as Q  # noqa: E402
+from tests.core.test_engine import _prompts, _tiny, _TinyTokenizer  # noqa: E402
+
+
+def test_rows_are_scaled_to_the_e4m3_range_and_come_back_within_its_precision() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 64) * torch.logspace(-3, 3, 8)[:, None]  # rows six decades apart
+    q, s = Q.quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (8, 1) and s.dtype == torch.float32
+    assert torch.allclose(q.float().abs().amax(-1), torch.full((8,), Q.E4M3_MAX))  # each row's max hits 448
+    back = q.float() * s
+    assert ((back - x).abs() <= x.abs() * 2 ** -4 + 1e-30).all()  # 3 mantissa bits: within half an ulp
+    zq, zs = Q.quantize_rows(torch.zeros(2, 16))  # an all-zero row: no division by zero
+    assert torch.equal(zq.float(), torch.zeros(2, 16)) and (zs > 0).all()
+
+
+def _emulated(f: Q.Fp8Linear, x: Any) -> Any:
+    """What the FP8 GEMM computes, in float64: the quantized input times the quantized weight, both scaled."""
+    xq, xs = Q.quantize_rows(x.reshape(-1, x.shape[-1]))
+    w = f.weight.double() * f.scale.double().t()
+    y = (xq.double() * xs.double()) @ w.t()
+    return y if f.bias is None else y + f.bias.double()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_equals_its_emulation_and_is_near_the_float_gemm(bias: bool) -> None:
+    torch.manual_seed(1)
+    mods = [torch.nn.Linear(64, n, bias=bias) for n in (32, 16, 16)]
+    f = Q.quantize(mods)
+    assert f is not None and f.sizes == (32, 16, 16) and f.weight.shape == (64, 64) and f.scale.shape == (1, 64)
+    x = torch.randn(3, 5, 64)
+    q, k, v = f(x)
+    assert q.shape == (3, 5, 32) and k.shape == v.shape == (3, 5, 16) and q.dtype == torch.float32
+    got = torch.cat([q, k, v], dim=-1).reshape(15, 64).double()
+    assert torch.allclose(got, _emulated(f, x), atol=1e-5, rtol=1e-5)  # the scales land on the right axes
+    exact = torch.cat([m(x) for m in mods], dim=-1).reshape(15, 64).double()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), exact.flatten(), dim=0)
+    assert cos > 0.998 and not torch.allclose(got, exact, atol=1e-6)  # close, and really quantized
+    for m in mods:  # the modules keep their own float weights
+        assert m.weight.dtype == torch.float32
+
+
+def test_only_aligned_plain_linears_are_quantized() -> None:
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    assert Q.quantize([torch.nn.Linear(64, 24)]) is None  # 24 output rows: not a multiple of 16
+    assert Q.quantize([torch.nn.Linear(40, 32)]) is None  # 40 input columns
+    assert Q.quantize([Wrapped(64, 32)]) is None
+    assert Q.quantize([torch.nn.Linear(64, 32), torch.nn.Linear(64, 32, bias=False)]) is None
+    assert Q.quantize([torch.nn.Linear(64, 32)]) is not None
+
+
+def test_fp8_is_opt_in_and_switchable_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(Q.ENV, raising=False)
+    model = _tiny("gemma3", std=0.1)
+    assert not E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=4).dec.use_fp8
+    monkeypatch.setenv(Q.ENV, "1")
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=4)
+    dec = eng.dec
+    assert dec.use_fp8 and len(dec.fp8) == 3
+    assert all(x is not None for lay in dec.fp8 for x in (lay.qkv, lay.gate_up, lay.o, lay.down))
+    assert dec.fp8[0].qkv.sizes == (64, 32, 32) and dec.fp8[0].down.weight.shape == (64, 128)
+
+    prompts, ids = _prompts(6, 96, seed=3), [f"q{i}" for i in range(6)]
+    logits = {}
+    for on in (True, False):
+        dec.use_fp8 = on
+        logits[on] = dec.next_token_logprobs(prompts, list(range(96)))
+    a, b = logits[True], logits[False]
+    assert not torch.allclose(a, b, atol=1e-6)  # the FP8 path ran
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    dec.use_fp8 = True
+    out = eng.generate(prompts, ids, 8, 0.0, 1.0, 0, [], seed=0)
+    assert len(out) == 6 and all(len(o) == 8 for o in out)
+
+
+def test_a_device_without_fp8_gemms_says_why_and_keeps_the_float_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Q, "available", lambda device: "no FP8 tensor cores here")
+    dec = D.Decoder(_tiny("llama"), fp8=True)
+    assert not dec.use_fp8 and dec.fp8 == [] and dec.fp8_unavailable == "no FP8 tensor cores here"
