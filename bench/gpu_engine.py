@@ -46,7 +46,9 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   (fp8.py, `STAGE1_ENGINE_FP8`; the `fp8` block: greedy and sampled tok/s, `limit_fraction` still on the
   bf16 bytes and `limit_fraction_fp8_bytes` on the bytes FP8 reads, the critic's prompts/s and MFU), with
   `fp8_over_bf16` (greedy, and `_sampled`), `fp8_tokens_agree` (greedy tokens against the bf16 path's,
-  common prefix / tokens) and `fp8_critic_same_choice` / `fp8_critic_max_abs_diff` against the bf16 scores.
+  common prefix / tokens) and `fp8_critic_same_choice` / `fp8_critic_max_abs_diff` against the bf16 scores
+  (not on 270m, whose prompts share prefixes and take PrefixScorer, which FP8 does not touch); on 270m
+  `fp8_token_match` instead (FP8 engine greedy against plain `generate`, as `token_match`).
   `--fp8 on` runs the whole record with FP8 projections.
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
@@ -505,7 +507,9 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
         rec["topk_kernel_over_torch_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
     if eng is not None and fp8 == "both" and eng.dec.fp8:
         eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel, eng.dec.use_autotuned = variants[-1]
-        rec.update(fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, main, scores, n_params))
+        # 270m: the real prompts share prefixes, so the critic takes PrefixScorer (the model's own modules)
+        rec.update(fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, main,
+                             scores if model_name != "270m" else None, n_params))
     rec["token_match"] = token_match
     rec["parameters"] = n_params
     rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
@@ -517,7 +521,7 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
 
 
 def fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sampled: GenerationParams, batch: int,
-              max_new: int, w_bytes: int, main: dict[str, Any], bf16_scores: list[dict[str, float]],
+              max_new: int, w_bytes: int, main: dict[str, Any], bf16_scores: list[dict[str, float]] | None,
               n_params: int) -> dict[str, Any]:
     """The engine with FP8 projections against its bf16 main path, on the same loaded model (`--fp8 both`)."""
     eng = backend.engine()
@@ -537,18 +541,21 @@ def fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sample
             fp8_limit = kv_ms + 1000 * (w_bytes - q_bytes) / HBM_BYTES_S
             block["limit_ms_step_fp8_bytes"] = round(fp8_limit, 2)
             block["limit_fraction_fp8_bytes"] = round(fp8_limit / block["engine_ms_step"], 3)
-        rate, n_tok, scores = critic_rate(backend, prompts, engine=True)
-        block["critic_prompts_s"] = round(rate, 1)
-        block["critic_mfu"] = round(2 * n_params * n_tok * rate / PEAK_BF16, 3)
+        if bf16_scores is not None:
+            rate, n_tok, scores = critic_rate(backend, prompts, engine=True)
+            block["critic_prompts_s"] = round(rate, 1)
+            block["critic_mfu"] = round(2 * n_params * n_tok * rate / PEAK_BF16, 3)
     finally:
         dec.use_fp8 = False
     out: dict[str, Any] = {"fp8": block}
     out["fp8_over_bf16"] = round(block["engine_tok_s"] / main["engine_tok_s"], 3)
     out["fp8_over_bf16_sampled"] = round(block["engine_sampled_tok_s"] / main["engine_sampled_tok_s"], 3)
     out["fp8_tokens_agree"] = tokens_agree(rows[False], rows[True])
-    out["fp8_critic_same_choice"] = round(sum(max(a, key=a.get) == max(b, key=b.get)
-                                              for a, b in zip(scores, bf16_scores)) / len(scores), 4)
-    out["fp8_critic_max_abs_diff"] = round(max(abs(a[c] - b[c]) for a, b in zip(scores, bf16_scores) for c in a), 6)
+    if bf16_scores is not None:
+        out["fp8_critic_same_choice"] = round(sum(max(a, key=a.get) == max(b, key=b.get)
+                                                  for a, b in zip(scores, bf16_scores)) / len(scores), 4)
+        out["fp8_critic_max_abs_diff"] = round(max(abs(a[c] - b[c]) for a, b in zip(scores, bf16_scores)
+                                                   for c in a), 6)
     out["fp8_quantized_weights"] = q_bytes
     return out
 
@@ -733,6 +740,11 @@ def main() -> int:
                     backend = load_backend(ModelConfig(dtype=dtype))
                     matches = {}
                     eng = backend.engine()
+                    fp8_match = None
+                    if eng is not None and eng.dec.fp8:  # the record's main path: FP8 only with --fp8 on
+                        eng.dec.use_fp8 = True
+                        fp8_match = measure_token_match(backend, prompts, 64 if not a.smoke else 8)
+                        eng.dec.use_fp8 = a.fp8 == "on"
                     for compiled in ([False, True] if a.compile == "both" and eng is not None and eng.dec.compiled
                                      else [None]):
                         if compiled is not None:
@@ -742,6 +754,8 @@ def main() -> int:
                     rec = record_for(backend, "270m", len(prompts), dtype, prompts, max_new, True, match, **opts)
                     if False in matches:
                         rec["token_match_uncompiled"] = matches[False]
+                    if fp8_match is not None:
+                        rec["fp8_token_match"] = fp8_match
                     rec["load_seconds"] = backend.fingerprint.get("load_seconds")
                     rec["note"] = a.note
                     upsert(records, rec)
