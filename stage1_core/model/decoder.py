@@ -99,6 +99,13 @@ def pad_right(prompts: Sequence[Sequence[int]], rows: Sequence[int],
     return toks.to(device), lengths.to(device)
 
 
+def slot_slice(slots: Sequence[int]) -> slice | None:
+    """`slots` as a slice when they are consecutive (the prefill then writes its K/V by a strided copy, not an
+    index_put), else None."""
+    s0 = slots[0] if len(slots) else 0
+    return slice(s0, s0 + len(slots)) if list(slots) == list(range(s0, s0 + len(slots))) and len(slots) else None
+
+
 def _pre_attn(dec: "Decoder", layer: Any, fused: FusedLayer | None, x: "torch.Tensor", c: "torch.Tensor",
               s: "torch.Tensor") -> tuple["torch.Tensor", ...]:
     """x (n, t, hidden) -> q (n, heads, t, d), k and v (n, kv, t, d): input norm, projections, q/k norms, rotary
@@ -375,10 +382,11 @@ class Decoder:
             return torch.tanh(out / self.softcap) * self.softcap
         return out.float() if float32 else out
 
-    def prefill(self, tokens: "torch.Tensor", lengths: "torch.Tensor", slots: "torch.Tensor | None",
+    def prefill(self, tokens: "torch.Tensor", lengths: "torch.Tensor", slots: "torch.Tensor | slice | None",
                 cache: list[tuple["torch.Tensor", "torch.Tensor"]] | None) -> "torch.Tensor":
-        """Run right-padded prompts (n, t) from position 0, write their K/V into `slots` of the cache
-        (`cache` None: write nothing, as when scoring a prompt's next token).
+        """Run right-padded prompts (n, t) from position 0, write their K/V into `slots` of the cache (a
+        tensor of slot ids, or a slice of consecutive ones: `slot_slice`); `cache` None: write nothing, as
+        when scoring a prompt's next token.
 
         Returns the last real position's hidden state per row, (n, hidden).
         """

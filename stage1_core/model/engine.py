@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from stage1_core.infra.errors import DeviceOOM
-from stage1_core.model.decoder import Decoder, attention_enabled, compile_enabled, pad_right
+from stage1_core.model.decoder import Decoder, attention_enabled, compile_enabled, pad_right, slot_slice
 from stage1_core.model.fusion import fusion_enabled
 from stage1_core.model.sampling import Sampler, Sampling, row_seed, sampling_mode
 from stage1_core.model.stops import cached_stop_tables, cached_token_strings, vocab_key
@@ -415,7 +415,7 @@ class Engine:
             k += n
             toks, lengths = pad_right(prompts, chunk, dev)
             sl = torch.tensor(cslots, dtype=torch.long, device=dev)
-            h = self.dec.prefill(toks, lengths, sl, self._cache)
+            h = self.dec.prefill(toks, lengths, slot_slice(cslots) or sl, self._cache)
             seeds = torch.tensor([row_seed(seed, ids[i]) for i in chunk], dtype=torch.long, device=dev)
             zero = torch.zeros(n, dtype=torch.long, device=dev)
             first = self.sampler(self.dec.logits(h, float32=False), smp, seeds, zero, compiled=False)

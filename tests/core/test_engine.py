@@ -640,3 +640,22 @@ def test_real_sampled_texts_same_at_batch_1_3_16(real_backend: Any, monkeypatch:
         for a, b in zip(texts[1], texts[slots]):
             assert a == b, f"batch 1 vs {slots}: " + _diagnose(real_backend, a, b)
     assert texts[1] != [c.text for c in real_backend.generate(REAL_PROMPTS, params, seed=43, ids=ids)]
+
+
+def test_consecutive_slots_are_written_by_a_slice_and_the_cache_is_the_same() -> None:
+    assert D.slot_slice([3, 4, 5]) == slice(3, 6) and D.slot_slice([0]) == slice(0, 1)
+    assert D.slot_slice([1, 3]) is None and D.slot_slice([2, 1]) is None and D.slot_slice([]) is None
+    model = _tiny("gemma3")
+    prompts = _prompts(3, 96, seed=2)
+    caches = []
+    for slots in (torch.tensor([1, 2, 3]), slice(1, 4)):
+        eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=5)
+        eng._ensure_cache(5, 32)
+        eng.dec.rope_tables(32)
+        toks, lengths = D.pad_right(prompts, sorted(range(3), key=lambda i: -len(prompts[i])), torch.device("cpu"))
+        h = eng.dec.prefill(toks, lengths, slots, eng._cache)
+        caches.append((h, [(k.clone(), v.clone()) for k, v in eng._cache]))
+    (h0, c0), (h1, c1) = caches
+    assert torch.equal(h0, h1)
+    assert all(torch.equal(a, b) and torch.equal(x, y) for (a, x), (b, y) in zip(c0, c1))
+    assert c0[0][0][1:4].abs().sum() > 0 and c0[0][0][0].abs().sum() == 0  # slots 1..3 written, slot 0 not
