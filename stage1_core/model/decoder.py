@@ -226,7 +226,7 @@ class Decoder:
         """Run the fused GEMMs where a layer has them (else the model's own projection modules)."""
         if fp8 is None:
             fp8 = _flag(fp8_weights.ENV) is True
-        self.fp8_unavailable = fp8_weights.available(self.device) if fp8 else None
+        self.fp8_unavailable = fp8_weights.available(self.device, self.dtype) if fp8 else None
         self.fp8 = fp8_weights.quantize_layers(self.layers) if fp8 and self.fp8_unavailable is None else []
         if self.fp8_unavailable:
             log.warning("engine: FP8 projections asked for but not run: %s", self.fp8_unavailable)

@@ -33,14 +33,18 @@ E4M3_MAX = 448.0
 _EPS = 1e-12
 
 
-def available(device: "torch.device") -> str | None:
-    """None when FP8 GEMMs run on `device`, else why not."""
+def available(device: "torch.device", dtype: "torch.dtype | None" = None) -> str | None:
+    """None when FP8 GEMMs run on `device` for activations of `dtype`, else why not."""
     import torch
 
     if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
         return f"torch {torch.__version__} has no _scaled_mm / float8_e4m3fn"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if cap is not None and cap < (8, 9):
         return f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (compute capability < 8.9)"
+    if cap is not None and cap != (9, 0) and dtype == torch.float32:  # CUTLASS's rowwise path writes bf16/fp16 only
+        return (f"{torch.cuda.get_device_name(device)}: FP8 GEMMs with float32 output need compute capability 9.0 "
+                "(H100, H200); load the model in bfloat16 (model.dtype)")
     if device.type not in ("cuda", "cpu"):
         return f"no FP8 GEMM on {device.type}"
     return None

@@ -90,6 +90,18 @@ def test_fp8_is_opt_in_and_switchable_per_call(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_device_without_fp8_gemms_says_why_and_keeps_the_float_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Q, "available", lambda device: "no FP8 tensor cores here")
+    monkeypatch.setattr(Q, "available", lambda device, dtype=None: "no FP8 tensor cores here")
     dec = D.Decoder(_tiny("llama"), fp8=True)
     assert not dec.use_fp8 and dec.fp8 == [] and dec.fp8_unavailable == "no FP8 tensor cores here"
+
+
+@pytest.mark.parametrize("cap,dtype,ok", [((9, 0), "float32", True), ((9, 0), "bfloat16", True),
+                                          ((8, 9), "bfloat16", True), ((8, 9), "float32", False),
+                                          ((8, 0), "bfloat16", False)])
+def test_which_cuda_devices_take_fp8(monkeypatch: pytest.MonkeyPatch, cap: tuple[int, int], dtype: str,
+                                     ok: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    why = Q.available(torch.device("cuda"), getattr(torch, dtype))
+    assert (why is None) == ok
+    assert Q.available(torch.device("cpu"), torch.float32) is None
