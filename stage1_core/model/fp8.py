@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+from stage1_core.model.fusion import fusable
+
 if TYPE_CHECKING:
     import torch
 
@@ -98,17 +100,12 @@ class Fp8Layer:
 
 
 def quantizable(mods: Sequence[Any]) -> bool:
-    """Plain `nn.Linear` modules of one floating dtype and input width, biases on all or none, every
-    dimension a multiple of 16."""
+    """What fusion.py can concatenate (plain `nn.Linear` modules of one floating dtype, device and input
+    width, biases on all or none), not already FP8, every dimension a multiple of 16."""
     import torch
 
-    if not mods or not all(type(m) is torch.nn.Linear for m in mods):
-        return False
-    w0 = mods[0].weight
-    return (w0.dtype.is_floating_point and w0.dtype != torch.float8_e4m3fn
-            and all(m.weight.dtype == w0.dtype and m.weight.shape[1] == w0.shape[1] for m in mods)
-            and all(m.weight.shape[0] % 16 == 0 for m in mods) and w0.shape[1] % 16 == 0
-            and len({m.bias is None for m in mods}) == 1)
+    return (fusable(mods) and mods[0].weight.dtype != torch.float8_e4m3fn
+            and mods[0].weight.shape[1] % 16 == 0 and all(m.weight.shape[0] % 16 == 0 for m in mods))
 
 
 def quantize(mods: Sequence[Any]) -> Fp8Linear | None:
