@@ -102,8 +102,10 @@ def pad_right(prompts: Sequence[Sequence[int]], rows: Sequence[int],
 def slot_slice(slots: Sequence[int]) -> slice | None:
     """`slots` as a slice when they are consecutive (the prefill then writes its K/V by a strided copy, not an
     index_put), else None."""
-    s0 = slots[0] if len(slots) else 0
-    return slice(s0, s0 + len(slots)) if list(slots) == list(range(s0, s0 + len(slots))) and len(slots) else None
+    if not slots:
+        return None
+    s0 = slots[0]
+    return slice(s0, s0 + len(slots)) if list(slots) == list(range(s0, s0 + len(slots))) else None
 
 
 def _pre_attn(dec: "Decoder", layer: Any, fused: FusedLayer | None, x: "torch.Tensor", c: "torch.Tensor",
