@@ -2,8 +2,10 @@
 batch, and its top kernels (not a test).
 
     python bench/engine_profile.py [--model random:gemma3-12b] [--batch 256] [--steps 4] [--out FILE]
+                                   [--fp8 off|on|both] [--compiled-only]
 
-On one loaded model, for each path (compiled layers off / on; `Engine(compile=...)`, decoder.py), with
+On one loaded model, for each path (compiled layers off / on; `Engine(compile=...)`, decoder.py; with
+`--fp8 on` or `both` also the compiled path with FP8 projections, fp8.py, as `compiled_fp8`), with
 the fused q/k/v and gate/up GEMMs unless said otherwise:
 - `prefill_ms`: one prefill of `batch` 128-token prompts into the engine's cache (synchronised, best of 3
   after a warm-up);
@@ -41,7 +43,7 @@ from stage1_core.model import load_backend  # noqa: E402
 STOPS = ["\n\n", "\nInstruction:", "\nResponse:"]
 
 
-def kernel_table(prof: Any, cuda: bool, rows: int = 25) -> list[dict[str, Any]]:
+def kernel_table(prof: Any, cuda: bool, rows: int = 40) -> list[dict[str, Any]]:
     """The top kernels (name, device ms total, calls) of a profile, by device time."""
     out = []
     for e in prof.key_averages():
@@ -57,7 +59,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-compile", action="store_true", help="profile the uncompiled path only")
+    ap.add_argument("--compiled-only", action="store_true", help="profile the compiled path(s) only")
+    ap.add_argument("--fp8", choices=("off", "on", "both"), default="off",
+                    help="the compiled path with FP8 projections too (both) or instead of bf16 (on)")
     a = ap.parse_args()
+    if a.fp8 != "off":
+        os.environ["STAGE1_ENGINE_FP8"] = "1"  # the decoder quantizes its copies when the engine is built
     backend = load_backend(ModelConfig(id=a.model))
     eng = backend.engine()
     dev = eng.device
@@ -80,13 +87,21 @@ def main() -> int:
     prompts = [[2] + torch.randint(10, 100_000, (plen - 1,), generator=g).tolist() for _ in range(s)]
     toks = torch.tensor(prompts, device=dev)
     lengths, slots = torch.full((s,), plen, device=dev), torch.arange(s, device=dev)
-    compiled_modes = [False] if (a.no_compile or not eng.dec.compiled) else [False, True]
-    for compiled in compiled_modes:
+    modes = [(False, False)] if (a.no_compile or not eng.dec.compiled) else [(False, False), (True, False)]
+    if a.compiled_only:
+        modes = [m for m in modes if m[0]] or modes
+    if a.fp8 != "off":
+        rec["fp8_unavailable"] = eng.dec.fp8_unavailable
+        if eng.dec.fp8:  # FP8 on the compiled path (or the only one there is)
+            targets = [m for m in modes if m[0]] or modes
+            modes = [m for m in modes if a.fp8 == "both" or m not in targets] + [(c, True) for c, _ in targets]
+    for compiled, fp8 in modes:
         eng.dec.use_compiled = compiled
         eng.dec.use_fused = bool(eng.dec.fused)
+        eng.dec.use_fp8 = fp8
         st.pos.fill_(plen)
-        path: dict[str, Any] = {"compiled": compiled}
-        rec["paths"]["compiled" if compiled else "uncompiled"] = path
+        path: dict[str, Any] = {"compiled": compiled, "fp8": fp8}
+        rec["paths"][("compiled" if compiled else "uncompiled") + ("_fp8" if fp8 else "")] = path
         with torch.inference_mode():
             t0 = time.perf_counter()
             eng.dec.prefill(toks, lengths, slots, eng._cache)
@@ -154,7 +169,7 @@ def main() -> int:
                 sync()
             path["prefill_kernels"] = kernel_table(prof, cuda, 15)
             eng.use_graphs = cuda
-        print(f"\n== compiled={compiled}: decode device {path['decode_device_ms_step']} ms/step (eager, profiled), "
+        print(f"\n== compiled={compiled} fp8={fp8}: decode device {path['decode_device_ms_step']} ms/step (eager, profiled), "
               f"prefill {path['prefill_ms']} ms, generate {json.dumps(path['generate'])}")
         for r in path["decode_kernels"]:
             print(f"  {r['ms'] / a.steps:8.3f} ms/step {r['calls'] // a.steps:5d}/step  {r['name']}")
