@@ -15,20 +15,19 @@ logits.
 default, `STAGE1_ENGINE_COMPILE`; decoder.py): the temperature, the normaliser over the vocabulary, the
 hash, the top-k/top-p masks and cumulative sums become a few fused kernels around the top-k, without CUDA
 graphs of its own (the engine captures the decode step). A compile that fails falls back to the same
-function run eagerly. The candidates come from `torch.topk`; with `STAGE1_ENGINE_TOPK=1` (CUDA) they come
-from topk.py's Triton radix select instead, whose order among equal logits is defined (lower id first); a
-kernel that fails falls back to `torch.topk`. The kernel is off by default until a GPU record measures it
-faster (docs/performance.md).
+function run eagerly. The candidates come from one `torch.topk` over the vocabulary, or, with
+`STAGE1_ENGINE_TOPK_CHUNKS=C`, from a two-stage `torch.topk` (`top_candidates`: the top k of each of C
+slices of the row, then the top k of those), which selects the same values.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
-
-from stage1_core.model import topk
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +38,56 @@ TOP_CANDIDATES = 1024
 """Top-p / top-k sampling draws from the 1024 most likely tokens: the nucleus lies inside them unless
 the distribution is nearly flat (then the draw is limited to those 1024)."""
 
+CHUNKS_ENV = "STAGE1_ENGINE_TOPK_CHUNKS"
+DEFAULT_CHUNKS = 0
+"""The draw's candidates by one `torch.topk` over the vocabulary (0) unless `STAGE1_ENGINE_TOPK_CHUNKS` says
+how many slices the two-stage selection uses (`top_candidates`)."""
+
 _M32 = 0xFFFFFFFF
+
+
+def top_chunks() -> int:
+    """The slices of the two-stage top-k: `STAGE1_ENGINE_TOPK_CHUNKS` (an int >= 0), else `DEFAULT_CHUNKS`.
+
+    Raises:
+        ValueError: the variable is set to something else.
+    """
+    v = os.environ.get(CHUNKS_ENV, "").strip()
+    if not v:
+        return DEFAULT_CHUNKS
+    if not v.isdigit():
+        raise ValueError(f"{CHUNKS_ENV}={v!r}: expected a whole number of slices >= 0 (0: one torch.topk); "
+                         f"unset it or give e.g. 32")
+    return int(v)
+
+
+def top_candidates(logits: "torch.Tensor", k: int, chunks: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The k largest logits of each row, descending, and their ids: `logits.topk(k)`, or in two stages.
+
+    With chunks > 1 (and a vocabulary that splits into that many slices of at least k), each slice's top k
+    is taken first (chunks x more rows of a chunks x shorter length, which torch's radix select spreads
+    over more of the card), then the top k of those chunks x k. A row's top k lie among its slices' top
+    k, so the values are exactly `logits.topk(k)`'s; ids differ only in the order among equal values, which
+    torch.topk leaves undefined too.
+
+    Args:
+        logits: (n, vocab) in any float dtype.
+        k: how many.
+        chunks: slices per row (0 or 1: one topk).
+    Returns:
+        (values, ids), each (n, k).
+    """
+    import torch
+
+    n, v = logits.shape
+    if chunks <= 1 or v % chunks or v // chunks < k:
+        return logits.topk(k, dim=-1)
+    width = v // chunks
+    cv, ci = logits.reshape(n * chunks, width).topk(k, dim=-1)
+    base = torch.arange(0, v, width, device=logits.device).view(1, chunks, 1)
+    ids = (ci.view(n, chunks, k) + base).view(n, chunks * k)
+    top, j = cv.view(n, chunks * k).topk(k, dim=-1)
+    return top, ids.gather(-1, j)
 
 
 def row_seed(seed: int, item_id: str) -> int:
@@ -100,15 +148,15 @@ def sampling_mode(temperature: float, top_p: float, top_k: int) -> str:
 
 
 def _draw_top(logits: "torch.Tensor", temperature: "torch.Tensor", top_p: "torch.Tensor", top_k: "torch.Tensor",
-              seeds: "torch.Tensor", steps: "torch.Tensor", kernel: bool = False) -> "torch.Tensor":
+              seeds: "torch.Tensor", steps: "torch.Tensor", chunks: int = 0) -> "torch.Tensor":
     """The top-k/top-p draw of `sample` among the TOP_CANDIDATES most likely tokens (a pure tensor function:
     `Sampler` compiles it). logits (n, vocab) in any float dtype; temperature, top_p, top_k 0-d tensors;
-    kernel: take the candidates with topk.py's Triton kernel (CUDA) instead of `torch.topk`."""
+    chunks: the candidates' two-stage selection (`top_candidates`)."""
     import torch
 
     k = min(TOP_CANDIDATES, logits.shape[-1])
     # on the logits as they come: a temperature > 0 keeps their order
-    top, idx = topk.top_candidates(logits, k) if kernel else logits.topk(k, dim=-1)
+    top, idx = top_candidates(logits, k, chunks)
     vals = top.float() / temperature  # = (logits / temperature)[idx], exactly (a bf16 value is a float32 one)
     m = vals[:, :1]  # the row's largest scaled logit: torch.logsumexp's shift, and the same formula after it
     lse = m + torch.log(torch.exp(logits.float() / temperature - m).sum(dim=-1, keepdim=True))
@@ -124,12 +172,6 @@ def _draw_top(logits: "torch.Tensor", temperature: "torch.Tensor", top_p: "torch
     u = uniform(seeds, steps)
     j = (kcum <= (u * kcum[:, -1]).unsqueeze(-1)).sum(dim=-1).clamp(max=k - 1)
     return idx.gather(-1, j.unsqueeze(-1)).squeeze(-1)
-
-
-def _draw_top_kernel(logits: "torch.Tensor", temperature: "torch.Tensor", top_p: "torch.Tensor",
-                     top_k: "torch.Tensor", seeds: "torch.Tensor", steps: "torch.Tensor") -> "torch.Tensor":
-    """`_draw_top` with the kernel's candidates (its own function, so `Sampler` compiles each form once)."""
-    return _draw_top(logits, temperature, top_p, top_k, seeds, steps, kernel=True)
 
 
 def sample(logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "torch.Tensor",
@@ -160,33 +202,33 @@ def sample(logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "t
 
 
 class Sampler:
-    """`sample` with its top-k/top-p draw compiled or not, and its candidates from topk.py's kernel or
-    `torch.topk` (the engine holds one; see the module docstring).
+    """`sample` with its top-k/top-p draw compiled or not (the engine holds one; see the module docstring).
 
-    `use_compiled` and `kernel` may be switched later (the benchmark measures each way on one engine). A
-    draw whose compilation fails turns `use_compiled` off (logged, `compile_failed` says why) and runs
-    eagerly; a kernel that fails turns `kernel` off (`kernel_failed`) and the draw takes `torch.topk`; out
-    of device memory is re-raised as such (the engine backs off)."""
+    `use_compiled` and `chunks` may be switched later (the benchmark measures each way on one engine); each
+    chunk count is compiled on its first use. A draw whose compilation fails turns `use_compiled` off
+    (logged, `compile_failed` says why) and runs eagerly; out of device memory is re-raised as such (the
+    engine backs off)."""
 
-    def __init__(self, compile: Any = False, kernel: bool | None = None) -> None:
+    def __init__(self, compile: Any = False, chunks: int | None = None) -> None:
         """compile: False, True (inductor) or a torch.compile backend. Static shapes first; a second slot
         count makes dynamo's automatic dynamic shapes take over (as for the decoder's decode stretches).
-        kernel: take the candidates with the Triton kernel where the logits are on CUDA and triton imports
-        (None: `topk.enabled()`: `STAGE1_ENGINE_TOPK`, else `topk.DEFAULT`, off)."""
-        import torch
-
-        self.compiled: Callable[..., torch.Tensor] | None = None
-        self.compiled_kernel: Callable[..., torch.Tensor] | None = None
-        if compile:
-            backend = "inductor" if compile is True else compile
-            self.compiled = torch.compile(_draw_top, backend=backend, fullgraph=True)
-            self.compiled_kernel = torch.compile(_draw_top_kernel, backend=backend, fullgraph=True)
-        self.use_compiled = self.compiled is not None
+        chunks: the candidates' two-stage top-k (`top_candidates`; None: `top_chunks()`)."""
+        self.backend = ("inductor" if compile is True else compile) or None
+        self._compiled: dict[int, Callable[..., Any]] = {}
+        self.use_compiled = self.backend is not None
         self.compile_failed: str | None = None
-        self.kernel = topk.enabled() if kernel is None else kernel
-        self.kernel_failed: str | None = None
-        self.kernel_used = False
-        """Whether the last top-k/top-p draw took the kernel's candidates."""
+        self.chunks = top_chunks() if chunks is None else chunks
+
+    def draw(self, compiled: bool) -> Callable[..., "torch.Tensor"]:
+        """The top-k/top-p draw at this sampler's chunk count, compiled (once per count) or eager."""
+        if not compiled:
+            return functools.partial(_draw_top, chunks=self.chunks)
+        if self.chunks not in self._compiled:
+            import torch
+
+            self._compiled[self.chunks] = torch.compile(functools.partial(_draw_top, chunks=self.chunks),
+                                                        backend=self.backend, fullgraph=True)
+        return self._compiled[self.chunks]
 
     def __call__(self, logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "torch.Tensor",
                  compiled: bool = True) -> "torch.Tensor":
@@ -194,28 +236,18 @@ class Sampler:
         prefills, at varying row counts, draw eagerly)."""
         if s.mode != "nucleus":
             return sample(logits, s, seeds, steps)
-        kernel = self.kernel and topk.usable(logits)
-        self.kernel_used = kernel
         if compiled and self.use_compiled:
             try:
-                return sample(logits, s, seeds, steps, draw=self.compiled_kernel if kernel else self.compiled)
+                return sample(logits, s, seeds, steps, draw=self.draw(True))
             except Exception as e:  # noqa: BLE001 - inductor/triton missing or failing: the eager draw is the same
                 self.compile_failed = _failure(e)
                 self.use_compiled = False
                 log.warning("engine: torch.compile of the sampler failed (%s); drawing eagerly", self.compile_failed)
-        if not kernel:
-            return sample(logits, s, seeds, steps)
-        try:
-            return sample(logits, s, seeds, steps, draw=_draw_top_kernel)
-        except Exception as e:  # noqa: BLE001 - a kernel that does not build or run here: torch.topk instead
-            self.kernel_failed = _failure(e)
-            self.kernel = self.kernel_used = False
-            log.warning("engine: the top-k kernel failed (%s); taking torch.topk", self.kernel_failed)
-            return sample(logits, s, seeds, steps)
+        return sample(logits, s, seeds, steps, draw=self.draw(False))
 
 
 def _failure(e: Exception) -> str:
-    """Why a compiled or kernel draw failed, for the fallback's log; out of device memory is re-raised as
+    """Why a compiled draw failed, for the fallback's log; out of device memory is re-raised as
     torch.OutOfMemoryError instead (the engine backs off rather than falling back)."""
     import torch
 

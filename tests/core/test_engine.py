@@ -267,6 +267,61 @@ def test_inductor_compiled_sampler_draws_like_the_eager_one_on_the_cpu() -> None
     assert sampler.use_compiled, sampler.compile_failed
 
 
+@pytest.mark.parametrize("chunks", [2, 8, 32])
+def test_two_stage_top_candidates_select_what_one_topk_selects(chunks: int) -> None:
+    """top_candidates in two stages: the same values as one topk (ids too where no two logits are equal);
+    among equal logits, ids that are distinct and hold those values."""
+    g = torch.Generator().manual_seed(chunks)
+    x = torch.randn(6, 4096, generator=g)
+    v, i = S.top_candidates(x, 100, chunks)
+    tv, ti = x.topk(100, dim=-1)
+    assert torch.equal(v, tv) and torch.equal(i, ti)
+    ties = (x * 2).round().to(torch.bfloat16)  # thousands of equal values, many at the k-th
+    v, i = S.top_candidates(ties, 100, chunks)
+    assert torch.equal(v, ties.topk(100, dim=-1).values)
+    assert torch.equal(ties.gather(-1, i), v) and all(len(set(r.tolist())) == 100 for r in i)
+
+
+def test_two_stage_top_candidates_take_one_topk_where_the_row_does_not_split() -> None:
+    x = torch.randn(3, 1000)
+    for chunks, k in ((0, 10), (1, 10), (3, 10), (8, 200)):  # off, off, 1000 % 3, slices of 125 < k
+        assert torch.equal(S.top_candidates(x, k, chunks)[1], x.topk(k, dim=-1).indices)
+
+
+def test_chunked_draw_draws_the_same_tokens_and_compiles_once_per_chunk_count(monkeypatch: Any) -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    sampler = S.Sampler(compile=counter, chunks=0)
+    logits = _distinct_logits(8, 4096, seed=4)  # 4 slices of 1024 = TOP_CANDIDATES
+    seeds = torch.tensor([S.row_seed(5, f"k{i}") for i in range(8)])
+    smp = _sampling(0.9, 0.95, 0)
+    want = [sampler(logits, smp, seeds, torch.full((8,), t, dtype=torch.long)) for t in range(3)]
+    for chunks in (4, 0, 4):
+        sampler.chunks = chunks
+        for t in range(3):
+            assert torch.equal(sampler(logits, smp, seeds, torch.full((8,), t, dtype=torch.long)), want[t])
+    assert counter.frame_count == 2 and sampler.compile_failed is None  # one trace per count, reused
+    calls: list[int] = []
+    real = S.top_candidates
+    monkeypatch.setattr(S, "top_candidates", lambda x, k, c=0: calls.append(c) or real(x, k, c))
+    eager = S.Sampler(chunks=4)
+    assert torch.equal(eager(logits, smp, seeds, torch.zeros(8, dtype=torch.long)), want[0]) and calls == [4]
+    assert len({t for w in want for t in w.tolist()}) > 3  # really sampled
+
+
+def test_top_chunks_comes_from_the_environment(monkeypatch: Any) -> None:
+    monkeypatch.delenv(S.CHUNKS_ENV, raising=False)
+    assert S.top_chunks() == S.DEFAULT_CHUNKS == S.Sampler().chunks
+    monkeypatch.setenv(S.CHUNKS_ENV, "32")
+    assert S.top_chunks() == 32 == S.Sampler().chunks
+    assert S.Sampler(chunks=0).chunks == 0
+    monkeypatch.setenv(S.CHUNKS_ENV, "lots")
+    with pytest.raises(ValueError, match="STAGE1_ENGINE_TOPK_CHUNKS='lots'.*whole number"):
+        S.top_chunks()
+
+
 # --------------------------------------------------------------------------- tiny random models
 
 class _TinyTokenizer:
