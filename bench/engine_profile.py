@@ -36,7 +36,7 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 import torch  # noqa: E402
 
 from stage1_core.infra.config import ModelConfig  # noqa: E402
-from stage1_core.model.engine import _State  # noqa: E402
+from stage1_core.model.step import StepState  # noqa: E402
 from stage1_core.model.sampling import Sampling  # noqa: E402
 from stage1_core.model import load_backend  # noqa: E402
 
@@ -80,7 +80,7 @@ def main() -> int:
     smp = Sampling("greedy", torch.tensor(1.0, device=dev), torch.tensor(1.0, device=dev),
                    torch.tensor(0, device=dev))
     z = lambda dt=torch.long: torch.zeros(s, dtype=dt, device=dev)  # noqa: E731
-    st = _State(tok=z(), pos=torch.full((s,), plen, device=dev), ngen=z(), live=torch.ones(s, dtype=torch.bool, device=dev),
+    st = StepState(tok=z(), pos=torch.full((s,), plen, device=dev), ngen=z(), live=torch.ones(s, dtype=torch.bool, device=dev),
                 seed=z(), stop=z(), out=torch.zeros(s, max_new, dtype=torch.long, device=dev),
                 max_new=torch.tensor(10_000, device=dev))
     g = torch.Generator().manual_seed(0)

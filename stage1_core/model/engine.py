@@ -16,7 +16,7 @@ Mistral, Qwen2/3: `supports(model)` says which) and completes token-id prompts:
   (sampling.py); the draw reads the logits in the LM head's dtype, and its top-k/top-p part is compiled
   with the layers (`Sampler`);
 - on CUDA the decode step is captured once per (slots, context, mode) in a CUDA graph and replayed;
-  on the CPU it runs eagerly. Rows are harvested every `sync_every` steps (1 on the CPU);
+  on the CPU it runs eagerly (step.py). Rows are harvested every `sync_every` steps (1 on the CPU);
 - on CUDA the layers' stretches around attention and the top-k/top-p draw are compiled with
   `torch.compile` before the graph is captured (decoder.py, sampling.py; `STAGE1_ENGINE_COMPILE=0` or
   `Engine(compile=False)` turns both off);
@@ -44,6 +44,7 @@ from stage1_core.infra.errors import DeviceOOM
 from stage1_core.model.decoder import Decoder, attention_enabled, compile_enabled, pad_right, slot_slice
 from stage1_core.model.fusion import fusion_enabled
 from stage1_core.model.sampling import Sampler, Sampling, row_seed, sampling_mode
+from stage1_core.model.step import GraphedStep, StepState, decode_step
 from stage1_core.model.stops import cached_stop_tables, cached_token_strings, vocab_key
 
 if TYPE_CHECKING:
@@ -83,20 +84,6 @@ def supports(model: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------- the engine
-
-@dataclass
-class _State:
-    """Per-slot decode state, all on the device (fixed shapes, updated in place)."""
-
-    tok: "torch.Tensor"  # (s,) the token to feed next
-    pos: "torch.Tensor"  # (s,) its position
-    ngen: "torch.Tensor"  # (s,) tokens generated so far
-    live: "torch.Tensor"  # (s,) bool: generating
-    seed: "torch.Tensor"  # (s,) row seeds
-    stop: "torch.Tensor"  # (s,) automaton state
-    out: "torch.Tensor"  # (s, max_new) generated tokens
-    max_new: "torch.Tensor"  # () int64
-
 
 @dataclass
 class EngineStats:
@@ -348,7 +335,7 @@ class Engine:
                        torch.tensor(max(temperature, 1e-6), dtype=torch.float32, device=dev),
                        torch.tensor(top_p, dtype=torch.float32, device=dev),
                        torch.tensor(top_k, dtype=torch.long, device=dev))
-        st = _State(tok=torch.zeros(slots, dtype=torch.long, device=dev),
+        st = StepState(tok=torch.zeros(slots, dtype=torch.long, device=dev),
                     pos=torch.zeros(slots, dtype=torch.long, device=dev),
                     ngen=torch.zeros(slots, dtype=torch.long, device=dev),
                     live=torch.zeros(slots, dtype=torch.bool, device=dev),
@@ -400,7 +387,7 @@ class Engine:
                 st.ngen[done] = 0  # freed slots count nothing towards the tokens bar
 
     def _admit(self, take: list[int], slots: list[int], prompts: Sequence[Sequence[int]], ids: Sequence[str],
-               seed: int, st: _State, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor",
+               seed: int, st: StepState, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor",
                owner: list[int | None]) -> None:
         """Prefill prompts `take` into `slots` (chunked by padded tokens) and draw their first tokens."""
         import torch
@@ -432,68 +419,27 @@ class Engine:
             for s, i in zip(cslots, chunk):
                 owner[s] = i
 
-    def _step_fn(self, st: _State, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor", context: int,
+    def _step_fn(self, st: StepState, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor", context: int,
                  slots: int) -> Callable[[int], None]:
-        """One decode step for every slot (masked for rows that are not live), eager or graph-replayed."""
-        import torch
-
+        """One decode step for every slot (masked for rows that are not live), eager or graph-replayed (step.py)."""
         assert self._cache is not None
         cache = self._cache if self._cache_shape[0] == slots else [(k[:slots], v[:slots]) for k, v in self._cache]
-        rows = torch.arange(slots, device=self.device)
-        last = st.out.shape[1] - 1
-
-        def eager(bucket: int) -> None:
-            h = self.dec.decode(st.tok, st.pos, cache, bucket)
-            nxt = self.sampler(self.dec.logits(h, float32=False), smp, st.seed, st.ngen)
-            live = st.live
-            st.out[rows, st.ngen.clamp(max=last)] = torch.where(live, nxt, st.out[rows, st.ngen.clamp(max=last)])
-            new_stop = nxt_tab[st.stop, nxt]
-            fired = fire_tab[st.stop, nxt]
-            ngen = st.ngen + live.long()
-            ended = fired | self._eos_mask[nxt] | (ngen >= st.max_new)
-            st.stop.copy_(torch.where(live, new_stop, st.stop))
-            st.tok.copy_(torch.where(live, nxt, st.tok))
-            st.pos.copy_(st.pos + live.long())
-            st.ngen.copy_(ngen)
-            st.live.copy_(live & ~ended)
-
+        eager = decode_step(self.dec, self.sampler, self._eos_mask, st, smp, nxt_tab, fire_tab, cache)
         if not self.use_graphs:
             return eager
-        graphs: dict[int, Any] = {}  # one graph per context bucket, sharing one memory pool
-        pool = torch.cuda.graph_pool_handle()
-        state = (st.tok, st.pos, st.ngen, st.live, st.stop, st.out)
-
-        def capture(bucket: int) -> Any:
-            saved = [t.clone() for t in state]
-            side = torch.cuda.Stream(device=self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    eager(bucket)  # warm-up (allocator, kernels) before capture
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                eager(bucket)
-            # warm-up and capture ran the step: undo it (rows rewrite the same K/V when they run it for real)
-            for t, s in zip(state, saved):
-                t.copy_(s)
-            return graph
+        graphed = GraphedStep(eager, st, self.device, timed=self._timed_capture)
 
         def replay(bucket: int) -> None:
-            if bucket not in graphs:
-                span = self._span_start()
-                self.stats.captures += 1
-                try:
-                    graphs[bucket] = capture(bucket)
-                except Exception as e:  # noqa: BLE001 - a model whose kernels cannot be captured runs eagerly
-                    log.warning("engine: CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
-                    self.use_graphs = False
-                    graphs[bucket] = None
-                self._span_end("capture", span)
-            g = graphs[bucket]
-            if g is None:
-                eager(bucket)
-            else:
-                g.replay()
-
+            graphed(bucket)
+            if graphed.failed is not None:
+                self.use_graphs = False  # this engine decodes eagerly from now on
         return replay
+
+    def _timed_capture(self, capture: Callable[[], Any]) -> Any:
+        """Run a graph capture inside a device-time span (EngineStats.capture_ms), counted."""
+        self.stats.captures += 1
+        span = self._span_start()
+        try:
+            return capture()
+        finally:
+            self._span_end("capture", span)
