@@ -3,6 +3,7 @@
     python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
                                [--compile on|off|both] [--sampler new|legacy|both] [--attention on|off|both]
                                [--topk-chunks C] [--fp8 off|on|both]
+                               [--keep-graphs on|off|both]
                                [--autotune on|off|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
 
@@ -43,6 +44,11 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   top-k at C slices (sampling.top_candidates, `STAGE1_ENGINE_TOPK_CHUNKS`) and then again with one
   `torch.topk` (the `one_topk` block, `chunked_over_one_topk_sampled`); each path says which it drew with
   (`engine_topk_chunks`).
+  `--keep-graphs both` times the record's main path with the decode step and its CUDA graphs kept from one
+  call to the next like it (engine.py, `Engine.keep_step`; the timed calls replay the warm-up's graphs)
+  and then again capturing them in every call as before (the `graphs_per_call` block, `kept_over_per_call`
+  and `_sampled`). Every path records `engine_kept_step` and `engine_repeat_same` (the warm-up call's texts
+  equal the timed call's, greedy and sampled).
   `--fp8 both` times the record's main path (bf16 projections) and then the same engine with FP8 projections
   (fp8.py, `STAGE1_ENGINE_FP8`; the `fp8` block: greedy and sampled tok/s, `limit_fraction` still on the
   bf16 bytes and `limit_fraction_fp8_bytes` on the bytes FP8 reads, the critic's prompts/s and MFU), with
@@ -187,10 +193,11 @@ def plain_generate(backend: Any, prompts: list[str], max_new: int, forced: bool)
     return out[:, ids.shape[1]:].tolist()
 
 
-def engine_run(backend: Any, prompts: list[str], params: GenerationParams) -> tuple[int, float, Any]:
+def engine_run(backend: Any, prompts: list[str], params: GenerationParams) -> tuple[int, float, Any, list[str]]:
+    """One generate call: (tokens, seconds, the engine's stats, the texts)."""
     comps, secs = timed(lambda: backend.generate(prompts, params, seed=1, ids=[f"b{i}" for i in range(len(prompts))]))
     eng = backend.engine()
-    return sum(c.n_tokens for c in comps), secs, (eng.stats if eng is not None else None)
+    return sum(c.n_tokens for c in comps), secs, (eng.stats if eng is not None else None), [c.text for c in comps]
 
 
 def critic_rate(backend: Any, prompts: list[str], engine: bool = True) -> tuple[float, float, list[dict[str, float]]]:
@@ -387,7 +394,8 @@ def tokens_agree(a: list[list[int]], b: list[list[int]]) -> float:
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
                compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True,
-               attention: str = "on", autotune: str = "off", topk_chunks: int = 0, fp8: str = "off") -> dict[str, Any]:
+               attention: str = "on", autotune: str = "off", topk_chunks: int = 0, fp8: str = "off",
+               keep_graphs: str = "on") -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -409,6 +417,8 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     rec["lock_sha256"] = lock_sha256()
     n_params, w_bytes = param_bytes(backend.model)
     eng = backend.engine()
+    if eng is not None:
+        eng.keep_step = keep_graphs != "off"
     if eng is not None and eng.dec.fp8:  # --fp8 both: the main path in bf16, the `fp8` block after it
         eng.dec.use_fp8 = fp8 == "on"
     rec["fp8_projections"] = bool(eng is not None and eng.dec.use_fp8)
@@ -506,6 +516,16 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
             eng.sampler.chunks = topk_chunks
         rec["one_topk"] = base
         rec["chunked_over_one_topk_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
+    if eng is not None and keep_graphs == "both":
+        eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel, eng.dec.use_autotuned = variants[-1]
+        eng.keep_step = False
+        try:
+            base = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
+        finally:
+            eng.keep_step = True
+        rec["graphs_per_call"] = base
+        rec["kept_over_per_call"] = round(main["engine_tok_s"] / base["engine_tok_s"], 3)
+        rec["kept_over_per_call_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
     if eng is not None and fp8 == "both" and eng.dec.fp8:
         eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel, eng.dec.use_autotuned = variants[-1]
         # 270m: the real prompts share prefixes, so the critic takes PrefixScorer (the model's own modules)
@@ -565,9 +585,9 @@ def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sam
                  batch: int, max_new: int, w_bytes: int) -> dict[str, Any]:
     """Engine greedy and sampled tok/s (each warmed at full size, best of REPEATS) and the limit fraction."""
     out: dict[str, Any] = {}
-    _, warm_s, _ = engine_run(backend, prompts, greedy)  # warm-up (stop tables, compilation, graphs), full size
+    _, warm_s, _, warm_texts = engine_run(backend, prompts, greedy)  # warm-up (stop tables, compilation, graphs)
     out["engine_warmup_s"] = round(warm_s, 2)
-    (tok, secs, stats), _ = best_of(lambda: engine_run(backend, prompts, greedy), seconds_of=lambda r: r[1])
+    (tok, secs, stats, texts), _ = best_of(lambda: engine_run(backend, prompts, greedy), seconds_of=lambda r: r[1])
     out["engine_tok_s"] = round(tok / secs, 1)
     out["engine_tokens"] = tok
     out["engine_ms_step"] = round(1000 * secs / max(1, stats.steps), 2) if stats else None
@@ -576,17 +596,20 @@ def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sam
     out["engine_graphs"] = stats.graphs if stats else None
     out["engine_compiled"] = stats.compiled if stats else None
     out["engine_attention_kernel"] = stats.attention_kernel if stats else None
+    out["engine_kept_step"] = stats.kept_step if stats else None  # the timed call replayed the warm-up's graphs
     if stats is not None and stats.graphs:  # device-timeline spans of the timed call (CUDA events)
         out["engine_prefill_ms"] = stats.prefill_ms
         out["engine_capture_ms"] = stats.capture_ms
         out["engine_captures"] = stats.captures
         out["engine_decode_ms_step"] = round((1000 * secs - stats.prefill_ms - stats.capture_ms) / max(1, stats.steps), 2)
-    _, warm_s, _ = engine_run(backend, prompts, sampled)  # warm-up of the sampling graphs
+    _, warm_s, _, warm_sampled = engine_run(backend, prompts, sampled)  # warm-up of the sampling graphs
     out["engine_sampled_warmup_s"] = round(warm_s, 2)
-    (tok_s, secs_s, st_s), _ = best_of(lambda: engine_run(backend, prompts, sampled), seconds_of=lambda r: r[1])
+    (tok_s, secs_s, st_s, texts_s), _ = best_of(lambda: engine_run(backend, prompts, sampled), seconds_of=lambda r: r[1])
     out["engine_sampled_tok_s"] = round(tok_s / secs_s, 1)
     out["sampled_over_greedy"] = round(out["engine_sampled_tok_s"] / out["engine_tok_s"], 3)
     out["engine_sampled_tokens"] = tok_s
+    # the same texts from the call that captured the graphs and from a later one (kept graphs, refilled state)
+    out["engine_repeat_same"] = warm_texts == texts and warm_sampled == texts_s
     if st_s is not None:
         out["engine_sampled_steps"] = st_s.steps
         out["engine_sampled_ms_step"] = round(1000 * secs_s / max(1, st_s.steps), 2)
@@ -696,6 +719,9 @@ def main() -> int:
                     help="the sampler's candidates by the two-stage top-k at this many slices (sampling.py; "
                          "STAGE1_ENGINE_TOPK_CHUNKS); > 0: the record's main path so, `one_topk` the other, "
                          "`chunked_over_one_topk_sampled`")
+    ap.add_argument("--keep-graphs", choices=("on", "off", "both"), default="on",
+                    help="the decode step's CUDA graphs kept across calls like the last (on, the engine's default), "
+                         "captured in every call (off), or both: the main path kept, `graphs_per_call` the other")
     ap.add_argument("--fp8", choices=("off", "on", "both"), default="off",
                     help="projections as FP8 GEMMs (fp8.py; STAGE1_ENGINE_FP8=1): on, the whole record; both: the "
                          "main path in bf16 and the `fp8` block after it, `fp8_over_bf16`, `fp8_tokens_agree`")
@@ -715,6 +741,7 @@ def main() -> int:
     os.environ["STAGE1_ENGINE_ATTENTION"] = "0" if a.attention == "off" else "1"  # as the engine's CUDA default
     opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler,
             "plain": not a.no_plain, "attention": a.attention, "autotune": a.autotune, "topk_chunks": a.topk_chunks,
+            "keep_graphs": a.keep_graphs,
             "fp8": a.fp8}
     if a.fp8 != "off":
         os.environ["STAGE1_ENGINE_FP8"] = "1"

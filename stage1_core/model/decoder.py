@@ -308,6 +308,11 @@ class Decoder:
         return self.fused[li] if self.use_fused and self.fused else None
 
     # -- rotary tables ------------------------------------------------------------------------
+    def paths(self) -> tuple[Any, ...]:
+        """Which paths a decode step takes now, and the rotary tables' length (what a kept graph relies on)."""
+        return (self.use_fused, self.use_compiled, self.use_autotuned, self.use_attention_kernel,
+                self.attention_splits, self.use_fp8, self._rope_len)
+
     def rope_tables(self, length: int) -> None:
         """cos/sin for positions [0, length) per layer type, from the model's own rotary module."""
         import torch

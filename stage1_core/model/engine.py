@@ -102,6 +102,7 @@ class EngineStats:
     prefill_ms: float = 0.0  # device-timeline spans (CUDA events) of the prefills and of the graph captures
     capture_ms: float = 0.0  # (warm-up steps and compilation included)
     captures: int = 0
+    kept_step: bool = False  # the decode step (and its graphs) came from the previous call
     oom_backoffs: list[int] = field(default_factory=list)
 
 
@@ -157,6 +158,11 @@ class Engine:
         self._eos_mask[[e for e in self.eos_ids if e < self.vocab]] = True
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._cache_shape: tuple[int, int] = (0, 0)
+        self._cache_gen = 0  # counts allocations: a kept graph is valid only over the cache it captured
+        self._kept: tuple[tuple[Any, ...], StepState, Sampling, Callable[[int], None]] | None = None
+        """The last call's decode state, sampling tensors and step (graphs), with what they depend on."""
+        self.keep_step = True
+        """Keep the decode step and its graphs for the next call like this one (the benchmark switches it)."""
         self.stats = EngineStats()
         self._spans: list[tuple[str, Any, Any]] = []
         self.on_alloc: Callable[[int, int], None] | None = None  # test hook: (slots, context) before allocation
@@ -210,18 +216,20 @@ class Engine:
             return
         if self.on_alloc is not None:
             self.on_alloc(slots, context)
-        self._cache = None
+        self._cache = self._kept = None  # the kept step's graphs read the old cache: both go
         if self.cuda:
             torch.cuda.empty_cache()
         shape = (slots, self.dec.n_kv, context, self.dec.head_dim)
         self._cache = [(torch.zeros(shape, dtype=self.dec.dtype, device=self.device),
                         torch.zeros(shape, dtype=self.dec.dtype, device=self.device)) for _ in self.dec.layers]
         self._cache_shape = (slots, context)
+        self._cache_gen += 1
 
     def release(self) -> None:
-        """Free the KV cache and captured graphs."""
+        """Free the KV cache and the kept decode step with its captured graphs."""
         self._cache = None
         self._cache_shape = (0, 0)
+        self._kept = None
 
     # -- public ---------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], ids: Sequence[str], max_new_tokens: int,
@@ -258,6 +266,10 @@ class Engine:
         context = -(-(longest + max_new_tokens + 1) // 64) * 64
         results: dict[int, list[int]] = {}
         slots = self.choose_slots(len(prompts), context)
+        if self._kept is not None and self._kept[0][0] != slots and self.cuda:
+            self._kept = None  # its graphs' memory may be what made fewer slots fit: free it, size again
+            torch.cuda.empty_cache()
+            slots = self.choose_slots(len(prompts), context)
         while True:
             try:
                 with torch.inference_mode():
@@ -331,21 +343,10 @@ class Engine:
         assert self._cache is not None
         self.dec.rope_tables(context)
         nxt_tab, fire_tab = self._tables(stops)
-        smp = Sampling(sampling_mode(temperature, top_p, top_k),
-                       torch.tensor(max(temperature, 1e-6), dtype=torch.float32, device=dev),
-                       torch.tensor(top_p, dtype=torch.float32, device=dev),
-                       torch.tensor(top_k, dtype=torch.long, device=dev))
-        st = StepState(tok=torch.zeros(slots, dtype=torch.long, device=dev),
-                    pos=torch.zeros(slots, dtype=torch.long, device=dev),
-                    ngen=torch.zeros(slots, dtype=torch.long, device=dev),
-                    live=torch.zeros(slots, dtype=torch.bool, device=dev),
-                    seed=torch.zeros(slots, dtype=torch.long, device=dev),
-                    stop=torch.zeros(slots, dtype=torch.long, device=dev),
-                    out=torch.zeros(slots, max_new, dtype=torch.long, device=dev),
-                    max_new=torch.tensor(max_new, dtype=torch.long, device=dev))
+        st, smp, step = self._step_for(slots, context, max_new, sampling_mode(temperature, top_p, top_k),
+                                       (max(temperature, 1e-6), top_p, top_k), nxt_tab, fire_tab)
         owner: list[int | None] = [None] * slots
         reach = [0] * slots  # per occupied slot: an upper bound of the position it decodes next
-        step = self._step_fn(st, smp, nxt_tab, fire_tab, context, slots)
         self.stats.slots = slots
         self.stats.graphs = self.use_graphs
         self.stats.compiled = self.dec.use_compiled
@@ -418,6 +419,32 @@ class Engine:
             self.stats.prefills += 1
             for s, i in zip(cslots, chunk):
                 owner[s] = i
+
+    def _step_for(self, slots: int, context: int, max_new: int, mode: str, values: tuple[float, float, int],
+                  nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor") -> tuple[StepState, Sampling, Callable[[int], None]]:
+        """The call's decode state, sampling tensors and step: the last call's, cleared and refilled in
+        place, when everything its graphs read is the same (the same cache, stop tables (cached per stop set)
+        and paths; `kept_step` in the stats), else new ones (and the old graphs freed)."""
+        import torch
+
+        key = (slots, context, max_new, mode, id(nxt_tab), self._cache_gen, self.dec.paths(),
+               id(self.sampler), self.sampler.chunks, self.sampler.use_compiled, self.use_graphs)
+        if self.keep_step and self._kept is not None and self._kept[0] == key:
+            _, st, smp, step = self._kept
+            st.clear()
+            for t, v in zip((smp.temperature, smp.top_p, smp.top_k), values):
+                t.fill_(v)
+            self.stats.kept_step = True
+            return st, smp, step
+        self._kept = None  # its graphs' memory pool goes before new graphs take one
+        dev = self.device
+        smp = Sampling(mode, torch.tensor(values[0], dtype=torch.float32, device=dev),
+                       torch.tensor(values[1], dtype=torch.float32, device=dev),
+                       torch.tensor(values[2], dtype=torch.long, device=dev))
+        st = StepState.zeros(slots, max_new, dev)
+        step = self._step_fn(st, smp, nxt_tab, fire_tab, context, slots)
+        self._kept = (key, st, smp, step) if self.keep_step else None
+        return st, smp, step
 
     def _step_fn(self, st: StepState, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor", context: int,
                  slots: int) -> Callable[[int], None]:

@@ -38,9 +38,24 @@ class StepState:
     out: "torch.Tensor"  # (s, max_new) generated tokens
     max_new: "torch.Tensor"  # () int64
 
+    @classmethod
+    def zeros(cls, slots: int, max_new: int, device: "torch.device") -> "StepState":
+        """Every slot empty (not live), for calls of at most `max_new` new tokens."""
+        import torch
+
+        z = lambda: torch.zeros(slots, dtype=torch.long, device=device)  # noqa: E731
+        return cls(tok=z(), pos=z(), ngen=z(), live=torch.zeros(slots, dtype=torch.bool, device=device), seed=z(),
+                   stop=z(), out=torch.zeros(slots, max_new, dtype=torch.long, device=device),
+                   max_new=torch.tensor(max_new, dtype=torch.long, device=device))
+
     def mutable(self) -> tuple["torch.Tensor", ...]:
         """The tensors a step writes (what a graph capture's warm-up must put back)."""
         return (self.tok, self.pos, self.ngen, self.live, self.stop, self.out)
+
+    def clear(self) -> None:
+        """Every slot empty again, in place (a kept graph reads these same tensors)."""
+        for t in (*self.mutable(), self.seed):
+            t.zero_()
 
 
 def decode_step(dec: "Decoder", sampler: "Sampler", eos_mask: "torch.Tensor", st: StepState, smp: "Sampling",

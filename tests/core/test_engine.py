@@ -630,6 +630,40 @@ def test_oom_backoff_keeps_every_prompt_in_order_and_fails_clearly_at_one_slot()
         eng.generate(prompts, ids, 8, 0.8, 0.95, 0, STOPS, 5)
 
 
+def test_the_decode_step_is_kept_across_calls_only_while_what_it_reads_is_the_same() -> None:
+    """A call like the last one reuses its state, sampling tensors and step (on CUDA: its graphs), refilled
+    in place, and generates what a fresh engine generates; anything the step reads that changed makes a
+    new one."""
+    model = _tiny("gemma3", std=0.1)
+    prompts, ids = _prompts(5, 96, seed=6), [f"k{i}" for i in range(5)]
+    fresh = lambda: E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=3)  # noqa: E731
+    eng = fresh()
+
+    def run(t: float = 0.9, p: float = 0.9, stops: list[str] = STOPS, seed: int = 7) -> tuple[Any, bool]:
+        out = eng.generate(prompts, ids, 10, t, p, 0, stops, seed)
+        return out, eng.stats.kept_step
+
+    first, kept = run()
+    assert not kept
+    step = eng._kept
+    again, kept = run()
+    assert kept and again == first and eng._kept is step
+    hotter, kept = run(t=1.3, p=0.8, seed=8)  # same mode: the sampling tensors are refilled
+    assert kept and hotter == fresh().generate(prompts, ids, 10, 1.3, 0.8, 0, STOPS, 8) and hotter != first
+    for change, why in ((lambda: None, "stops"), (lambda: setattr(eng.dec, "use_fused", False), "fused"),
+                        (lambda: setattr(eng.sampler, "chunks", 4), "chunks"), (eng.release, "cache freed"),
+                        (lambda: eng._ensure_cache(3, 4096), "cache reallocated")):
+        run()
+        assert run()[1], why  # the same call again: kept
+        change()
+        out, kept = run(stops=["\n"]) if why == "stops" else run()
+        assert not kept, why
+        assert out == fresh().generate(prompts, ids, 10, 0.9, 0.9, 0, ["\n"] if why == "stops" else STOPS, 7), why
+        eng.dec.use_fused, eng.sampler.chunks = bool(eng.dec.fused), 0
+    greedy = eng.generate(prompts, ids, 10, 0.0, 1.0, 0, STOPS, 7)  # another mode: another step
+    assert not eng.stats.kept_step and greedy == fresh().generate(prompts, ids, 10, 0.0, 1.0, 0, STOPS, 7)
+
+
 def test_bad_ids_are_refused() -> None:
     eng = E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[2], slots=2)
     with pytest.raises(ValueError, match="duplicate ids"):
