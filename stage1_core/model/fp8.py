@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from stage1_core.model.fusion import fusable
+from stage1_core.model.fusion import already_fused, fusable
 
 if TYPE_CHECKING:
     import torch
@@ -115,9 +115,13 @@ def quantize(mods: Sequence[Any]) -> Fp8Linear | None:
     if not quantizable(mods):
         return None
     with torch.no_grad():
-        w = torch.cat([m.weight.detach() for m in mods], dim=0) if len(mods) > 1 else mods[0].weight.detach()
+        fused = already_fused(mods) if len(mods) > 1 else None  # fusion.py's rows: no second concatenation
+        if fused is not None:
+            w, bias = fused.weight.detach(), (fused.bias.detach() if fused.bias is not None else None)
+        else:
+            w = torch.cat([m.weight.detach() for m in mods], dim=0) if len(mods) > 1 else mods[0].weight.detach()
+            bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
         q, scale = quantize_rows(w)
-        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
     return Fp8Linear(q, scale.reshape(1, -1).contiguous(), bias, tuple(int(m.weight.shape[0]) for m in mods))
 
 

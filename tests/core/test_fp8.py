@@ -65,6 +65,26 @@ def test_only_aligned_plain_linears_are_quantized() -> None:
     assert Q.quantize([torch.nn.Linear(64, 32)]) is not None
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_modules_are_quantized_from_fusions_rows_without_a_second_concatenation(
+        bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stage1_core.model import fusion as F
+
+    torch.manual_seed(0)
+    mods = [torch.nn.Linear(64, n, bias=bias) for n in (32, 16, 16)]
+    want = Q.quantize(mods)  # unfused: concatenated here
+    assert want is not None and F.fuse(mods) is not None  # now the modules' weights are rows of one tensor
+    cats: list[int] = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
+    got = Q.quantize(mods)
+    assert got is not None and not cats
+    assert torch.equal(got.weight.float(), want.weight.float()) and torch.equal(got.scale, want.scale)
+    assert got.sizes == want.sizes and (got.bias is None) == (not bias)
+    if bias:
+        assert torch.equal(got.bias, want.bias)
+
+
 def test_fp8_is_opt_in_and_switchable_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(Q.ENV, raising=False)
     model = _tiny("gemma3", std=0.1)
