@@ -106,10 +106,7 @@ def main() -> int:
                 rec["layer_ms"]["fp8_tensorwise_gemm_ms"] = round(sum(p["fp8_tensorwise_gemm_ms"] for p in per.values()), 4)
             records.append(rec)
             print(json.dumps({k: rec[k] for k in ("model", "rows", "layer_ms", "fp8_over_bf16")}), flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps({"records": records}, indent=1))
-            os.replace(tmp, out)
+            GE.write(out, records)  # each record as it comes, atomically
     return 0
 
 

@@ -131,10 +131,7 @@ def main() -> int:
             records.append(rec)
             print(json.dumps({k: rec[k] for k in ("rows", "dtype", "ms", "best_chunks", "same_values", "draw_ms",
                                                    "draw_tokens_agree")}), flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps({"records": records}, indent=1))
-            os.replace(tmp, out)
+            GE.write(out, records)  # each record as it comes, atomically
     return 0
 
 
