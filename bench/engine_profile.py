@@ -79,10 +79,10 @@ def main() -> int:
     nxt, fire = eng._tables(STOPS)
     smp = Sampling("greedy", torch.tensor(1.0, device=dev), torch.tensor(1.0, device=dev),
                    torch.tensor(0, device=dev))
-    z = lambda dt=torch.long: torch.zeros(s, dtype=dt, device=dev)  # noqa: E731
-    st = StepState(tok=z(), pos=torch.full((s,), plen, device=dev), ngen=z(), live=torch.ones(s, dtype=torch.bool, device=dev),
-                seed=z(), stop=z(), out=torch.zeros(s, max_new, dtype=torch.long, device=dev),
-                max_new=torch.tensor(10_000, device=dev))
+    st = StepState.zeros(s, max_new, dev)  # every row live at the prompt's end, never ending (max_new far off)
+    st.pos.fill_(plen)
+    st.live.fill_(True)
+    st.max_new.fill_(10_000)
     g = torch.Generator().manual_seed(0)
     prompts = [[2] + torch.randint(10, 100_000, (plen - 1,), generator=g).tolist() for _ in range(s)]
     toks = torch.tensor(prompts, device=dev)

@@ -334,7 +334,6 @@ class Engine:
              seed: int, progress: Callable[[int], None] | None, tokens_progress: Callable[[int], None] | None) -> None:
         import torch
 
-        dev = self.device
         todo = [i for i in range(len(prompts)) if i not in results]
         # longest first: big prefills early, short stragglers fill the tail
         queue = sorted(todo, key=lambda i: (-len(prompts[i]), i))

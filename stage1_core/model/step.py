@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from stage1_core.model.sampling import Sampler, Sampling
 
 log = logging.getLogger("stage1.engine")
-
-T = TypeVar("T")
 
 
 @dataclass
