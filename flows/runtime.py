@@ -133,6 +133,7 @@ def run_cli(prepare: Callable[[], P], *, dry_run: bool, dry_text: Callable[[P], 
         return 5
     except KeyboardInterrupt:
         print(run.interrupted_text(plan.output), file=sys.stderr)
+        interrupts.forget_caught()  # or a caught one may still end `python -m` by SIGINT, not 130
         return 130
     except InputError as e:
         print(e.render(), file=sys.stderr)

@@ -34,6 +34,17 @@ def clear() -> None:
     _requested.clear()
 
 
+def forget_caught() -> None:
+    """Keep a caught Ctrl-C from turning the exit code into a signal death. Under `python -m`,
+    CPython (3.11, 3.12) kills itself with SIGINT after finalizing (return code -2, not the 130 we
+    return) when a KeyboardInterrupt ever ended code run by `exec` of a string, even if the caller
+    caught it: `run_eval_code_obj` sets `_PyRuntime.signals.unhandled_keyboard_interrupt`, and only
+    the next such run clears it. A SIGINT that lands while a library runs generated code (dataclass,
+    namedtuple and the like are built that way) does exactly that; seen once in CI, as a pilot that
+    printed its interrupted text and then died of SIGINT. An empty `exec` is the run that clears it."""
+    exec("")  # noqa: S102 - the empty string is the point
+
+
 def check() -> None:
     """Raise KeyboardInterrupt if an interrupt was requested since `install`."""
     if _requested.is_set():

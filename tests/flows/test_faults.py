@@ -66,6 +66,29 @@ def test_ctrl_c_stops_cleanly(api_url, tmp_path):
     assert not (tmp_path / "o" / "pilot_data.jsonl").exists()
 
 
+def test_a_ctrl_c_caught_inside_generated_code_still_exits_130(tmp_path):
+    """CPython under `python -m` dies of SIGINT at exit (-2) once a KeyboardInterrupt has ended an
+    `exec` of a string, even a caught one; the CI run that failed test_ctrl_c_stops_cleanly with -2
+    had its SIGINT land there. Deterministic here: the flow's start raises it from exec'd code."""
+    import os
+
+    from tests.flows.conftest import REPO
+
+    (tmp_path / "ctrl_c_in_exec.py").write_text(
+        "import sys\n"
+        "from types import SimpleNamespace\n"
+        "from flows import runtime\n"
+        "def start(plan):\n"
+        "    exec('raise KeyboardInterrupt')  # where a library's generated code was when Ctrl-C came\n"
+        "if __name__ == '__main__':\n"
+        "    sys.exit(runtime.run_cli(lambda: SimpleNamespace(output='o'), dry_run=False, dry_text=str, start=start))\n")
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    r = subprocess.run([sys.executable, "-m", "ctrl_c_in_exec"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "interrupted: no final file was half-written." in r.stderr
+
+
 def test_second_pilot_on_a_locked_folder_exits_5_and_touches_nothing(run_cli, tmp_path):
     import os
 
