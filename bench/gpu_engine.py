@@ -40,10 +40,6 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   past the sliding window, and one attention call alone at the record's shape, CUDA-graph replayed).
   `--autotune both` likewise measures decode's stretches as compiled by default (the `default_compile`
   block) and by inductor's max-autotune (decoder.py, `STAGE1_ENGINE_AUTOTUNE`; `autotuned_over_default`).
-  `--topk-chunks C` (C > 0) times the record's main path with the sampler's candidates from the two-stage
-  top-k at C slices (sampling.top_candidates, `STAGE1_ENGINE_TOPK_CHUNKS`) and then again with one
-  `torch.topk` (the `one_topk` block, `chunked_over_one_topk_sampled`); each path says which it drew with
-  (`engine_topk_chunks`).
   `--keep-graphs both` times the record's main path with the decode step and its CUDA graphs kept from one
   call to the next like it (engine.py, `Engine.keep_step`; the timed calls replay the warm-up's graphs)
   and then again capturing them in every call as before (the `graphs_per_call` block, `kept_over_per_call`
@@ -394,7 +390,7 @@ def tokens_agree(a: list[list[int]], b: list[list[int]]) -> float:
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
                compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True,
-               attention: str = "on", autotune: str = "off", topk_chunks: int = 0, fp8: str = "off",
+               attention: str = "on", autotune: str = "off", fp8: str = "off",
                keep_graphs: str = "on") -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
@@ -507,15 +503,6 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
         rec["critic_max_abs_diff"] = round(max(abs(a[c] - b[c]) for a, b in zip(scores, p_scores) for c in a), 6)
         rec["critic_same_choice"] = round(sum(max(a, key=a.get) == max(b, key=b.get)
                                               for a, b in zip(scores, p_scores)) / len(scores), 4)
-    if eng is not None and topk_chunks and main.get("engine_topk_chunks"):  # the main path drew in two stages
-        eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel, eng.dec.use_autotuned = variants[-1]
-        eng.sampler.chunks = 0
-        try:
-            base = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
-        finally:
-            eng.sampler.chunks = topk_chunks
-        rec["one_topk"] = base
-        rec["chunked_over_one_topk_sampled"] = round(main["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3)
     if eng is not None and keep_graphs == "both":
         eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel, eng.dec.use_autotuned = variants[-1]
         eng.keep_step = False
@@ -614,7 +601,6 @@ def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sam
         out["engine_sampled_steps"] = st_s.steps
         out["engine_sampled_ms_step"] = round(1000 * secs_s / max(1, st_s.steps), 2)
         out["engine_sampler_compiled"] = st_s.sampler_compiled
-        out["engine_topk_chunks"] = st_s.topk_chunks
         if stats is not None and stats.steps:  # per step, free of how many tokens the rows produced
             out["sampled_over_greedy_per_step"] = round(out["engine_ms_step"] / out["engine_sampled_ms_step"], 3)
         if st_s.graphs:
@@ -715,10 +701,6 @@ def main() -> int:
                     help="decode's stretches compiled by inductor's max-autotune (on; STAGE1_ENGINE_AUTOTUNE=1), by the "
                          "default compile (off), or both in turn on one engine (both: the record's engine_* fields "
                          "are the autotuned path's, `default_compile` the other, `autotuned_over_default`)")
-    ap.add_argument("--topk-chunks", type=int, default=0,
-                    help="the sampler's candidates by the two-stage top-k at this many slices (sampling.py; "
-                         "STAGE1_ENGINE_TOPK_CHUNKS); > 0: the record's main path so, `one_topk` the other, "
-                         "`chunked_over_one_topk_sampled`")
     ap.add_argument("--keep-graphs", choices=("on", "off", "both"), default="on",
                     help="the decode step's CUDA graphs kept across calls like the last (on, the engine's default), "
                          "captured in every call (off), or both: the main path kept, `graphs_per_call` the other")
@@ -740,12 +722,11 @@ def main() -> int:
         os.environ.setdefault("STAGE1_ENGINE_COMPILE", "1")
     os.environ["STAGE1_ENGINE_ATTENTION"] = "0" if a.attention == "off" else "1"  # as the engine's CUDA default
     opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler,
-            "plain": not a.no_plain, "attention": a.attention, "autotune": a.autotune, "topk_chunks": a.topk_chunks,
+            "plain": not a.no_plain, "attention": a.attention, "autotune": a.autotune,
             "keep_graphs": a.keep_graphs,
             "fp8": a.fp8}
     if a.fp8 != "off":
         os.environ["STAGE1_ENGINE_FP8"] = "1"
-    os.environ["STAGE1_ENGINE_TOPK_CHUNKS"] = str(a.topk_chunks)
     if a.autotune != "off":
         os.environ["STAGE1_ENGINE_AUTOTUNE"] = "1"
     if a.tokenizer_dir:  # the loader reads the GGUF only for the tokenizer of a random model: hand it the folder

@@ -97,7 +97,6 @@ class EngineStats:
     graphs: bool = False
     compiled: bool = False
     sampler_compiled: bool = False  # the top-k/top-p draw ran compiled (sampling.Sampler)
-    topk_chunks: int = 0  # the draw's two-stage top-k slices (sampling.top_candidates; 0: one topk)
     attention_kernel: bool = False  # decode attention ran the live-KV kernel (attention.py)
     prefill_ms: float = 0.0  # device-timeline spans (CUDA events) of the prefills and of the graph captures
     capture_ms: float = 0.0  # (warm-up steps and compilation included)
@@ -292,7 +291,6 @@ class Engine:
         self.stats.compiled = self.dec.use_compiled  # off when compilation failed during the call
         nucleus = sampling_mode(temperature, top_p, top_k) == "nucleus"
         self.stats.sampler_compiled = self.sampler.use_compiled and nucleus  # the draw the decode steps ran
-        self.stats.topk_chunks = self.sampler.chunks if nucleus else 0
         self.stats.attention_kernel = self.dec.use_attention_kernel  # off when the kernel failed during the call
         self._collect_spans()
         return [results[i] for i in range(len(prompts))]
@@ -427,7 +425,7 @@ class Engine:
         import torch
 
         key = (slots, context, max_new, mode, id(nxt_tab), self._cache_gen, self.dec.paths(),
-               id(self.sampler), self.sampler.chunks, self.sampler.use_compiled, self.use_graphs)
+               id(self.sampler), self.sampler.use_compiled, self.use_graphs)
         if self.keep_step and self._kept is not None and self._kept[0] == key:
             _, st, smp, step = self._kept
             st.clear()

@@ -15,17 +15,15 @@ logits.
 default, `STAGE1_ENGINE_COMPILE`; decoder.py): the temperature, the normaliser over the vocabulary, the
 hash, the top-k/top-p masks and cumulative sums become a few fused kernels around the top-k, without CUDA
 graphs of its own (the engine captures the decode step). A compile that fails falls back to the same
-function run eagerly. The candidates come from one `torch.topk` over the vocabulary, or, with
-`STAGE1_ENGINE_TOPK_CHUNKS=C`, from a two-stage `torch.topk` (`top_candidates`: the top k of each of C
-slices of the row, then the top k of those), which selects the same values.
+function run eagerly. The candidates come from one `torch.topk` over the vocabulary (a two-stage
+selection, the top k of each slice then of those, was measured slower at every slice count on an H100
+and removed: docs/performance.md).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -38,56 +36,7 @@ TOP_CANDIDATES = 1024
 """Top-p / top-k sampling draws from the 1024 most likely tokens: the nucleus lies inside them unless
 the distribution is nearly flat (then the draw is limited to those 1024)."""
 
-CHUNKS_ENV = "STAGE1_ENGINE_TOPK_CHUNKS"
-DEFAULT_CHUNKS = 0
-"""The draw's candidates by one `torch.topk` over the vocabulary (0) unless `STAGE1_ENGINE_TOPK_CHUNKS` says
-how many slices the two-stage selection uses (`top_candidates`)."""
-
 _M32 = 0xFFFFFFFF
-
-
-def top_chunks() -> int:
-    """The slices of the two-stage top-k: `STAGE1_ENGINE_TOPK_CHUNKS` (an int >= 0), else `DEFAULT_CHUNKS`.
-
-    Raises:
-        ValueError: the variable is set to something else.
-    """
-    v = os.environ.get(CHUNKS_ENV, "").strip()
-    if not v:
-        return DEFAULT_CHUNKS
-    if not v.isdigit():
-        raise ValueError(f"{CHUNKS_ENV}={v!r}: expected a whole number of slices >= 0 (0: one torch.topk); "
-                         f"unset it or give e.g. 32")
-    return int(v)
-
-
-def top_candidates(logits: "torch.Tensor", k: int, chunks: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """The k largest logits of each row, descending, and their ids: `logits.topk(k)`, or in two stages.
-
-    With chunks > 1 (and a vocabulary that splits into that many slices of at least k), each slice's top k
-    is taken first (chunks x more rows of a chunks x shorter length, which torch's radix select spreads
-    over more of the card), then the top k of those chunks x k. A row's top k lie among its slices' top
-    k, so the values are exactly `logits.topk(k)`'s; ids differ only in the order among equal values, which
-    torch.topk leaves undefined too.
-
-    Args:
-        logits: (n, vocab) in any float dtype.
-        k: how many.
-        chunks: slices per row (0 or 1: one topk).
-    Returns:
-        (values, ids), each (n, k).
-    """
-    import torch
-
-    n, v = logits.shape
-    if chunks <= 1 or v % chunks or v // chunks < k:
-        return logits.topk(k, dim=-1)
-    width = v // chunks
-    cv, ci = logits.reshape(n * chunks, width).topk(k, dim=-1)
-    base = torch.arange(0, v, width, device=logits.device).view(1, chunks, 1)
-    ids = (ci.view(n, chunks, k) + base).view(n, chunks * k)
-    top, j = cv.view(n, chunks * k).topk(k, dim=-1)
-    return top, ids.gather(-1, j)
 
 
 def row_seed(seed: int, item_id: str) -> int:
@@ -148,15 +97,14 @@ def sampling_mode(temperature: float, top_p: float, top_k: int) -> str:
 
 
 def _draw_top(logits: "torch.Tensor", temperature: "torch.Tensor", top_p: "torch.Tensor", top_k: "torch.Tensor",
-              seeds: "torch.Tensor", steps: "torch.Tensor", chunks: int = 0) -> "torch.Tensor":
+              seeds: "torch.Tensor", steps: "torch.Tensor") -> "torch.Tensor":
     """The top-k/top-p draw of `sample` among the TOP_CANDIDATES most likely tokens (a pure tensor function:
-    `Sampler` compiles it). logits (n, vocab) in any float dtype; temperature, top_p, top_k 0-d tensors;
-    chunks: the candidates' two-stage selection (`top_candidates`)."""
+    `Sampler` compiles it). logits (n, vocab) in any float dtype; temperature, top_p, top_k 0-d tensors."""
     import torch
 
     k = min(TOP_CANDIDATES, logits.shape[-1])
     # on the logits as they come: a temperature > 0 keeps their order
-    top, idx = top_candidates(logits, k, chunks)
+    top, idx = logits.topk(k, dim=-1)
     vals = top.float() / temperature  # = (logits / temperature)[idx], exactly (a bf16 value is a float32 one)
     m = vals[:, :1]  # the row's largest scaled logit: torch.logsumexp's shift, and the same formula after it
     lse = m + torch.log(torch.exp(logits.float() / temperature - m).sum(dim=-1, keepdim=True))
@@ -204,31 +152,28 @@ def sample(logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "t
 class Sampler:
     """`sample` with its top-k/top-p draw compiled or not (the engine holds one; see the module docstring).
 
-    `use_compiled` and `chunks` may be switched later (the benchmark measures each way on one engine); each
-    chunk count is compiled on its first use. A draw whose compilation fails turns `use_compiled` off
+    `use_compiled` may be switched later (the benchmark measures each way on one engine); the draw is
+    compiled on its first use. A draw whose compilation fails turns `use_compiled` off
     (logged, `compile_failed` says why) and runs eagerly; out of device memory is re-raised as such (the
     engine backs off)."""
 
-    def __init__(self, compile: Any = False, chunks: int | None = None) -> None:
+    def __init__(self, compile: Any = False) -> None:
         """compile: False, True (inductor) or a torch.compile backend. Static shapes first; a second slot
-        count makes dynamo's automatic dynamic shapes take over (as for the decoder's decode stretches).
-        chunks: the candidates' two-stage top-k (`top_candidates`; None: `top_chunks()`)."""
+        count makes dynamo's automatic dynamic shapes take over (as for the decoder's decode stretches)."""
         self.backend = ("inductor" if compile is True else compile) or None
-        self._compiled: dict[int, Callable[..., Any]] = {}
+        self._compiled: Callable[..., Any] | None = None
         self.use_compiled = self.backend is not None
         self.compile_failed: str | None = None
-        self.chunks = top_chunks() if chunks is None else chunks
 
     def draw(self, compiled: bool) -> Callable[..., "torch.Tensor"]:
-        """The top-k/top-p draw at this sampler's chunk count, compiled (once per count) or eager."""
+        """The top-k/top-p draw, compiled (once) or eager."""
         if not compiled:
-            return functools.partial(_draw_top, chunks=self.chunks)
-        if self.chunks not in self._compiled:
+            return _draw_top
+        if self._compiled is None:
             import torch
 
-            self._compiled[self.chunks] = torch.compile(functools.partial(_draw_top, chunks=self.chunks),
-                                                        backend=self.backend, fullgraph=True)
-        return self._compiled[self.chunks]
+            self._compiled = torch.compile(_draw_top, backend=self.backend, fullgraph=True)
+        return self._compiled
 
     def __call__(self, logits: "torch.Tensor", s: Sampling, seeds: "torch.Tensor", steps: "torch.Tensor",
                  compiled: bool = True) -> "torch.Tensor":

@@ -267,59 +267,23 @@ def test_inductor_compiled_sampler_draws_like_the_eager_one_on_the_cpu() -> None
     assert sampler.use_compiled, sampler.compile_failed
 
 
-@pytest.mark.parametrize("chunks", [2, 8, 32])
-def test_two_stage_top_candidates_select_what_one_topk_selects(chunks: int) -> None:
-    """top_candidates in two stages: the same values as one topk (ids too where no two logits are equal);
-    among equal logits, ids that are distinct and hold those values."""
-    g = torch.Generator().manual_seed(chunks)
-    x = torch.randn(6, 4096, generator=g)
-    v, i = S.top_candidates(x, 100, chunks)
-    tv, ti = x.topk(100, dim=-1)
-    assert torch.equal(v, tv) and torch.equal(i, ti)
-    ties = (x * 2).round().to(torch.bfloat16)  # thousands of equal values, many at the k-th
-    v, i = S.top_candidates(ties, 100, chunks)
-    assert torch.equal(v, ties.topk(100, dim=-1).values)
-    assert torch.equal(ties.gather(-1, i), v) and all(len(set(r.tolist())) == 100 for r in i)
-
-
-def test_two_stage_top_candidates_take_one_topk_where_the_row_does_not_split() -> None:
-    x = torch.randn(3, 1000)
-    for chunks, k in ((0, 10), (1, 10), (3, 10), (8, 200)):  # off, off, 1000 % 3, slices of 125 < k
-        assert torch.equal(S.top_candidates(x, k, chunks)[1], x.topk(k, dim=-1).indices)
-
-
-def test_chunked_draw_draws_the_same_tokens_and_compiles_once_per_chunk_count(monkeypatch: Any) -> None:
+def test_the_compiled_draw_is_traced_once_and_draws_what_the_eager_one_draws() -> None:
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    sampler = S.Sampler(compile=counter, chunks=0)
-    logits = _distinct_logits(8, 4096, seed=4)  # 4 slices of 1024 = TOP_CANDIDATES
+    sampler = S.Sampler(compile=counter)
+    logits = _distinct_logits(8, 4096, seed=4)
     seeds = torch.tensor([S.row_seed(5, f"k{i}") for i in range(8)])
     smp = _sampling(0.9, 0.95, 0)
-    want = [sampler(logits, smp, seeds, torch.full((8,), t, dtype=torch.long)) for t in range(3)]
-    for chunks in (4, 0, 4):
-        sampler.chunks = chunks
-        for t in range(3):
-            assert torch.equal(sampler(logits, smp, seeds, torch.full((8,), t, dtype=torch.long)), want[t])
-    assert counter.frame_count == 2 and sampler.compile_failed is None  # one trace per count, reused
-    calls: list[int] = []
-    real = S.top_candidates
-    monkeypatch.setattr(S, "top_candidates", lambda x, k, c=0: calls.append(c) or real(x, k, c))
-    eager = S.Sampler(chunks=4)
-    assert torch.equal(eager(logits, smp, seeds, torch.zeros(8, dtype=torch.long)), want[0]) and calls == [4]
-    assert len({t for w in want for t in w.tolist()}) > 3  # really sampled
-
-
-def test_top_chunks_comes_from_the_environment(monkeypatch: Any) -> None:
-    monkeypatch.delenv(S.CHUNKS_ENV, raising=False)
-    assert S.top_chunks() == S.DEFAULT_CHUNKS == S.Sampler().chunks
-    monkeypatch.setenv(S.CHUNKS_ENV, "32")
-    assert S.top_chunks() == 32 == S.Sampler().chunks
-    assert S.Sampler(chunks=0).chunks == 0
-    monkeypatch.setenv(S.CHUNKS_ENV, "lots")
-    with pytest.raises(ValueError, match="STAGE1_ENGINE_TOPK_CHUNKS='lots'.*whole number"):
-        S.top_chunks()
+    drawn = []
+    for t in range(3):
+        steps = torch.full((8,), t, dtype=torch.long)
+        drawn.append(sampler(logits, smp, seeds, steps))
+        assert torch.equal(drawn[-1], S.Sampler()(logits, smp, seeds, steps))
+    assert counter.frame_count == 1 and sampler.compile_failed is None  # one trace, reused at every step
+    assert sampler.draw(True) is sampler.draw(True)  # one compiled function, not a new wrapper per step
+    assert len({t for w in drawn for t in w.tolist()}) > 3  # really sampled
 
 
 # --------------------------------------------------------------------------- tiny random models
@@ -651,7 +615,7 @@ def test_the_decode_step_is_kept_across_calls_only_while_what_it_reads_is_the_sa
     hotter, kept = run(t=1.3, p=0.8, seed=8)  # same mode: the sampling tensors are refilled
     assert kept and hotter == fresh().generate(prompts, ids, 10, 1.3, 0.8, 0, STOPS, 8) and hotter != first
     for change, why in ((lambda: None, "stops"), (lambda: setattr(eng.dec, "use_fused", False), "fused"),
-                        (lambda: setattr(eng.sampler, "chunks", 4), "chunks"), (eng.release, "cache freed"),
+                        (lambda: setattr(eng, "sampler", S.Sampler()), "sampler"), (eng.release, "cache freed"),
                         (lambda: eng._ensure_cache(3, 4096), "cache reallocated")):
         run()
         assert run()[1], why  # the same call again: kept
@@ -659,7 +623,7 @@ def test_the_decode_step_is_kept_across_calls_only_while_what_it_reads_is_the_sa
         out, kept = run(stops=["\n"]) if why == "stops" else run()
         assert not kept, why
         assert out == fresh().generate(prompts, ids, 10, 0.9, 0.9, 0, ["\n"] if why == "stops" else STOPS, 7), why
-        eng.dec.use_fused, eng.sampler.chunks = bool(eng.dec.fused), 0
+        eng.dec.use_fused = bool(eng.dec.fused)
     greedy = eng.generate(prompts, ids, 10, 0.0, 1.0, 0, STOPS, 7)  # another mode: another step
     assert not eng.stats.kept_step and greedy == fresh().generate(prompts, ids, 10, 0.0, 1.0, 0, STOPS, 7)
 
