@@ -2,7 +2,7 @@
 
     python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
                                [--compile on|off|both] [--sampler new|legacy|both] [--attention on|off|both]
-                               [--topk-chunks C] [--fp8 off|on|both]
+                               [--fp8 off|on|both]
                                [--keep-graphs on|off|both]
                                [--autotune on|off|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
