@@ -2,7 +2,7 @@
 batch, and its top kernels (not a test).
 
     python bench/engine_profile.py [--model random:gemma3-12b] [--batch 256] [--steps 4] [--out FILE]
-                                   [--fp8 off|on|both] [--compiled-only]
+                                   [--fp8 off|on|both] [--compiled-only] [--tokenizer-dir DIR]
 
 On one loaded model, for each path (compiled layers off / on; `Engine(compile=...)`, decoder.py; with
 `--fp8 on` or `both` also the compiled path with FP8 projections, fp8.py, as `compiled_fp8`), with
@@ -62,7 +62,14 @@ def main() -> int:
     ap.add_argument("--compiled-only", action="store_true", help="profile the compiled path(s) only")
     ap.add_argument("--fp8", choices=("off", "on", "both"), default="off",
                     help="the compiled path with FP8 projections too (both) or instead of bf16 (on)")
+    ap.add_argument("--tokenizer-dir", default=None,
+                    help="random models: the embedded tokenizer from this HF folder, not the embedded GGUF "
+                         "(as bench/gpu_engine.py's)")
     a = ap.parse_args()
+    if a.tokenizer_dir:
+        from bench.gpu_engine import use_tokenizer_dir
+
+        use_tokenizer_dir(a.tokenizer_dir)
     if a.fp8 != "off":
         os.environ["STAGE1_ENGINE_FP8"] = "1"  # the decoder quantizes its copies when the engine is built
     backend = load_backend(ModelConfig(id=a.model))

@@ -109,6 +109,16 @@ STOPS = ["\n\n", "\nInstruction:", "\nResponse:"]
 CANDS = ["A", " A", "B", " B"]
 
 
+def use_tokenizer_dir(folder: str) -> None:
+    """Random models take the embedded model's tokenizer from the HF folder `folder` instead of converting the
+    embedded GGUF (which the loader reads only for that tokenizer): for a device machine without the GGUF."""
+    from stage1_core.model import loader
+
+    loader.embedded_gguf_path = lambda: None
+    loader.resolve_gguf = lambda *_: None
+    loader._gguf_as_hf_folder = lambda *_: Path(folder)
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -729,12 +739,8 @@ def main() -> int:
         os.environ["STAGE1_ENGINE_FP8"] = "1"
     if a.autotune != "off":
         os.environ["STAGE1_ENGINE_AUTOTUNE"] = "1"
-    if a.tokenizer_dir:  # the loader reads the GGUF only for the tokenizer of a random model: hand it the folder
-        from stage1_core.model import loader
-
-        loader.embedded_gguf_path = lambda: None
-        loader.resolve_gguf = lambda *_: None
-        loader._gguf_as_hf_folder = lambda *_: Path(a.tokenizer_dir)
+    if a.tokenizer_dir:
+        use_tokenizer_dir(a.tokenizer_dir)
     date = dt.date.today().isoformat()
     out = Path(a.out or REPO / "bench" / "results" / f"gpu_engine-{date}{'-smoke' if a.smoke else ''}.json")
     records: list[dict[str, Any]] = json.loads(out.read_text())["records"] if out.is_file() else []
