@@ -2,7 +2,7 @@
 batch, and its top kernels (not a test).
 
     python bench/engine_profile.py [--model random:gemma3-12b] [--batch 256] [--steps 4] [--out FILE]
-                                   [--fp8 off|on|both] [--compiled-only] [--tokenizer-dir DIR]
+                                   [--fp8 off|on|both] [--kv-fp8] [--compiled-only] [--tokenizer-dir DIR]
 
 On one loaded model, for each path (compiled layers off / on; `Engine(compile=...)`, decoder.py; with
 `--fp8 on` or `both` also the compiled path with FP8 projections, fp8.py, as `compiled_fp8`), with
@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--compiled-only", action="store_true", help="profile the compiled path(s) only")
     ap.add_argument("--fp8", choices=("off", "on", "both"), default="off",
                     help="the compiled path with FP8 projections too (both) or instead of bf16 (on)")
+    ap.add_argument("--kv-fp8", action="store_true",
+                    help="every path with its KV cache in e4m3 (decoder.py, STAGE1_ENGINE_KV_FP8=1)")
     ap.add_argument("--tokenizer-dir", default=None,
                     help="random models: the embedded tokenizer from this HF folder, not the embedded GGUF "
                          "(as bench/gpu_engine.py's)")
@@ -72,6 +74,8 @@ def main() -> int:
         use_tokenizer_dir(a.tokenizer_dir)
     if a.fp8 != "off":
         os.environ["STAGE1_ENGINE_FP8"] = "1"  # the decoder quantizes its copies when the engine is built
+    if a.kv_fp8:
+        os.environ["STAGE1_ENGINE_KV_FP8"] = "1"
     backend = load_backend(ModelConfig(id=a.model))
     eng = backend.engine()
     dev = eng.device
@@ -80,7 +84,7 @@ def main() -> int:
     acts = [torch.profiler.ProfilerActivity.CUDA] if cuda else [torch.profiler.ProfilerActivity.CPU]
     s, ctx, plen, max_new = a.batch, 320, 128, 128
     rec: dict[str, Any] = {"model": a.model, "batch": s, "device": torch.cuda.get_device_name() if cuda else "cpu",
-                           "torch": torch.__version__, "context": 192, "paths": {}}
+                           "torch": torch.__version__, "context": 192, "kv_fp8": eng.dec.use_kv_fp8, "paths": {}}
     eng._ensure_cache(s, ctx)
     eng.dec.rope_tables(ctx)
     nxt, fire = eng._tables(STOPS)

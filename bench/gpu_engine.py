@@ -2,7 +2,7 @@
 
     python bench/gpu_engine.py [--models 4b,12b,27b,270m] [--batches 64,256] [--out FILE] [--fuse on|off|both]
                                [--compile on|off|both] [--sampler new|legacy|both] [--attention on|off|both]
-                               [--fp8 off|on|both]
+                               [--fp8 off|on|both] [--kv-fp8 off|on|both]
                                [--keep-graphs on|off|both]
                                [--autotune on|off|both]
     python bench/gpu_engine.py --smoke          # CPU, random:gemma3-tiny: checks the script itself
@@ -37,7 +37,8 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   record's engine_* fields), and adds `attention_tokens_agree` (greedy tokens of the two paths on the
   record's prompts: common-prefix tokens / tokens) and `attention_kernel` (`attention_check`: the kernel
   against the matmul path and a float64 reference of the same inputs per dtype, at positions from 0 to
-  past the sliding window, and one attention call alone at the record's shape, CUDA-graph replayed).
+  past the sliding window, and one attention call alone at the record's shape, CUDA-graph replayed; also over
+  an e4m3 cache, `e4m3_kv/...` and `kernel_e4m3_...`).
   `--autotune both` likewise measures decode's stretches as compiled by default (the `default_compile`
   block) and by inductor's max-autotune (decoder.py, `STAGE1_ENGINE_AUTOTUNE`; `autotuned_over_default`).
   `--keep-graphs both` times the record's main path with the decode step and its CUDA graphs kept from one
@@ -53,6 +54,12 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   (not on 270m, whose prompts share prefixes and take PrefixScorer, which FP8 does not touch); on 270m
   `fp8_token_match` instead (FP8 engine greedy against plain `generate`, as `token_match`).
   `--fp8 on` runs the whole record with FP8 projections.
+  `--kv-fp8 both` likewise times the record's main path (its cache in the model's dtype) and then the same
+  engine with its KV cache in e4m3 (decoder.py, `STAGE1_ENGINE_KV_FP8`; the `kv_fp8` block: `limit_fraction`
+  still on the model dtype's cache bytes, `limit_fraction_kv_fp8_bytes` on the bytes it reads), with
+  `kv_fp8_over_bf16` (and `_sampled`) and `kv_fp8_tokens_agree`; with `--fp8 both` also both at once against
+  the `fp8` block (`fp8_kv_fp8`, `fp8_kv_fp8_over_fp8`, `fp8_kv_fp8_over_bf16`). On 270m `kv_fp8_token_match`
+  (e4m3 cache, engine greedy against plain `generate`). `--kv-fp8 on` runs the whole record with it.
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
@@ -98,6 +105,7 @@ import torch  # noqa: E402
 from stage1_core.infra.config import ModelConfig, load_pilot_config  # noqa: E402
 from stage1_core.model import load_backend  # noqa: E402
 from stage1_core.model import sampling as SM  # noqa: E402
+from stage1_core.model.fp8 import to_e4m3  # noqa: E402
 from stage1_core.infra.provenance import lock_sha256  # noqa: E402
 from stage1_core.phases.prompts import build_instruction_prompt, build_response_prompt  # noqa: E402
 from stage1_core.infra.schemas import GenerationParams  # noqa: E402
@@ -360,6 +368,12 @@ def attention_check(eng: Any, batch: int) -> dict[str, Any]:
                         e["kernel_vs_matmul"] = float((ker - mat).abs().max())
                         e["kernel_rel_l2"] = float((ker - ref).norm() / ref.norm())
                 errs[f"{name}/{case}"] = {kk: round(vv, 6) for kk, vv in e.items()}
+                if dtype == torch.bfloat16:  # an e4m3 cache (unit scale) under bf16 queries, against float64 of it
+                    k8, v8 = to_e4m3(k), to_e4m3(v)
+                    ref8 = A.reference_attention(q.double(), k8.double(), v8.double(), pos, scale, window).float()
+                    ker8 = A.decode_attention(q, k8, v8, pos, scale, window).float()
+                    errs[f"e4m3_kv/{case}"] = {"kernel_vs_ref": round(float((ker8 - ref8).abs().max()), 6),
+                                               "kernel_vs_bf16_ref": round(float((ker8 - ref).abs().max()), 6)}
         out["max_abs_err"] = errs
         # timing at the record's shape, the model's dtype
         ctx = 256
@@ -377,6 +391,9 @@ def attention_check(eng: Any, batch: int) -> dict[str, Any]:
                                                                   num_warps=nw, num_stages=ns), reps=50)
                 except Exception as ex:  # noqa: BLE001 - a launch setting that does not compile is recorded
                     ms[key] = f"{type(ex).__name__}: {ex}"[:200]
+        k8, v8 = to_e4m3(k), to_e4m3(v)  # the default launch over an e4m3 cache: half the bytes
+        ms[f"kernel_e4m3_n{A.BLOCK_N}_w{A.NUM_WARPS}_s{A.NUM_STAGES}_splits1"] = graph_ms(
+            lambda: A.decode_attention(q, k8, v8, pos, scale, None), reps=50)
         live = float((pos + 1).sum()) * kv * d * 2 * k.element_size()
         out["timing_shape"] = {"rows": batch, "context": ctx, "mean_live_keys": round(float(pos.float().mean()) + 1, 1),
                                "live_kv_mb": round(live / 1e6, 2),
@@ -401,7 +418,7 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
                compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True,
                attention: str = "on", autotune: str = "off", fp8: str = "off",
-               keep_graphs: str = "on") -> dict[str, Any]:
+               keep_graphs: str = "on", kv_fp8: str = "off") -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "engine": "stage1",
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
@@ -428,6 +445,11 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     if eng is not None and eng.dec.fp8:  # --fp8 both: the main path in bf16, the `fp8` block after it
         eng.dec.use_fp8 = fp8 == "on"
     rec["fp8_projections"] = bool(eng is not None and eng.dec.use_fp8)
+    if eng is not None and eng.dec.kv_fp8:  # --kv-fp8 both: the main path's cache in the model dtype
+        eng.dec.use_kv_fp8 = kv_fp8 == "on"
+    rec["kv_fp8_cache"] = bool(eng is not None and eng.dec.use_kv_fp8)
+    if eng is not None and eng.dec.kv_fp8_unavailable:
+        rec["kv_fp8_unavailable"] = eng.dec.kv_fp8_unavailable
     if eng is not None and eng.dec.fp8_unavailable:
         rec["fp8_unavailable"] = eng.dec.fp8_unavailable
     can_fuse = eng is not None and bool(eng.dec.fused)
@@ -528,6 +550,20 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
         # 270m: the real prompts share prefixes, so the critic takes PrefixScorer (the model's own modules)
         rec.update(fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, main,
                              scores if model_name != "270m" else None, n_params))
+    if eng is not None and kv_fp8 == "both" and eng.dec.kv_fp8:
+        eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel, eng.dec.use_autotuned = variants[-1]
+        rec.update(kv_fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, main, "kv_fp8"))
+        if "fp8" in rec:  # --fp8 both too: FP8 projections and the e4m3 cache at once, against FP8 alone
+            eng.dec.use_fp8 = True
+            try:
+                both = kv_fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, rec["fp8"], "fp8_kv_fp8")
+            finally:
+                eng.dec.use_fp8 = fp8 == "on"
+            both["fp8_kv_fp8_over_fp8"] = both.pop("fp8_kv_fp8_over_bf16")
+            both["fp8_kv_fp8_over_fp8_sampled"] = both.pop("fp8_kv_fp8_over_bf16_sampled")
+            both["fp8_kv_fp8_tokens_agree_with_fp8"] = both.pop("fp8_kv_fp8_tokens_agree")
+            both["fp8_kv_fp8_over_bf16"] = round(both["fp8_kv_fp8"]["engine_tok_s"] / main["engine_tok_s"], 3)
+            rec.update(both)
     rec["token_match"] = token_match
     rec["parameters"] = n_params
     rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
@@ -576,6 +612,34 @@ def fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sample
                                                    for c in a), 6)
     out["fp8_quantized_weights"] = q_bytes
     return out
+
+
+def kv_fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sampled: GenerationParams, batch: int,
+                 max_new: int, w_bytes: int, base: dict[str, Any], name: str) -> dict[str, Any]:
+    """The engine with its KV cache in e4m3 against `base` (the same path with its cache in the model dtype), on
+    the same loaded model (`--kv-fp8 both`); the block and its ratios are named after `name`."""
+    eng = backend.engine()
+    dec = eng.dec
+    ids = [f"b{i}" for i in range(len(prompts))]
+    rows = {}
+    try:
+        for on in (False, True):  # greedy tokens of each cache, for their agreement
+            dec.use_kv_fp8 = on
+            with torch.inference_mode():
+                rows[on] = eng.generate(backend.encode(prompts), ids, max_new, 0.0, 1.0, 0, [], 1)
+        block = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
+        if "limit_ms_step" in block:  # engine_paths counted e4m3's bytes: restate on the model dtype's
+            w_ms = 1000 * w_bytes / HBM_BYTES_S
+            wide = torch.finfo(dec.dtype).bits // 8
+            block["limit_ms_step_kv_fp8_bytes"] = block["limit_ms_step"]
+            block["limit_fraction_kv_fp8_bytes"] = block["limit_fraction"]
+            block["limit_ms_step"] = round(w_ms + (block["limit_ms_step"] - w_ms) * wide, 2)
+            block["limit_fraction"] = round(block["limit_ms_step"] / block["engine_ms_step"], 3)
+    finally:
+        dec.use_kv_fp8 = False
+    return {name: block, f"{name}_over_bf16": round(block["engine_tok_s"] / base["engine_tok_s"], 3),
+            f"{name}_over_bf16_sampled": round(block["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3),
+            f"{name}_tokens_agree": tokens_agree(rows[False], rows[True])}
 
 
 def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sampled: GenerationParams,
@@ -717,6 +781,9 @@ def main() -> int:
     ap.add_argument("--fp8", choices=("off", "on", "both"), default="off",
                     help="projections as FP8 GEMMs (fp8.py; STAGE1_ENGINE_FP8=1): on, the whole record; both: the "
                          "main path in bf16 and the `fp8` block after it, `fp8_over_bf16`, `fp8_tokens_agree`")
+    ap.add_argument("--kv-fp8", choices=("off", "on", "both"), default="off",
+                    help="the KV cache in e4m3 (decoder.py; STAGE1_ENGINE_KV_FP8=1): on, the whole record; both: the "
+                         "main path's cache in the model dtype and the `kv_fp8` block after it")
     ap.add_argument("--no-hf-cb", action="store_true", help="skip transformers' generate_batch (hf_cb_tok_s)")
     ap.add_argument("--no-plain", action="store_true", help="skip the warmed plain generate (plain_warm_tok_s, ratio)")
     ap.add_argument("--tokenizer-dir", default=None,
@@ -734,9 +801,11 @@ def main() -> int:
     opts = {"fuse": a.fuse, "hf_cb": not a.no_hf_cb, "compile": a.compile, "sampler": a.sampler,
             "plain": not a.no_plain, "attention": a.attention, "autotune": a.autotune,
             "keep_graphs": a.keep_graphs,
-            "fp8": a.fp8}
+            "fp8": a.fp8, "kv_fp8": a.kv_fp8}
     if a.fp8 != "off":
         os.environ["STAGE1_ENGINE_FP8"] = "1"
+    if a.kv_fp8 != "off":
+        os.environ["STAGE1_ENGINE_KV_FP8"] = "1"
     if a.autotune != "off":
         os.environ["STAGE1_ENGINE_AUTOTUNE"] = "1"
     if a.tokenizer_dir:
@@ -761,6 +830,11 @@ def main() -> int:
                         eng.dec.use_fp8 = True
                         fp8_match = measure_token_match(backend, prompts, 64 if not a.smoke else 8)
                         eng.dec.use_fp8 = a.fp8 == "on"
+                    kv_match = None
+                    if eng is not None and eng.dec.kv_fp8:  # the record's main path: e4m3 only with --kv-fp8 on
+                        eng.dec.use_kv_fp8 = True
+                        kv_match = measure_token_match(backend, prompts, 64 if not a.smoke else 8)
+                        eng.dec.use_kv_fp8 = a.kv_fp8 == "on"
                     for compiled in ([False, True] if a.compile == "both" and eng is not None and eng.dec.compiled
                                      else [None]):
                         if compiled is not None:
@@ -772,6 +846,8 @@ def main() -> int:
                         rec["token_match_uncompiled"] = matches[False]
                     if fp8_match is not None:
                         rec["fp8_token_match"] = fp8_match
+                    if kv_match is not None:
+                        rec["kv_fp8_token_match"] = kv_match
                     rec["load_seconds"] = backend.fingerprint.get("load_seconds")
                     rec["note"] = a.note
                     upsert(records, rec)

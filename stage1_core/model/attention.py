@@ -8,7 +8,8 @@ two batched matmuls of `Decoder._attend_one` read the whole `[:context]` slice a
 One program handles one (row, KV head): the query heads of that KV head are processed together as the
 rows of one `tl.dot` (padded to 16), so K/V are read once per KV head and never repeated. Scores and the
 online softmax are float32 (scores are not rounded to the input dtype first, as the matmul path's are);
-the probabilities are cast to the value dtype for the P·V product, as there. float32 inputs use IEEE
+the probabilities are cast to q's dtype for the P·V product, as there. An e4m3 cache (decoder.py's
+`kv_fp8`) is converted to q's dtype as it is loaded (unit scale), so it reads half the bytes. float32 inputs use IEEE
 products (no TF32). The grid is fixed by the shapes and positions are read from the device tensor `pos`,
 so a launch can be captured in a CUDA graph and replayed as positions advance. With `splits > 1` each
 row's live range is split along keys over that many programs (flash-decoding) and a second kernel
@@ -123,6 +124,7 @@ def _kernels() -> tuple[Any, Any]:
                 kt = tl.load(kbase + nn[None, :] * sk_n + dd[:, None], mask=mn[None, :], other=0.0)
             else:
                 kt = tl.load(kbase + nn[None, :] * sk_n + dd[:, None], mask=mn[None, :] & md[:, None], other=0.0)
+            kt = kt.to(q.dtype)  # an e4m3 cache is converted here (unit scale); else a no-op
             if IEEE:
                 sc = tl.dot(q, kt, input_precision="ieee")
             else:
@@ -136,6 +138,7 @@ def _kernels() -> tuple[Any, Any]:
                 vv = tl.load(vbase + nn[:, None] * sv_n + dd[None, :], mask=mn[:, None], other=0.0)
             else:
                 vv = tl.load(vbase + nn[:, None] * sv_n + dd[None, :], mask=mn[:, None] & md[None, :], other=0.0)
+            vv = vv.to(q.dtype)
             if IEEE:
                 pv = tl.dot(pr.to(vv.dtype), vv, input_precision="ieee")
             else:
@@ -196,9 +199,11 @@ def decode_attention(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", po
     if t != 1 or heads % kv or k.shape[-1] != d or v.shape != k.shape or k.shape[0] < s:
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not "
                          "fit (s, heads, 1, d) / (slots, kv_heads, context, d)")
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    e4m3 = getattr(torch, "float8_e4m3fn", None)
+    if (q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != v.dtype
+            or k.dtype not in (q.dtype, e4m3)):
         raise ValueError(f"decode_attention: dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; expected one of "
-                         "float32, bfloat16, float16 for all three")
+                         "float32, bfloat16, float16 for q, and K/V in q's dtype or both float8_e4m3fn")
     if splits < 1 or splits & (splits - 1):
         raise ValueError(f"decode_attention: splits={splits}; expected a power of two >= 1")
     if q.stride(-1) != 1:

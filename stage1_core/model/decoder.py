@@ -27,6 +27,13 @@ decoder (logged once) and the matmul path runs. Prefill attention stays SDPA.
 
 With `fp8` (`STAGE1_ENGINE_FP8=1`, off by default: lossy, an experiment) the projections run as FP8 GEMMs
 on copies of their weights quantized at build time (fp8.py); `use_fp8` switches them per call.
+
+With `kv_fp8` (`STAGE1_ENGINE_KV_FP8=1`, off by default: lossy, an experiment) the KV cache holds e4m3 with
+unit scale (fp8.to_e4m3) instead of the model's dtype: `cache_dtype` says which, the engine allocates the
+cache in it (`use_kv_fp8` may be switched between calls: the engine then allocates anew). Decode casts
+its K/V inside the compiled stretch before the cache write; prefill attends over its own K/V in the model's
+dtype and casts them for the write. The live-KV kernel converts what it reads; the matmul and SDPA paths
+convert the slice they read (slow: a fallback). Cache writes go through uint8 views of the e4m3 tensors.
 """
 
 from __future__ import annotations
@@ -165,7 +172,10 @@ def _out_of_memory(e: BaseException) -> bool:
 
 # distinct code objects, so decode's static-shape graphs and prefill's dynamic ones are cached apart
 def _pre_attn_decode(dec: "Decoder", layer: Any, fused: Any, x: Any, c: Any, s: Any) -> Any:
-    return _pre_attn(dec, layer, fused, x, c, s)
+    q, k, v = _pre_attn(dec, layer, fused, x, c, s)
+    if dec.use_kv_fp8:  # decode's K/V only go to the cache: cast them here, fused with the rotary
+        return q, fp8_weights.to_e4m3(k), fp8_weights.to_e4m3(v)
+    return q, k, v
 
 
 def _post_attn_decode(dec: "Decoder", layer: Any, fused: Any, x: Any, a: Any) -> Any:
@@ -184,7 +194,7 @@ class Decoder:
     """The model's layers run over a static, slot-indexed KV cache (prefill and decode)."""
 
     def __init__(self, model: Any, fuse: bool = True, compile: Any = False, attention: bool = False,
-                 autotune: bool | None = None, fp8: bool | None = None) -> None:
+                 autotune: bool | None = None, fp8: bool | None = None, kv_fp8: bool | None = None) -> None:
         """Take the model's modules; with `fuse`, concatenate q/k/v and gate/up of each layer (fusion.py);
         with `compile` (True = inductor, or a torch.compile backend), compile the stretches of a layer
         around its attention; with `attention` (CUDA only), decode attention by the live-KV kernel
@@ -192,7 +202,8 @@ class Decoder:
         off by default: an experiment) decode's stretches are compiled by inductor's max-autotune, which
         times candidate GEMM kernels for each shape (minutes per new slot count) and keeps the fastest.
         With `fp8` (None = `STAGE1_ENGINE_FP8` is 1, off by default) the projections run as FP8 GEMMs
-        (fp8.py) where the device has them.
+        (fp8.py) where the device has them. With `kv_fp8` (None = `STAGE1_ENGINE_KV_FP8` is 1, off by default)
+        the KV cache holds e4m3 (`cache_dtype`).
 
         `use_fused`, `use_compiled`, `use_autotuned` and `use_attention_kernel` may be switched later (the
         modules still hold the same weights, as views): the benchmark measures the paths on one loaded model.
@@ -234,6 +245,15 @@ class Decoder:
             log.warning("engine: FP8 projections asked for but not run: %s", self.fp8_unavailable)
         self.use_fp8 = bool(self.fp8)
         """Run the FP8 projections (before the fused ones; `fp8` on and the device has FP8 GEMMs)."""
+        if kv_fp8 is None:
+            kv_fp8 = _flag(fp8_weights.KV_ENV) is True
+        self.kv_fp8_unavailable = fp8_weights.kv_available(self.device) if kv_fp8 else None
+        if self.kv_fp8_unavailable:
+            log.warning("engine: an e4m3 KV cache asked for but not used: %s", self.kv_fp8_unavailable)
+        self.kv_fp8 = bool(kv_fp8) and self.kv_fp8_unavailable is None
+        """An e4m3 KV cache can be used here (asked for, and the device converts e4m3)."""
+        self.use_kv_fp8 = self.kv_fp8
+        """Keep the KV cache in e4m3 (`cache_dtype`); switch only between calls (the engine reallocates)."""
         self.compiled: dict[str, Any] = {}
         if compile:
             backend = "inductor" if compile is True else compile
@@ -302,6 +322,20 @@ class Decoder:
                         self.attention_failed)
             return None
 
+    @property
+    def cache_dtype(self) -> "torch.dtype":
+        """The KV cache's dtype: e4m3 when `use_kv_fp8`, else the model's."""
+        import torch
+
+        return torch.float8_e4m3fn if self.use_kv_fp8 else self.dtype
+
+    @staticmethod
+    def _writable(t: "torch.Tensor") -> "torch.Tensor":
+        """`t` as its cache writes take it: e4m3 as uint8 (index_put and copies of e4m3 are not everywhere)."""
+        import torch
+
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
     def _fused(self, li: int) -> Any:
         if self.use_fp8 and self.fp8:
             return self.fp8[li]
@@ -311,7 +345,7 @@ class Decoder:
     def paths(self) -> tuple[Any, ...]:
         """Which paths a decode step takes now, and the rotary tables' length (what a kept graph relies on)."""
         return (self.use_fused, self.use_compiled, self.use_autotuned, self.use_attention_kernel,
-                self.attention_splits, self.use_fp8, self._rope_len)
+                self.attention_splits, self.use_fp8, self.use_kv_fp8, self._rope_len)
 
     def rope_tables(self, length: int) -> None:
         """cos/sin for positions [0, length) per layer type, from the model's own rotary module."""
@@ -415,8 +449,9 @@ class Decoder:
             q, k, v = self._stretch("pre_attn_prefill", layer, self._fused(li), x, c, sn)
             if cache is not None:
                 ck, cv = cache[li]
-                ck[slots, :, :t] = k
-                cv[slots, :, :t] = v
+                kw, vw = (k, v) if ck.dtype == k.dtype else (fp8_weights.to_e4m3(k), fp8_weights.to_e4m3(v))
+                self._writable(ck)[slots, :, :t] = self._writable(kw)
+                self._writable(cv)[slots, :, :t] = self._writable(vw)
             a = self._attend(q, k, v, masks[w], layer.self_attn.scaling)
             x = self._stretch("post_attn_prefill", layer, self._fused(li), x, a)
         return x[torch.arange(n, device=self.device), lengths - 1]
@@ -478,13 +513,20 @@ class Decoder:
             c, sn = rot[self.layer_types[li]]
             q, k, v = self._stretch("pre_attn_decode", layer, self._fused(li), x, c, sn)
             ck, cv = cache[li]
-            ck[rows, :, pos] = k[:, :, 0]
-            cv[rows, :, pos] = v[:, :, 0]
+            if k.dtype != ck.dtype:  # the stretch casts when use_kv_fp8; a cache of the other dtype is a bug
+                raise ValueError(f"decode: K/V in {k.dtype} for a {ck.dtype} cache (use_kv_fp8 switched "
+                                 "without reallocating the cache)")
+            self._writable(ck)[rows, :, pos] = self._writable(k)[:, :, 0]
+            self._writable(cv)[rows, :, pos] = self._writable(v)[:, :, 0]
             scale = layer.self_attn.scaling
             a = self._attend_live(q, ck, cv, pos, w, scale) if self.use_attention_kernel else None
-            if a is None and self.matmul_decode:
-                a = self._attend_one(q, ck[:, :, :context], cv[:, :, :context], mask(w), scale)
-            elif a is None:
-                a = self._attend(q, ck[:, :, :context], cv[:, :, :context], mask(w), scale)
+            if a is None:
+                kc, vc = ck[:, :, :context], cv[:, :, :context]
+                if kc.dtype != q.dtype:  # an e4m3 cache on a fallback path: convert the slice (slow)
+                    kc, vc = kc.to(q.dtype), vc.to(q.dtype)
+                if self.matmul_decode:
+                    a = self._attend_one(q, kc, vc, mask(w), scale)
+                else:
+                    a = self._attend(q, kc, vc, mask(w), scale)
             x = self._stretch("post_attn_decode", layer, self._fused(li), x, a)
         return x[:, 0]

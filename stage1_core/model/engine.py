@@ -23,6 +23,8 @@ Mistral, Qwen2/3: `supports(model)` says which) and completes token-id prompts:
 - on CUDA decode attention is a Triton kernel that reads only each row's live KV, so one graph is
   captured per call, not one per 64-token context bucket (attention.py; `STAGE1_ENGINE_ATTENTION=0` or
   `Engine(attention=False)`: two batched matmuls over the bucket with a mask);
+- opt-in, lossy: FP8 projections (`STAGE1_ENGINE_FP8=1`) and an e4m3 KV cache (`STAGE1_ENGINE_KV_FP8=1`,
+  half the cache bytes per row; fp8.py, decoder.py);
 - on CUDA the critic's prompts without a shared prefix are scored through the same compiled prefill
   (`Decoder.next_token_logprobs`, no KV cache; `STAGE1_ENGINE_SCORE=0` turns it off).
 The engine reuses the model's own modules (projections, norms, MLP, rotary tables), so its numerics
@@ -171,7 +173,7 @@ class Engine:
         """Bytes of K and V for one token of one row, all layers."""
         import torch
 
-        return 2 * len(self.dec.layers) * self.dec.n_kv * self.dec.head_dim * torch.finfo(self.dec.dtype).bits // 8
+        return 2 * len(self.dec.layers) * self.dec.n_kv * self.dec.head_dim * torch.finfo(self.dec.cache_dtype).bits // 8
 
     def choose_slots(self, n_prompts: int, context: int) -> int:
         """Slots for a call: the configured number, else 16 on the CPU, else what free GPU memory holds
@@ -211,7 +213,8 @@ class Engine:
         import torch
 
         have_s, have_c = self._cache_shape
-        if self._cache is not None and have_s >= slots and have_c >= context:
+        dtype = self.dec.cache_dtype
+        if self._cache is not None and have_s >= slots and have_c >= context and self._cache[0][0].dtype == dtype:
             return
         if self.on_alloc is not None:
             self.on_alloc(slots, context)
@@ -219,8 +222,11 @@ class Engine:
         if self.cuda:
             torch.cuda.empty_cache()
         shape = (slots, self.dec.n_kv, context, self.dec.head_dim)
-        self._cache = [(torch.zeros(shape, dtype=self.dec.dtype, device=self.device),
-                        torch.zeros(shape, dtype=self.dec.dtype, device=self.device)) for _ in self.dec.layers]
+        def zeros() -> "torch.Tensor":  # e4m3 zeros as uint8 zeros (0x00 is +0.0): fill kernels need no e4m3
+            if dtype == torch.float8_e4m3fn:
+                return torch.zeros(shape, dtype=torch.uint8, device=self.device).view(dtype)
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+        self._cache = [(zeros(), zeros()) for _ in self.dec.layers]
         self._cache_shape = (slots, context)
         self._cache_gen += 1
 

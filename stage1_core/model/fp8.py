@@ -18,6 +18,10 @@ measures it against bf16 in one process. On an H100 at 4B, batch 256 (docs/perfo
 ran 1.09x bf16's greedy tok/s. Its prefill and critic ran 1.27x faster. On those random weights its greedy
 tokens agreed 0.876 with bf16's, and the critic's choice 0.906. `_scaled_mm` needs an FP8 tensor
 core on CUDA (compute capability 8.9 or more); the CPU runs the same op (the tests).
+
+The KV cache in e4m3 (`STAGE1_ENGINE_KV_FP8=1`, also off by default, lossy; see decoder.py) is a separate
+switch: K and V are written with unit scale (`to_e4m3`: no calibration, as vLLM's uncalibrated fp8 cache),
+so a decode step reads half the cache bytes, and twice the rows fit in the same memory.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 ENV = "STAGE1_ENGINE_FP8"
+KV_ENV = "STAGE1_ENGINE_KV_FP8"
 E4M3_MAX = 448.0
 _EPS = 1e-12
 
@@ -49,6 +54,27 @@ def available(device: "torch.device", dtype: "torch.dtype | None" = None) -> str
                 "(H100, H200); load the model in bfloat16 (model.dtype)")
     if device.type not in ("cuda", "cpu"):
         return f"no FP8 GEMM on {device.type}"
+    return None
+
+
+def to_e4m3(x: "torch.Tensor") -> "torch.Tensor":
+    """`x` cast to e4m3 with unit scale, saturating at +-448 (a plain cast may turn what overflows into NaN)."""
+    import torch
+
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def kv_available(device: "torch.device") -> str | None:
+    """None when the engine can keep its KV cache in e4m3 on `device`, else why not (CUDA needs compute
+    capability 8.9 or more, where triton converts e4m3; the CPU casts the slices it reads)."""
+    import torch
+
+    if not hasattr(torch, "float8_e4m3fn"):
+        return f"torch {torch.__version__} has no float8_e4m3fn"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return f"{torch.cuda.get_device_name(device)} has no e4m3 conversions (compute capability < 8.9)"
+    if device.type not in ("cuda", "cpu"):
+        return f"no e4m3 KV cache on {device.type}"
     return None
 
 

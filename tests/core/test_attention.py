@@ -109,6 +109,8 @@ def test_the_kernel_refuses_inputs_it_does_not_take_before_any_launch() -> None:
         A.decode_attention(q, k, v, pos, 0.25, None, splits=3)
     with pytest.raises(ValueError, match="dtypes"):
         A.decode_attention(q, k.half(), v, pos, 0.25, None)
+    with pytest.raises(ValueError, match="dtypes"):  # an e4m3 cache is K and V both in e4m3
+        A.decode_attention(q, k.to(torch.float8_e4m3fn), v, pos, 0.25, None)
     with pytest.raises(ValueError, match="do not fit"):
         A.decode_attention(q.expand(4, 4, 2, 16), k, v, pos, 0.25, None)  # two queries per row: not decode
     with pytest.raises(ValueError, match="do not fit"):
@@ -145,6 +147,23 @@ def test_decoder_wires_the_kernel_per_layer_and_keeps_greedy_tokens(monkeypatch:
         eng.dec.use_attention_kernel = live
         sampled[live] = eng.generate(prompts, [f"p{i}" for i in range(6)], 10, 0.8, 0.9, 0, [], seed=3)
     assert sampled[True] == sampled[False]
+
+
+def test_an_e4m3_cache_reaches_the_kernel_as_e4m3_and_decodes_as_the_sdpa_path_over_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_gemma3()
+    prompts, ids = _prompts(6), [f"p{i}" for i in range(6)]
+    eng = E.Engine(model, _Tok(), eos_ids=[], slots=3, compile=False)
+    eng.dec.kv_fp8 = eng.dec.use_kv_fp8 = True
+    want = eng.generate(prompts, ids, 12, 0.0, 1.0, 0, [], seed=0)  # SDPA over slices converted from e4m3
+    dtypes: set[Any] = set()
+    stand_in = _stand_in([])
+    monkeypatch.setattr(A, "decode_attention", lambda q, k, v, *a, **kw: dtypes.add((k.dtype, v.dtype)) or
+                        stand_in(q, k, v, *a, **kw))
+    eng.dec.use_attention_kernel = True
+    got = eng.generate(prompts, ids, 12, 0.0, 1.0, 0, [], seed=0)
+    assert got == want and eng.stats.attention_kernel
+    assert dtypes == {(torch.float8_e4m3fn, torch.float8_e4m3fn)}
 
 
 def test_a_failing_kernel_falls_back_to_the_matmul_path_once(monkeypatch: pytest.MonkeyPatch,

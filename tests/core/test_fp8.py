@@ -125,3 +125,96 @@ def test_which_cuda_devices_take_fp8(monkeypatch: pytest.MonkeyPatch, cap: tuple
     why = Q.available(torch.device("cuda"), getattr(torch, dtype))
     assert (why is None) == ok
     assert Q.available(torch.device("cpu"), torch.float32) is None
+
+
+# ----------------------------------------------------------------------------- the e4m3 KV cache
+
+def test_e4m3_saturates_instead_of_overflowing() -> None:
+    x = torch.tensor([1000.0, -1000.0, 448.0, 0.3, float("inf")])
+    got = Q.to_e4m3(x).float()
+    assert got.tolist()[:3] == [448.0, -448.0, 448.0] and got[4] == 448.0
+    assert abs(got[3].item() - 0.3) <= 0.3 * 2 ** -4  # 3 mantissa bits
+
+
+def _prefilled(dec: Any, cache_dtype: Any, prompts: list[list[int]]) -> tuple[Any, Any, Any]:
+    """A cache of `cache_dtype` with `prompts` prefilled into slots 0.., and the rows' positions and last tokens."""
+    prompts = sorted(prompts, key=len, reverse=True)  # pad_right: the first row sets the width
+    slots, ctx = len(prompts), 64
+    shape = (slots, dec.n_kv, ctx, dec.head_dim)
+    cache = [(torch.zeros(shape).to(cache_dtype), torch.zeros(shape).to(cache_dtype)) for _ in dec.layers]
+    dec.rope_tables(ctx)
+    toks, lengths = D.pad_right(prompts, list(range(slots)), torch.device("cpu"))
+    with torch.inference_mode():
+        dec.prefill(toks, lengths, torch.arange(slots), cache)
+    return cache, lengths, toks[torch.arange(slots), lengths - 1]
+
+
+def test_an_e4m3_cache_holds_the_float_cache_rounded_and_decodes_near_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(Q.KV_ENV, raising=False)
+    dec = D.Decoder(_tiny("gemma3", std=0.1), kv_fp8=True)
+    assert dec.kv_fp8 and dec.use_kv_fp8 and dec.cache_dtype == torch.float8_e4m3fn
+    prompts = _prompts(4, 96, seed=5)
+    out, caches = {}, {}
+    for on in (False, True):
+        dec.use_kv_fp8 = on
+        cache, lengths, last = _prefilled(dec, dec.cache_dtype, prompts)
+        with torch.inference_mode():
+            out[on] = dec.decode(last, lengths, cache, 64)  # one step at each row's next position
+        caches[on] = cache
+    # prefill's slice writes everywhere; decode's index_put (through uint8 views) in layer 0, whose K/V at the
+    # new position do not depend on the cache (later layers' do: they read the rounded one)
+    for li, ((kf, vf), (k8, v8)) in enumerate(zip(caches[False], caches[True])):
+        assert k8.dtype == v8.dtype == torch.float8_e4m3fn
+        for b, n in enumerate(lengths.tolist()):
+            upto = n + 1 if li == 0 else n
+            for f, e in ((kf, k8), (vf, v8)):
+                assert torch.equal(e[b, :, :upto].float(), Q.to_e4m3(f[b, :, :upto]).float())
+            assert k8[b, :, n].float().any()  # the decode step wrote its position (prefill's padding may too)
+    a, b = out[False], out[True]
+    assert not torch.allclose(a, b, atol=1e-6)  # the step read the rounded cache
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_the_engine_allocates_its_cache_in_e4m3_when_asked_and_anew_when_switched(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(Q.KV_ENV, raising=False)
+    model = _tiny("gemma3", std=0.1)
+    plain = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=4)
+    assert not plain.dec.use_kv_fp8 and plain.dec.cache_dtype == torch.float32
+    monkeypatch.setenv(Q.KV_ENV, "1")
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=4)
+    assert eng.kv_bytes_per_token() * 4 == plain.kv_bytes_per_token()  # one byte an element, not four
+    prompts, ids = _prompts(6, 96, seed=3), [f"q{i}" for i in range(6)]
+    texts = {}
+    for on in (True, False, True):
+        eng.dec.use_kv_fp8 = on
+        texts.setdefault(on, []).append(eng.generate(prompts, ids, 8, 0.0, 1.0, 0, [], seed=0))
+        assert eng._cache is not None and eng._cache[0][0].dtype == (torch.float8_e4m3fn if on else torch.float32)
+        assert not eng.stats.kept_step  # every switch reallocated the cache: no step is kept over it
+    assert texts[True][0] == texts[True][1]  # deterministic on its own cache
+    assert all(len(o) == 8 for o in texts[True][0])
+    agree = sum(x == y for a, b in zip(texts[True][0], texts[False][0]) for x, y in zip(a, b))
+    assert agree >= 0.75 * 48  # lossy, but near: the first tokens come from prefill's own K/V
+
+
+def test_a_decode_over_a_cache_of_the_other_dtype_is_refused() -> None:
+    dec = D.Decoder(_tiny("gemma3", std=0.1), kv_fp8=True)
+    dec.use_kv_fp8 = False
+    cache, lengths, last = _prefilled(dec, torch.float8_e4m3fn, _prompts(2, 96, seed=1))
+    with pytest.raises(ValueError, match="use_kv_fp8 switched"):
+        with torch.inference_mode():
+            dec.decode(last, lengths, cache, 64)
+
+
+@pytest.mark.parametrize("cap,ok", [((9, 0), True), ((8, 9), True), ((8, 0), False)])
+def test_which_cuda_devices_take_an_e4m3_cache(monkeypatch: pytest.MonkeyPatch, cap: tuple[int, int], ok: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    assert (Q.kv_available(torch.device("cuda")) is None) == ok
+    assert Q.kv_available(torch.device("cpu")) is None
+
+
+def test_a_device_without_e4m3_keeps_the_models_cache_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Q, "kv_available", lambda device: "no e4m3 here")
+    dec = D.Decoder(_tiny("llama"), kv_fp8=True)
+    assert not dec.use_kv_fp8 and dec.kv_fp8_unavailable == "no e4m3 here" and dec.cache_dtype == torch.float32
