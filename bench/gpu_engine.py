@@ -574,19 +574,25 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     return rec
 
 
+def greedy_each(backend: Any, prompts: list[str], max_new: int, switch: Any) -> dict[bool, list[list[int]]]:
+    """The engine's greedy tokens with a switch off and on (`switch(on)` sets it), for their agreement."""
+    eng = backend.engine()
+    ids = [f"b{i}" for i in range(len(prompts))]
+    rows = {}
+    for on in (False, True):
+        switch(on)
+        with torch.inference_mode():
+            rows[on] = eng.generate(backend.encode(prompts), ids, max_new, 0.0, 1.0, 0, [], 1)
+    return rows
+
+
 def fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sampled: GenerationParams, batch: int,
               max_new: int, w_bytes: int, main: dict[str, Any], bf16_scores: list[dict[str, float]] | None,
               n_params: int) -> dict[str, Any]:
     """The engine with FP8 projections against its bf16 main path, on the same loaded model (`--fp8 both`)."""
-    eng = backend.engine()
-    dec = eng.dec
-    ids = [f"b{i}" for i in range(len(prompts))]
-    rows = {}
+    dec = backend.engine().dec
     try:
-        for on in (False, True):  # greedy tokens of each path, for their agreement
-            dec.use_fp8 = on
-            with torch.inference_mode():
-                rows[on] = eng.generate(backend.encode(prompts), ids, max_new, 0.0, 1.0, 0, [], 1)
+        rows = greedy_each(backend, prompts, max_new, lambda on: setattr(dec, "use_fp8", on))
         block = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
         q_bytes = sum(f.weight.numel() for lay in dec.fp8 for f in (lay.qkv, lay.gate_up, lay.o, lay.down)
                       if f is not None)  # bf16 bytes 2 per weight, FP8 1
@@ -618,15 +624,9 @@ def kv_fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sam
                  max_new: int, w_bytes: int, base: dict[str, Any], name: str) -> dict[str, Any]:
     """The engine with its KV cache in e4m3 against `base` (the same path with its cache in the model dtype), on
     the same loaded model (`--kv-fp8 both`); the block and its ratios are named after `name`."""
-    eng = backend.engine()
-    dec = eng.dec
-    ids = [f"b{i}" for i in range(len(prompts))]
-    rows = {}
+    dec = backend.engine().dec
     try:
-        for on in (False, True):  # greedy tokens of each cache, for their agreement
-            dec.use_kv_fp8 = on
-            with torch.inference_mode():
-                rows[on] = eng.generate(backend.encode(prompts), ids, max_new, 0.0, 1.0, 0, [], 1)
+        rows = greedy_each(backend, prompts, max_new, lambda on: setattr(dec, "use_kv_fp8", on))
         block = engine_paths(backend, prompts, greedy, sampled, batch, max_new, w_bytes)
         if "limit_ms_step" in block:  # engine_paths counted e4m3's bytes: restate on the model dtype's
             w_ms = 1000 * w_bytes / HBM_BYTES_S
