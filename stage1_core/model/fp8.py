@@ -26,6 +26,7 @@ so a decode step reads half the cache bytes, and twice the rows fit in the same 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -55,6 +56,12 @@ def available(device: "torch.device", dtype: "torch.dtype | None" = None) -> str
     if device.type not in ("cuda", "cpu"):
         return f"no FP8 GEMM on {device.type}"
     return None
+
+
+def lossy_switches() -> list[str]:
+    """The lossy engine switches this process sets (`STAGE1_ENGINE_FP8`, `STAGE1_ENGINE_KV_FP8` on), by name: the
+    phases' cache keys hash them, so output made with one is never a hit for a run without it (or the reverse)."""
+    return [e for e in (ENV, KV_ENV) if os.environ.get(e, "").strip().lower() in ("1", "true", "yes", "on")]
 
 
 def to_e4m3(x: "torch.Tensor") -> "torch.Tensor":

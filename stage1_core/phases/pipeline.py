@@ -97,7 +97,8 @@ def model_settings(model: ModelConfig) -> dict[str, Any]:
     dtype, device, allow_pickle, engine, quantize, ...) but OUTPUT_NEUTRAL_MODEL_KEYS, with `device`
     and `dtype` resolved ("auto" is float32 on the CPU, and on a GPU float32 up to sizing.SMALL_MODEL_PARAMS
     parameters, else bfloat16: a phase computed on one must not count as a hit on the other). Fake models
-    compute the same on any device: left as given."""
+    compute the same on any device: left as given. The stage1 engine's lossy switches that this process
+    sets (FP8 projections, an e4m3 KV cache: fp8.lossy_switches) are hashed as `lossy_engine`."""
     settings = model.model_dump(mode="json", exclude=set(OUTPUT_NEUTRAL_MODEL_KEYS))
     if not model.id.startswith("fake:") and "auto" in (model.device, model.dtype):
         from stage1_core.model import resolve_device, resolve_dtype, resolve_model
@@ -107,6 +108,12 @@ def model_settings(model: ModelConfig) -> dict[str, Any]:
         resolved = resolve_model(model) if sized else None
         settings["dtype"] = resolve_dtype(model.dtype, device, resolved)
         settings["device"] = device
+    if not model.id.startswith("fake:") and model.engine == "stage1":
+        from stage1_core.model.fp8 import lossy_switches
+
+        lossy = lossy_switches()
+        if lossy:  # absent when off: the keys of runs without them stay what they were
+            settings["lossy_engine"] = lossy
     return settings
 
 

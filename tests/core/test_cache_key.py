@@ -144,3 +144,21 @@ def test_function_modules_names_nested_modules_and_the_packages_they_run(tmp_pat
     assert codehash.module_path(tmp_path, "q") == tmp_path / "q" / "__init__.py"
     assert codehash.module_path(tmp_path, "p.m") == tmp_path / "p" / "m.py"
     assert codehash.module_path(tmp_path, "p.nope") is None
+
+
+@pytest.mark.parametrize("env", ["STAGE1_ENGINE_FP8", "STAGE1_ENGINE_KV_FP8"])
+def test_a_lossy_engine_switch_changes_the_key_of_a_real_model_on_the_engine(tmp_path: Path, monkeypatch,
+                                                                           env: str) -> None:
+    real = {"id": "embedded:gemma-3-270m", "device": "cpu", "dtype": "float32"}
+    monkeypatch.delenv("STAGE1_ENGINE_FP8", raising=False)
+    monkeypatch.delenv("STAGE1_ENGINE_KV_FP8", raising=False)
+    keys = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv(env, value)
+        keys[value] = {kind: pipeline.cache_key(_call(tmp_path, **cfg)) for kind, cfg in
+                       (("real", real), ("reference", {**real, "engine": "reference"}), ("fake", {}))}
+    assert keys["1"]["real"] != keys["0"]["real"]
+    assert keys["1"]["reference"] == keys["0"]["reference"]  # plain generate runs no engine switch
+    assert keys["1"]["fake"] == keys["0"]["fake"]
+    monkeypatch.delenv(env)
+    assert pipeline.cache_key(_call(tmp_path, **real)) == keys["0"]["real"]  # off is unset: keys stay as they were
