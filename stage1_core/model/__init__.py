@@ -35,6 +35,7 @@ from stage1_core.model.hf_backend import HFBackend
 from stage1_core.model.cache import cache_dir, cached_sha256
 from stage1_core.model.dequantized import builder_versions, cached_dequantized
 from stage1_core.model.fingerprint import model_fingerprint
+from stage1_core.model.fp8 import lossy_switches
 from stage1_core.model.gguf import embedded_gguf_path, read_gguf_metadata
 from stage1_core.model.loader import load_hf_model
 from stage1_core.model.resolve import ModelKind, ResolvedModel, check_quantize, resolve_device, resolve_model
@@ -45,8 +46,8 @@ __all__ = [
     "ResolvedModel", "Sentinel", "builder_versions", "cache_dir", "cached_dequantized", "cached_sha256",
     "check_control_tokens", "check_quantize", "classify_stop", "cut_at_stop", "embedded_gguf_path",
     "find_control_token_ids", "find_stop", "item_ids", "load_backend", "load_hf_model", "loaded_fingerprint",
-    "model_fingerprint", "read_gguf_metadata", "resolve_bos_policy", "resolve_device", "resolve_dtype",
-    "resolve_model", "run_sentinels",
+    "lossy_switches", "model_fingerprint", "read_gguf_metadata", "resolve_bos_policy", "resolve_device",
+    "resolve_dtype", "resolve_model", "run_sentinels",
 ]
 
 

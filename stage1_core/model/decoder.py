@@ -46,6 +46,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 from stage1_core.model import attention as live_attention
 from stage1_core.model import fp8 as fp8_weights
 from stage1_core.model.fusion import FusedLayer, fuse_projections
+from stage1_core.model.rows import out_of_memory as _out_of_memory
+from stage1_core.model.rows import pad_right, slot_slice
+
+__all__ = ["Decoder", "attention_enabled", "compile_enabled", "pad_right", "score_enabled", "slot_slice"]
 
 if TYPE_CHECKING:
     import torch
@@ -93,28 +97,6 @@ def attention_enabled(device_type: str) -> bool:
     return _switch(ATTENTION_ENV, device_type) and device_type == "cuda" and live_attention.available() is None
 
 
-def pad_right(prompts: Sequence[Sequence[int]], rows: Sequence[int],
-              device: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Prompts `rows` as one right-padded batch for `Decoder.prefill` (pad id 0; callers go longest first, so
-    the first row sets the width): tokens (n, width) and lengths (n,), int64 on `device`."""
-    import torch
-
-    toks = torch.zeros((len(rows), len(prompts[rows[0]])), dtype=torch.long)
-    for r, i in enumerate(rows):
-        toks[r, : len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
-    lengths = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.long)
-    return toks.to(device), lengths.to(device)
-
-
-def slot_slice(slots: Sequence[int]) -> slice | None:
-    """`slots` as a slice when they are consecutive (the prefill then writes its K/V by a strided copy, not an
-    index_put), else None."""
-    if not slots:
-        return None
-    s0 = slots[0]
-    return slice(s0, s0 + len(slots)) if list(slots) == list(range(s0, s0 + len(slots))) else None
-
-
 def _pre_attn(dec: "Decoder", layer: Any, fused: FusedLayer | None, x: "torch.Tensor", c: "torch.Tensor",
               s: "torch.Tensor") -> tuple["torch.Tensor", ...]:
     """x (n, t, hidden) -> q (n, heads, t, d), k and v (n, kv, t, d): input norm, projections, q/k norms, rotary
@@ -154,20 +136,6 @@ def _mlp(layer: Any, fused: FusedLayer | None, x: "torch.Tensor") -> "torch.Tens
     down = getattr(fused, "down", None)  # an FP8 layer's own down projection
     h = layer.mlp.act_fn(gate) * up
     return down(h) if down is not None else layer.mlp.down_proj(h)
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """True when `e`, or an exception it wraps (torch.compile wraps its backend's), is out of device memory."""
-    import torch
-
-    seen = 0
-    cur: BaseException | None = e
-    while cur is not None and seen < 8:
-        if isinstance(cur, torch.OutOfMemoryError):
-            return True
-        cur = getattr(cur, "inner_exception", None) or cur.__cause__ or cur.__context__
-        seen += 1
-    return False
 
 
 # distinct code objects, so decode's static-shape graphs and prefill's dynamic ones are cached apart

@@ -196,8 +196,8 @@ def _failure(e: Exception) -> str:
     torch.OutOfMemoryError instead (the engine backs off rather than falling back)."""
     import torch
 
-    from stage1_core.model.decoder import _out_of_memory
+    from stage1_core.model.rows import out_of_memory
 
-    if _out_of_memory(e):
+    if out_of_memory(e):
         raise torch.OutOfMemoryError(str(e)) from e
     return f"{type(e).__name__}: {e}"[:500]

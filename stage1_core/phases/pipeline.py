@@ -109,7 +109,7 @@ def model_settings(model: ModelConfig) -> dict[str, Any]:
         settings["dtype"] = resolve_dtype(model.dtype, device, resolved)
         settings["device"] = device
     if not model.id.startswith("fake:") and model.engine == "stage1":
-        from stage1_core.model.fp8 import lossy_switches
+        from stage1_core.model import lossy_switches
 
         lossy = lossy_switches()
         if lossy:  # absent when off: the keys of runs without them stay what they were
