@@ -552,16 +552,14 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
                              scores if model_name != "270m" else None, n_params))
     if eng is not None and kv_fp8 == "both" and eng.dec.kv_fp8:
         eng.dec.use_fused, eng.dec.use_compiled, eng.dec.use_attention_kernel, eng.dec.use_autotuned = variants[-1]
-        rec.update(kv_fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, main, "kv_fp8"))
+        rec.update(kv_fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, main, "kv_fp8", "bf16"))
         if "fp8" in rec:  # --fp8 both too: FP8 projections and the e4m3 cache at once, against FP8 alone
             eng.dec.use_fp8 = True
             try:
-                both = kv_fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, rec["fp8"], "fp8_kv_fp8")
+                both = kv_fp8_block(backend, prompts, greedy, sampled, batch, max_new, w_bytes, rec["fp8"],
+                                    "fp8_kv_fp8", "fp8")
             finally:
                 eng.dec.use_fp8 = fp8 == "on"
-            both["fp8_kv_fp8_over_fp8"] = both.pop("fp8_kv_fp8_over_bf16")
-            both["fp8_kv_fp8_over_fp8_sampled"] = both.pop("fp8_kv_fp8_over_bf16_sampled")
-            both["fp8_kv_fp8_tokens_agree_with_fp8"] = both.pop("fp8_kv_fp8_tokens_agree")
             both["fp8_kv_fp8_over_bf16"] = round(both["fp8_kv_fp8"]["engine_tok_s"] / main["engine_tok_s"], 3)
             rec.update(both)
     rec["token_match"] = token_match
@@ -621,9 +619,10 @@ def fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sample
 
 
 def kv_fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sampled: GenerationParams, batch: int,
-                 max_new: int, w_bytes: int, base: dict[str, Any], name: str) -> dict[str, Any]:
+                 max_new: int, w_bytes: int, base: dict[str, Any], name: str, base_name: str) -> dict[str, Any]:
     """The engine with its KV cache in e4m3 against `base` (the same path with its cache in the model dtype), on
-    the same loaded model (`--kv-fp8 both`); the block and its ratios are named after `name`."""
+    the same loaded model (`--kv-fp8 both`): the block `name`, `{name}_over_{base_name}` (and `_sampled`), and
+    `{name}_tokens_agree` (greedy tokens against the same path's with the model dtype's cache)."""
     dec = backend.engine().dec
     try:
         rows = greedy_each(backend, prompts, max_new, lambda on: setattr(dec, "use_kv_fp8", on))
@@ -637,8 +636,8 @@ def kv_fp8_block(backend: Any, prompts: list[str], greedy: GenerationParams, sam
             block["limit_fraction"] = round(block["limit_ms_step"] / block["engine_ms_step"], 3)
     finally:
         dec.use_kv_fp8 = False
-    return {name: block, f"{name}_over_bf16": round(block["engine_tok_s"] / base["engine_tok_s"], 3),
-            f"{name}_over_bf16_sampled": round(block["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3),
+    return {name: block, f"{name}_over_{base_name}": round(block["engine_tok_s"] / base["engine_tok_s"], 3),
+            f"{name}_over_{base_name}_sampled": round(block["engine_sampled_tok_s"] / base["engine_sampled_tok_s"], 3),
             f"{name}_tokens_agree": tokens_agree(rows[False], rows[True])}
 
 

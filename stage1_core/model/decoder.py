@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from typing import TYPE_CHECKING, Any, Sequence
 
 from stage1_core.model import attention as live_attention
 from stage1_core.model import fp8 as fp8_weights
 from stage1_core.model.fusion import FusedLayer, fuse_projections
+from stage1_core.model.rows import env_flag as _flag
 from stage1_core.model.rows import out_of_memory as _out_of_memory
 from stage1_core.model.rows import pad_right, slot_slice
 
@@ -62,12 +62,6 @@ ATTENTION_ENV = "STAGE1_ENGINE_ATTENTION"
 
 SCORE_ENV = "STAGE1_ENGINE_SCORE"
 AUTOTUNE_ENV = "STAGE1_ENGINE_AUTOTUNE"
-
-
-def _flag(env: str) -> bool | None:
-    """The variable `env` as a switch: 1/true/yes/on, 0/false/no/off, or None (unset or anything else)."""
-    v = os.environ.get(env, "").strip().lower()
-    return True if v in ("1", "true", "yes", "on") else False if v in ("0", "false", "no", "off") else None
 
 
 def _switch(env: str, device_type: str) -> bool:

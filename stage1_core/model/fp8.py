@@ -26,11 +26,11 @@ so a decode step reads half the cache bytes, and twice the rows fit in the same 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from stage1_core.model.fusion import already_fused, fusable
+from stage1_core.model.rows import env_flag
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,7 @@ def available(device: "torch.device", dtype: "torch.dtype | None" = None) -> str
 def lossy_switches() -> list[str]:
     """The lossy engine switches this process sets (`STAGE1_ENGINE_FP8`, `STAGE1_ENGINE_KV_FP8` on), by name: the
     phases' cache keys hash them, so output made with one is never a hit for a run without it (or the reverse)."""
-    return [e for e in (ENV, KV_ENV) if os.environ.get(e, "").strip().lower() in ("1", "true", "yes", "on")]
+    return [e for e in (ENV, KV_ENV) if env_flag(e) is True]
 
 
 def to_e4m3(x: "torch.Tensor") -> "torch.Tensor":

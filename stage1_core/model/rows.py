@@ -1,13 +1,21 @@
-"""Small helpers of the engine's decoder: right-padded prompt batches, consecutive slots as a slice, and
-whether an exception is out of device memory (decoder.py, engine.py, sampling.py use them).
+"""Small helpers of the engine's decoder: right-padded prompt batches, consecutive slots as a slice, whether
+an exception is out of device memory, and an engine switch read from the environment (decoder.py, engine.py,
+sampling.py, fp8.py use them).
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import torch
+
+
+def env_flag(env: str) -> bool | None:
+    """The variable `env` as a switch: 1/true/yes/on, 0/false/no/off, or None (unset or anything else)."""
+    v = os.environ.get(env, "").strip().lower()
+    return True if v in ("1", "true", "yes", "on") else False if v in ("0", "false", "no", "off") else None
 
 
 def pad_right(prompts: Sequence[Sequence[int]], rows: Sequence[int],
