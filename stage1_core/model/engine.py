@@ -46,6 +46,7 @@ from stage1_core.infra.errors import DeviceOOM
 from stage1_core.model.decoder import Decoder, attention_enabled, compile_enabled, pad_right, slot_slice
 from stage1_core.model.fusion import fusion_enabled
 from stage1_core.model.sampling import Sampler, Sampling, row_seed, sampling_mode
+from stage1_core.model.sizing import AUTO_BATCH, cuda_free_bytes
 from stage1_core.model.step import GraphedStep, StepState, decode_step
 from stage1_core.model.stops import cached_stop_tables, cached_token_strings, vocab_key
 
@@ -177,16 +178,14 @@ class Engine:
 
     def choose_slots(self, n_prompts: int, context: int) -> int:
         """Slots for a call: the configured number, else 16 on the CPU, else what free GPU memory holds
-        (KV cache for `context` tokens per row + sampling workspace), at most 512 and n_prompts."""
-        import torch
+        (KV cache for `context` tokens per row + sampling workspace), at most 512 and n_prompts. Free counts
+        the caching allocator's unused blocks and the engine's own cache (sizing.cuda_free_bytes)."""
 
         if self.slots_cfg:
             return max(1, min(self.slots_cfg, n_prompts))
         if not self.cuda:
-            from stage1_core.model.sizing import AUTO_BATCH
-
             return max(1, min(AUTO_BATCH["cpu"], n_prompts))
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free = cuda_free_bytes(self.device)
         if self._cache is not None:
             free += sum(k.numel() * k.element_size() * 2 for k, _ in self._cache)
         per_row = self.kv_bytes_per_token() * context + self.vocab * 4 * 6  # KV + logits/softmax/cumsum

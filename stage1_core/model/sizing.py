@@ -145,8 +145,19 @@ def _config_shape(config: Mapping[str, Any], n_params: int) -> ModelShape:
     return ModelShape(n_params, layers, kv_heads, head_dim)
 
 
+def cuda_free_bytes(device: Any) -> int:
+    """Bytes a new allocation on a CUDA device can get: what the driver reports free, plus what torch's
+    caching allocator has reserved but holds no tensor in (freed blocks it keeps for reuse; the driver
+    counts them as used, so a process that ran anything before would size itself too small)."""
+    import torch
+
+    free = int(torch.cuda.mem_get_info(device)[0])
+    cached = int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
+    return free + max(0, cached)
+
+
 def available_memory(device: str) -> int | None:
-    """Free bytes on a device: torch.cuda.mem_get_info on CUDA, available RAM on the CPU.
+    """Free bytes on a device: `cuda_free_bytes` on CUDA, available RAM on the CPU.
 
     Args:
         device: a resolved device.
@@ -156,7 +167,7 @@ def available_memory(device: str) -> int | None:
     if device.startswith("cuda"):
         import torch
 
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        return cuda_free_bytes(torch.device(device))
     if device != "cpu":
         return None
     try:

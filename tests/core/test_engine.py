@@ -594,6 +594,26 @@ def test_oom_backoff_keeps_every_prompt_in_order_and_fails_clearly_at_one_slot()
         eng.generate(prompts, ids, 8, 0.8, 0.95, 0, STOPS, 5)
 
 
+def test_slots_count_the_allocators_unused_blocks_as_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the engine sizes its slots from free memory. Blocks torch's caching allocator reserved and
+    no longer uses count as free: they are reused. They are what an earlier forward (plain generate, the
+    critic) left behind, and the driver reports them as used (12B on the H100 got 228 slots of 256, not 256)."""
+    from stage1_core.model import sizing
+
+    eng = E.Engine(_tiny("gemma3"), _TinyTokenizer(96), eos_ids=[2])
+    per_row = eng.kv_bytes_per_token() * 64 + eng.vocab * 4 * 6
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * per_row, 1000 * per_row))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * per_row)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 30 * per_row)
+    assert sizing.cuda_free_bytes("cuda:0") == 30 * per_row
+    assert sizing.available_memory("cuda:0") == 30 * per_row
+    eng.cuda = True
+    assert eng.choose_slots(1000, 64) == 21  # 0.7 of 30 rows' worth; 7 from the driver's figure alone
+    assert eng.choose_slots(5, 64) == 5
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 60 * per_row)  # never below the driver's
+    assert eng.choose_slots(1000, 64) == 7
+
+
 def test_the_decode_step_is_kept_across_calls_only_while_what_it_reads_is_the_same() -> None:
     """A call like the last one reuses its state, sampling tensors and step (on CUDA: its graphs), refilled
     in place, and generates what a fresh engine generates; anything the step reads that changed makes a
