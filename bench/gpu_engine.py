@@ -60,6 +60,8 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   `kv_fp8_over_bf16` (and `_sampled`) and `kv_fp8_tokens_agree`; with `--fp8 both` also both at once against
   the `fp8` block (`fp8_kv_fp8`, `fp8_kv_fp8_over_fp8`, `fp8_kv_fp8_over_bf16`). On 270m `kv_fp8_token_match`
   (e4m3 cache, engine greedy against plain `generate`). `--kv-fp8 on` runs the whole record with it.
+  When the paths got different slot counts (`engine_slots`), `unequal_slots` names each one's: their tok/s
+  ratios then compare a batch decoded in waves with one decoded at once.
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
@@ -562,6 +564,11 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
                 eng.dec.use_fp8 = fp8 == "on"
             both["fp8_kv_fp8_over_bf16"] = round(both["fp8_kv_fp8"]["engine_tok_s"] / main["engine_tok_s"], 3)
             rec.update(both)
+    slots = unequal_slots(rec)
+    if slots:
+        rec["unequal_slots"] = slots
+        print(f"# {model_name}: the paths ran with different slot counts {slots}: their tok/s ratios compare "
+              "different batches; compare engine_decode_ms_step at equal slots", file=sys.stderr, flush=True)
     rec["token_match"] = token_match
     rec["parameters"] = n_params
     rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
@@ -570,6 +577,16 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     if hf_cb:  # last: it sizes its paged cache from free memory (the engine's cache is released first)
         rec.update(hf_cb_rate(backend, prompts, max_new))
     return rec
+
+
+def unequal_slots(rec: dict[str, Any]) -> dict[str, int] | None:
+    """Each path's slot count (the main path as `main`, every block by its name) when they differ, else None.
+    A path given fewer slots than prompts decodes in waves, so its tok/s is not comparable with one that
+    fitted them all (12B on the H100, 2026-12-07: bf16 228 slots beside the FP8 copies, the e4m3 cache 256)."""
+    slots = {"main": rec.get("engine_slots")} | {k: v["engine_slots"] for k, v in rec.items()
+                                                  if isinstance(v, dict) and "engine_slots" in v}
+    seen = {v for v in slots.values() if v is not None}
+    return {k: v for k, v in slots.items() if v is not None} if len(seen) > 1 else None
 
 
 def greedy_each(backend: Any, prompts: list[str], max_new: int, switch: Any) -> dict[bool, list[list[int]]]:
