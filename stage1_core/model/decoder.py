@@ -47,9 +47,7 @@ from stage1_core.model import fp8 as fp8_weights
 from stage1_core.model.fusion import FusedLayer, fuse_projections
 from stage1_core.model.rows import env_flag as _flag
 from stage1_core.model.rows import out_of_memory as _out_of_memory
-from stage1_core.model.rows import pad_right, slot_slice
-
-__all__ = ["Decoder", "attention_enabled", "compile_enabled", "pad_right", "score_enabled", "slot_slice"]
+from stage1_core.model.rows import pad_right
 
 if TYPE_CHECKING:
     import torch
@@ -388,7 +386,7 @@ class Decoder:
     def prefill(self, tokens: "torch.Tensor", lengths: "torch.Tensor", slots: "torch.Tensor | slice | None",
                 cache: list[tuple["torch.Tensor", "torch.Tensor"]] | None) -> "torch.Tensor":
         """Run right-padded prompts (n, t) from position 0, write their K/V into `slots` of the cache (a
-        tensor of slot ids, or a slice of consecutive ones: `slot_slice`); `cache` None: write nothing, as
+        tensor of slot ids, or a slice of consecutive ones: `rows.slot_slice`); `cache` None: write nothing, as
         when scoring a prompt's next token.
 
         Returns the last real position's hidden state per row, (n, hidden).

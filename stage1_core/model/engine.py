@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from stage1_core.infra.errors import DeviceOOM
-from stage1_core.model.decoder import Decoder, attention_enabled, compile_enabled, pad_right, slot_slice
+from stage1_core.model.decoder import Decoder, attention_enabled, compile_enabled
 from stage1_core.model.fusion import fusion_enabled
+from stage1_core.model.rows import pad_right, slot_slice
 from stage1_core.model.sampling import Sampler, Sampling, row_seed, sampling_mode
 from stage1_core.model.sizing import AUTO_BATCH, cuda_free_bytes
 from stage1_core.model.step import GraphedStep, StepState, decode_step
@@ -180,7 +181,6 @@ class Engine:
         """Slots for a call: the configured number, else 16 on the CPU, else what free GPU memory holds
         (KV cache for `context` tokens per row + sampling workspace), at most 512 and n_prompts. Free counts
         the caching allocator's unused blocks and the engine's own cache (sizing.cuda_free_bytes)."""
-
         if self.slots_cfg:
             return max(1, min(self.slots_cfg, n_prompts))
         if not self.cuda:

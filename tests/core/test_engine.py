@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from stage1_core.model import decoder as D  # noqa: E402
 from stage1_core.model import engine as E  # noqa: E402
 from stage1_core.model import fusion as F  # noqa: E402
+from stage1_core.model import rows as R  # noqa: E402
 from stage1_core.model import sampling as S  # noqa: E402
 from stage1_core.model import stops as T  # noqa: E402
 from stage1_core.model.generation import find_stop  # noqa: E402
@@ -716,8 +717,8 @@ def test_real_sampled_texts_same_at_batch_1_3_16(real_backend: Any, monkeypatch:
 
 
 def test_consecutive_slots_are_written_by_a_slice_and_the_cache_is_the_same() -> None:
-    assert D.slot_slice([3, 4, 5]) == slice(3, 6) and D.slot_slice([0]) == slice(0, 1)
-    assert D.slot_slice([1, 3]) is None and D.slot_slice([2, 1]) is None and D.slot_slice([]) is None
+    assert R.slot_slice([3, 4, 5]) == slice(3, 6) and R.slot_slice([0]) == slice(0, 1)
+    assert R.slot_slice([1, 3]) is None and R.slot_slice([2, 1]) is None and R.slot_slice([]) is None
     model = _tiny("gemma3")
     prompts = _prompts(3, 96, seed=2)
     caches = []
@@ -725,7 +726,7 @@ def test_consecutive_slots_are_written_by_a_slice_and_the_cache_is_the_same() ->
         eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[], slots=5)
         eng._ensure_cache(5, 32)
         eng.dec.rope_tables(32)
-        toks, lengths = D.pad_right(prompts, sorted(range(3), key=lambda i: -len(prompts[i])), torch.device("cpu"))
+        toks, lengths = R.pad_right(prompts, sorted(range(3), key=lambda i: -len(prompts[i])), torch.device("cpu"))
         h = eng.dec.prefill(toks, lengths, slots, eng._cache)
         caches.append((h, [(k.clone(), v.clone()) for k, v in eng._cache]))
     (h0, c0), (h1, c1) = caches

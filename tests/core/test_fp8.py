@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from stage1_core.model import decoder as D  # noqa: E402
 from stage1_core.model import engine as E  # noqa: E402
 from stage1_core.model import fp8 as Q  # noqa: E402
+from stage1_core.model import rows as R  # noqa: E402
 from tests.core.test_engine import _prompts, _tiny, _TinyTokenizer  # noqa: E402
 
 
@@ -143,7 +144,7 @@ def _prefilled(dec: Any, cache_dtype: Any, prompts: list[list[int]]) -> tuple[An
     shape = (slots, dec.n_kv, ctx, dec.head_dim)
     cache = [(torch.zeros(shape).to(cache_dtype), torch.zeros(shape).to(cache_dtype)) for _ in dec.layers]
     dec.rope_tables(ctx)
-    toks, lengths = D.pad_right(prompts, list(range(slots)), torch.device("cpu"))
+    toks, lengths = R.pad_right(prompts, list(range(slots)), torch.device("cpu"))
     with torch.inference_mode():
         dec.prefill(toks, lengths, torch.arange(slots), cache)
     return cache, lengths, toks[torch.arange(slots), lengths - 1]
