@@ -38,7 +38,7 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   record's prompts: common-prefix tokens / tokens) and `attention_kernel` (`attention_check`: the kernel
   against the matmul path and a float64 reference of the same inputs per dtype, at positions from 0 to
   past the sliding window, and one attention call alone at the record's shape, CUDA-graph replayed; also over
-  an e4m3 cache, `e4m3_kv/...` and `kernel_e4m3_...`).
+  an e4m3 cache, `e4m3_kv/...` and `kernel_e4m3_...`, each launch setting timed over both caches).
   `--autotune both` likewise measures decode's stretches as compiled by default (the `default_compile`
   block) and by inductor's max-autotune (decoder.py, `STAGE1_ENGINE_AUTOTUNE`; `autotuned_over_default`).
   `--keep-graphs both` times the record's main path with the decode step and its CUDA graphs kept from one
@@ -385,17 +385,16 @@ def attention_check(eng: Any, batch: int) -> dict[str, Any]:
         pos = torch.randint(128, 256, (batch,), device=dev, generator=g)  # mean 192: the benchmark's mean context
         m = (torch.arange(ctx, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
         ms: dict[str, Any] = {"matmul_bucket256": graph_ms(lambda: dec._attend_one(q, k, v, m, scale), reps=50)}
-        for bn, nw, ns in ((32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 3), (16, 4, 2)):
-            for sp in (1, 2, 4):
-                key = f"kernel_n{bn}_w{nw}_s{ns}_splits{sp}"
-                try:
-                    ms[key] = graph_ms(lambda: A.decode_attention(q, k, v, pos, scale, None, splits=sp, block_n=bn,
-                                                                  num_warps=nw, num_stages=ns), reps=50)
-                except Exception as ex:  # noqa: BLE001 - a launch setting that does not compile is recorded
-                    ms[key] = f"{type(ex).__name__}: {ex}"[:200]
-        k8, v8 = to_e4m3(k), to_e4m3(v)  # the default launch over an e4m3 cache: half the bytes
-        ms[f"kernel_e4m3_n{A.BLOCK_N}_w{A.NUM_WARPS}_s{A.NUM_STAGES}_splits1"] = graph_ms(
-            lambda: A.decode_attention(q, k8, v8, pos, scale, None), reps=50)
+        k8, v8 = to_e4m3(k), to_e4m3(v)  # an e4m3 cache: half the bytes, swept as the model dtype's
+        for tag, kk, vv in (("", k, v), ("e4m3_", k8, v8)):
+            for bn, nw, ns in ((32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 3), (16, 4, 2), (64, 4, 3), (128, 8, 2)):
+                for sp in (1, 2, 4):
+                    key = f"kernel_{tag}n{bn}_w{nw}_s{ns}_splits{sp}"
+                    try:
+                        ms[key] = graph_ms(lambda: A.decode_attention(q, kk, vv, pos, scale, None, splits=sp,
+                                                                      block_n=bn, num_warps=nw, num_stages=ns), reps=50)
+                    except Exception as ex:  # noqa: BLE001 - a launch setting that does not compile is recorded
+                        ms[key] = f"{type(ex).__name__}: {ex}"[:200]
         live = float((pos + 1).sum()) * kv * d * 2 * k.element_size()
         out["timing_shape"] = {"rows": batch, "context": ctx, "mean_live_keys": round(float(pos.float().mean()) + 1, 1),
                                "live_kv_mb": round(live / 1e6, 2),
