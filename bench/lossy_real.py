@@ -1,0 +1,249 @@
+"""The engine's lossy switches on the real embedded model: the e4m3 KV cache's range, and every switch's tokens.
+
+    python bench/lossy_real.py [--dtype float32] [--prompts 64] [--max-new 64] [--out FILE]
+    python bench/lossy_real.py --teacher-forced [--prompts 64] [--out FILE]
+
+The engine's e4m3 cache (`STAGE1_ENGINE_KV_FP8=1`, decoder.py) writes K and V with unit scale (fp8.to_e4m3:
+saturating at +-448, no calibration), and its FP8 projections (`STAGE1_ENGINE_FP8=1`, fp8.py) quantize weights
+per row and activations per token. Their GPU records use random weights, which cannot say what either does to a
+real model's text, so this runs the embedded Gemma 3 270M (the CPU is enough: both run there, slowly) on the
+benchmark's real phase-1 and phase-3 prompts (bench/gpu_engine.py's `real_prompts`) and writes one record:
+- `layers`: per layer, from each prompt's prefill cache (after k_norm and the rotary, as the engine stores
+  them): `k_amax` / `v_amax` (largest magnitude), `k_clipped` / `v_clipped` (fraction above 448, which the
+  cast saturates), `k_subnormal` / `v_subnormal` (fraction below 2**-6, where e4m3 keeps fewer bits), and
+  `k_rel_err` / `v_rel_err` (||to_e4m3(x) - x|| / ||x||, mean over prompts);
+- the engine's greedy tokens against one plain greedy `generate` of the same prompts (`--prompts` prompts,
+  `--max-new` tokens), as common-prefix tokens over the reference's, EOS included (gpu_engine's
+  `measure_token_match`): `token_match` (no switch), `kv_fp8_token_match` (e4m3 cache), `fp8_token_match`
+  (FP8 projections), `fp8_kv_fp8_token_match` (both); `*engine_seconds`, each engine call's wall time; and
+  `samples`, the first prompts' texts of plain `generate` and of each path.
+
+`--teacher-forced` writes another record instead (default `lossy_teacher-DATE.json`): which part of each switch
+costs what, without generation's compounding. Each prompt runs through the model's own forward once plainly and
+once per variant, and `variants` gives per variant the mean KL divergence of the next-token distribution from
+the plain one over every prompt position (`kl`) and how often the two argmaxes agree (`top1`):
+- `kv_e4m3`: K and V rounded to e4m3 as the cache receives them (`Cache.update`), so every position attends over
+  the rounded values (harsher than the engine, whose prefill attends over its own unrounded K/V);
+- `fp8_all`: every projection as fp8.py's `Fp8Linear` (the engine's numerics: per-row weight scales, per-token
+  activation scales, `torch._scaled_mm`); `fp8_qkv`, `fp8_o`, `fp8_gate_up`, `fp8_down`: one group alone;
+  `fp8_all_but_down`: all but `down_proj`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+for _flag in ("STAGE1_ENGINE_KV_FP8", "STAGE1_ENGINE_FP8"):  # read at build: the paths must exist to switch to
+    os.environ[_flag] = "1"
+
+from bench import gpu_engine as GE  # noqa: E402  (sets the offline and telemetry variables)
+
+import torch  # noqa: E402
+
+from stage1_core.infra.config import ModelConfig  # noqa: E402
+from stage1_core.infra.provenance import lock_sha256  # noqa: E402
+from stage1_core.model import fp8 as Q  # noqa: E402
+from stage1_core.model import load_backend  # noqa: E402
+
+SUBNORMAL = 2.0 ** -6
+SAMPLES = 4
+"""Texts of the first prompts kept per path (`samples`), to read what a lower token match looks like."""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's machine."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def cache_stats(model: Any, encoded: list[list[int]]) -> list[dict[str, float]]:
+    """Per layer, the K and V of each prompt's prefill (one prompt at a time: no padding in the figures)."""
+    acc: list[dict[str, list[float]]] = []
+    with torch.inference_mode():
+        for ids in encoded:
+            cache = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True).past_key_values
+            for i, layer in enumerate(cache.layers):
+                if len(acc) <= i:
+                    acc.append({})
+                for name, x in (("k", layer.keys), ("v", layer.values)):
+                    x = x.float()
+                    a = x.abs()
+                    q = Q.to_e4m3(x).float()
+                    for key, val in ((f"{name}_amax", a.max()), (f"{name}_clipped", (a > Q.E4M3_MAX).float().mean()),
+                                     (f"{name}_subnormal", (a < SUBNORMAL).float().mean()),
+                                     (f"{name}_rel_err", (q - x).norm() / x.norm())):
+                        acc[i].setdefault(key, []).append(float(val))
+    return [{k: round(max(v) if k.endswith("amax") else sum(v) / len(v), 5) for k, v in layer.items()}
+            for layer in acc]
+
+
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}
+"""The projections `--teacher-forced` quantizes, by group (attribute names of Gemma's attention and MLP)."""
+
+
+@contextlib.contextmanager
+def fp8_groups(model: Any, groups: Any) -> Any:
+    """The model's projections of `groups` run as fp8.py's `Fp8Linear` (the weights quantized once, as the engine
+    does); restored on exit."""
+    saved = []
+    try:
+        for layer in model.model.layers:
+            for part in (layer.self_attn, layer.mlp):
+                for name in (n for g in groups for n in GROUPS[g]):
+                    mod = getattr(part, name, None)
+                    if mod is not None:
+                        fp8 = Q.quantize([mod])
+                        if fp8 is None:
+                            raise ValueError(f"lossy_real: {name} cannot be quantized (fp8.quantizable)")
+                        saved.append((mod, mod.forward))
+                        mod.forward = fp8
+        yield
+    finally:
+        for mod, forward in saved:
+            mod.forward = forward
+
+
+@contextlib.contextmanager
+def kv_e4m3() -> Any:
+    """Every K and V the model's cache receives rounded to e4m3 (unit scale) and back; restored on exit."""
+    from transformers import cache_utils
+
+    update = cache_utils.Cache.update
+
+    def rounded(self: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> Any:
+        return update(self, Q.to_e4m3(k).to(k.dtype), Q.to_e4m3(v).to(v.dtype), *args, **kwargs)
+
+    cache_utils.Cache.update = rounded
+    try:
+        yield
+    finally:
+        cache_utils.Cache.update = update
+
+
+def log_probs(model: Any, encoded: list[list[int]]) -> list[Any]:
+    """Each prompt's next-token log-probabilities at every position (float32), from the model's own forward."""
+    with torch.inference_mode():
+        return [torch.log_softmax(model(input_ids=torch.tensor([ids], device=model.device),
+                                        use_cache=True).logits[0].float(), -1) for ids in encoded]
+
+
+def teacher_forced(model: Any, encoded: list[list[int]]) -> dict[str, Any]:
+    """The `--teacher-forced` variants against the plain forward (see the module doc)."""
+    ref = log_probs(model, encoded)
+    variants = {"kv_e4m3": kv_e4m3, "fp8_all": lambda: fp8_groups(model, GROUPS),
+                **{f"fp8_{g}": (lambda g=g: fp8_groups(model, [g])) for g in GROUPS},
+                "fp8_all_but_down": lambda: fp8_groups(model, ["qkv", "o", "gate_up"])}
+    out: dict[str, Any] = {}
+    for name, variant in variants.items():
+        t = time.perf_counter()
+        with variant():
+            got = log_probs(model, encoded)
+        kl = top = n = 0.0
+        for r, g in zip(ref, got):
+            kl += float((r.exp() * (r - g)).sum())
+            top += float((r.argmax(-1) == g.argmax(-1)).sum())
+            n += r.shape[0]
+        out[name] = {"kl": round(kl / n, 5), "top1": round(top / n, 4), "seconds": round(time.perf_counter() - t, 1)}
+        print(f"lossy_real: {name} {out[name]}", file=sys.stderr)
+    return out
+
+
+def prefix_match(ref: list[list[int]], got: list[list[int]], eos: set[int]) -> float:
+    """Common-prefix tokens of `got` and `ref` over the reference's tokens up to its first EOS (included)."""
+    common = total = 0
+    for r, g in zip(ref, got):
+        r = r[: next((j + 1 for j, t in enumerate(r) if t in eos), len(r))]
+        k = 0
+        while k < min(len(r), len(g)) and r[k] == g[k]:
+            k += 1
+        common, total = common + k, total + len(r)
+    return round(common / max(1, total), 4)
+
+
+def write(out: Path, rec: dict[str, Any]) -> None:
+    """`out` holds `{"records": [rec]}`, written whole or not at all."""
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"records": [rec]}, indent=1) + "\n")
+    tmp.replace(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--teacher-forced", action="store_true", help="the per-part record instead (module doc)")
+    ap.add_argument("--note", default=None)
+    a = ap.parse_args()
+    date = dt.date.today().isoformat()
+    kind = "lossy_teacher" if a.teacher_forced else "lossy_real"
+    out = Path(a.out or REPO / "bench" / "results" / f"{kind}-{date}.json")
+    t0 = time.perf_counter()
+    backend = load_backend(ModelConfig(dtype=a.dtype))
+    if a.teacher_forced:
+        prompts = GE.real_prompts(a.prompts)
+        encoded = backend.encode(prompts)
+        rec = {"model": "270m", "dtype": a.dtype, "cpu": cpu_name(), "torch": torch.__version__,
+               "prompts": len(prompts), "positions": sum(map(len, encoded)),
+               "variants": teacher_forced(backend.model, encoded), "seconds": round(time.perf_counter() - t0, 1),
+               "lock_sha256": lock_sha256(), "date": date, "note": a.note}
+        write(out, rec)
+        print(json.dumps(rec, indent=1))
+        return 0
+    eng = backend.engine()
+    if eng is None or not eng.dec.kv_fp8 or not eng.dec.fp8:
+        why = ("no engine for this model" if eng is None
+               else eng.dec.kv_fp8_unavailable or eng.dec.fp8_unavailable or "no FP8 projections were built")
+        print(f"lossy_real: the engine cannot run its lossy switches here: {why}", file=sys.stderr)
+        return 2
+    prompts = GE.real_prompts(a.prompts)
+    encoded = backend.encode(prompts)
+    layers = cache_stats(backend.model, encoded)
+    ref: list[list[int]] = []
+    for k in range(0, len(prompts), 64):
+        ref += GE.plain_generate(backend, prompts[k:k + 64], a.max_new, forced=False)
+    paths = {"token_match": (False, False), "kv_fp8_token_match": (False, True),
+             "fp8_token_match": (True, False), "fp8_kv_fp8_token_match": (True, True)}
+    match: dict[str, Any] = {}
+    def texts(rows: list[list[int]]) -> list[str]:
+        return [backend.tokenizer.decode(r, skip_special_tokens=True) for r in rows[:SAMPLES]]
+
+    samples: dict[str, Any] = {"plain_texts": texts(ref)}
+    for name, (fp8, kv) in paths.items():
+        eng.dec.use_fp8, eng.dec.use_kv_fp8 = fp8, kv
+        t = time.perf_counter()
+        got = eng.generate(encoded, [str(i) for i in range(len(prompts))], a.max_new, 0.0, 1.0, 0, [], 0)
+        match[name.replace("token_match", "engine_seconds")] = round(time.perf_counter() - t, 1)
+        match[name] = prefix_match(ref, got, set(backend.eos_ids))
+        samples[name.replace("token_match", "texts")] = texts(got)
+        print(f"lossy_real: {name} {match[name]}", file=sys.stderr)
+    eng.dec.use_fp8 = eng.dec.use_kv_fp8 = False
+    rec = {"model": "270m", "dtype": a.dtype, "device": str(eng.device), "cpu": cpu_name(),
+           "torch": torch.__version__, "prompts": len(prompts), "max_new": a.max_new, **match,
+           "k_amax": max(lay["k_amax"] for lay in layers), "v_amax": max(lay["v_amax"] for lay in layers),
+           "clipped_layers": [i for i, lay in enumerate(layers) if lay["k_clipped"] or lay["v_clipped"]],
+           "layers": layers, "samples": samples, "seconds": round(time.perf_counter() - t0, 1),
+           "lock_sha256": lock_sha256(), "date": date, "note": a.note}
+    write(out, rec)
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("layers", "samples")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
