@@ -6,7 +6,8 @@ No model is loaded: the shapes are those of one decode layer of `random:<model>`
 query heads, KV heads, head dim; the scale of `query_pre_attn_scalar`), the inputs random normal. For each
 context C, the rows' positions are drawn uniformly from [C/2, C) (mean about 3C/4: at C = 256 the 12B record's
 mean of 192 live keys) and, for each cache dtype (bf16 and e4m3, the latter `fp8.to_e4m3` of the bf16 values),
-each launch setting (BLOCK_N, warps, stages) and key split of attention.py's `decode_attention` gets:
+each launch setting (BLOCK_N, warps, stages) and key split of attention.py's `decode_attention`
+(gpu_engine.py's `launch_sweep` over its LAUNCHES) gets:
 - `ms`: one call, captured in a CUDA graph and replayed 50 times after warm-ups, best of three
   (gpu_engine.py's `graph_ms`); a setting that does not compile records its error instead;
 - `tb_s`: live K/V bytes read per second (each row's keys up to its position, K and V);
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,11 +36,6 @@ from stage1_core.infra.provenance import lock_sha256  # noqa: E402
 from stage1_core.model import attention as A  # noqa: E402
 from stage1_core.model import fp8 as Q  # noqa: E402
 from stage1_core.model.random_weights import RANDOM_MODELS  # noqa: E402
-
-SETTINGS = ((32, 4, 2), (64, 4, 2), (64, 4, 3), (32, 8, 2), (64, 8, 2), (64, 8, 3), (128, 8, 2), (16, 4, 2))
-"""(BLOCK_N, num_warps, num_stages) launches to time."""
-SPLITS = (1, 2, 4)
-
 
 def sweep(model: str, rows: int, ctx: int, seed: int = 0, device: str = "cuda") -> dict[str, Any]:
     """Every launch setting and split over a bf16 and an e4m3 cache at one context (see the module doc)."""
@@ -59,19 +54,10 @@ def sweep(model: str, rows: int, ctx: int, seed: int = 0, device: str = "cuda") 
     for name, kk, vv in (("bfloat16", k, v), ("e4m3", Q.to_e4m3(k), Q.to_e4m3(v))):
         ref = A.reference_attention(q.double(), kk.double(), vv.double(), pos, scale, None).float()
         live_bytes = live_keys * kv * d * 2 * kk.element_size()
-        cells: dict[str, Any] = {}
-        for bn, nw, ns in SETTINGS:
-            for sp in SPLITS:
-                key = f"n{bn}_w{nw}_s{ns}_splits{sp}"
-                try:
-                    def call(bn: int = bn, nw: int = nw, ns: int = ns, sp: int = sp) -> Any:
-                        return A.decode_attention(q, kk, vv, pos, scale, None, splits=sp, block_n=bn,
-                                                  num_warps=nw, num_stages=ns)
-                    err = float((call().float() - ref).abs().max())
-                    ms = GE.graph_ms(call, reps=50, tries=3)
-                    cells[key] = {"ms": ms, "tb_s": round(live_bytes / ms / 1e9, 3), "max_abs_err": round(err, 6)}
-                except Exception as ex:  # noqa: BLE001 - a launch setting that does not compile is recorded
-                    cells[key] = {"error": f"{type(ex).__name__}: {ex}"[:200]}
+        cells = GE.launch_sweep(q, kk, vv, pos, scale, tries=3, ref=ref)
+        for cell in cells.values():
+            if "ms" in cell:
+                cell["tb_s"] = round(live_bytes / cell["ms"] / 1e9, 3)
         timed = {key: c["ms"] for key, c in cells.items() if "ms" in c}
         best = min(timed, key=timed.__getitem__)
         out[name] = {"live_kv_mb": round(live_bytes / 1e6, 2), "default": default, "best": best,
@@ -91,17 +77,16 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_attention: needs a CUDA device (the kernel is Triton)", file=sys.stderr)
         return 2
-    if A.available() is not None:
-        print(f"gpu_attention: the kernel cannot run here: {A.available()}", file=sys.stderr)
+    why = A.available()
+    if why is not None:
+        print(f"gpu_attention: the kernel cannot run here: {why}", file=sys.stderr)
         return 2
     date = dt.date.today().isoformat()
     out = Path(a.out or REPO / "bench" / "results" / f"gpu_attention-{date}.json")
     rec = {"model": a.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "lock_sha256": lock_sha256(), "date": date, "note": a.note,
            "contexts": [sweep(a.model, a.rows, int(c)) for c in a.contexts.split(",")]}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"records": [rec]}, indent=1) + "\n")
-    tmp.replace(out)
+    GE.write(out, [rec])
     for c in rec["contexts"]:
         for name in ("bfloat16", "e4m3"):
             b = c[name]

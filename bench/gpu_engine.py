@@ -294,6 +294,31 @@ def graph_ms(fn: Any, reps: int = 20, tries: int = 1) -> float:
     return round(best, 3 if tries == 1 else 4)
 
 
+LAUNCHES = ((32, 4, 2), (64, 4, 2), (64, 4, 3), (32, 8, 2), (64, 8, 2), (64, 8, 3), (128, 8, 2), (16, 4, 2))
+"""(BLOCK_N, num_warps, num_stages) of the live-KV kernel that `launch_sweep` times, each at splits 1, 2 and 4."""
+
+
+def launch_sweep(q: Any, k: Any, v: Any, pos: Any, scale: float, tries: int = 1,
+                 ref: Any = None) -> dict[str, dict[str, Any]]:
+    """attention.py's `decode_attention` (full layers) at every launch in LAUNCHES and split 1, 2, 4, by
+    `n{BLOCK_N}_w{warps}_s{stages}_splits{s}`: `{"ms": ...}` (`graph_ms`, 50 replays, best of `tries`), with
+    `max_abs_err` against `ref` when given; `{"error": ...}` for a launch that does not compile."""
+    from stage1_core.model import attention as A
+
+    cells: dict[str, dict[str, Any]] = {}
+    for bn, nw, ns in LAUNCHES:
+        for sp in (1, 2, 4):
+            def call(bn: int = bn, nw: int = nw, ns: int = ns, sp: int = sp) -> Any:
+                return A.decode_attention(q, k, v, pos, scale, None, splits=sp, block_n=bn, num_warps=nw,
+                                          num_stages=ns)
+            try:
+                cell = {} if ref is None else {"max_abs_err": round(float((call().float() - ref).abs().max()), 6)}
+                cells[f"n{bn}_w{nw}_s{ns}_splits{sp}"] = {"ms": graph_ms(call, reps=50, tries=tries), **cell}
+            except Exception as ex:  # noqa: BLE001 - a launch setting that does not compile is recorded
+                cells[f"n{bn}_w{nw}_s{ns}_splits{sp}"] = {"error": f"{type(ex).__name__}: {ex}"[:200]}
+    return cells
+
+
 def sampler_draw(eng: Any, batch: int) -> dict[str, Any]:
     """One draw alone on random logits (batch, vocab) in the model's dtype, scaled like a random model's
     (std 1.25): ms per draw of greedy and top-p 0.9 / temperature 0.7, the legacy form against today's
@@ -387,14 +412,8 @@ def attention_check(eng: Any, batch: int) -> dict[str, Any]:
         ms: dict[str, Any] = {"matmul_bucket256": graph_ms(lambda: dec._attend_one(q, k, v, m, scale), reps=50)}
         k8, v8 = to_e4m3(k), to_e4m3(v)  # an e4m3 cache: half the bytes, swept as the model dtype's
         for tag, kk, vv in (("", k, v), ("e4m3_", k8, v8)):
-            for bn, nw, ns in ((32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 3), (16, 4, 2), (64, 4, 3), (128, 8, 2)):
-                for sp in (1, 2, 4):
-                    key = f"kernel_{tag}n{bn}_w{nw}_s{ns}_splits{sp}"
-                    try:
-                        ms[key] = graph_ms(lambda: A.decode_attention(q, kk, vv, pos, scale, None, splits=sp,
-                                                                      block_n=bn, num_warps=nw, num_stages=ns), reps=50)
-                    except Exception as ex:  # noqa: BLE001 - a launch setting that does not compile is recorded
-                        ms[key] = f"{type(ex).__name__}: {ex}"[:200]
+            for key, cell in launch_sweep(q, kk, vv, pos, scale).items():
+                ms[f"kernel_{tag}{key}"] = cell.get("ms", cell.get("error"))
         live = float((pos + 1).sum()) * kv * d * 2 * k.element_size()
         out["timing_shape"] = {"rows": batch, "context": ctx, "mean_live_keys": round(float(pos.float().mean()) + 1, 1),
                                "live_kv_mb": round(live / 1e6, 2),
@@ -732,24 +751,33 @@ def hf_cb_rate(backend: Any, prompts: list[str], max_new: int) -> dict[str, Any]
             torch.cuda.empty_cache()
 
 
-def measure_token_match(backend: Any, prompts: list[str], max_new: int) -> float:
-    """Common-prefix tokens of engine vs plain greedy output, over the reference's tokens (EOS included)."""
-    ref_rows: list[list[int]] = []
+def plain_reference(backend: Any, prompts: list[str], max_new: int) -> list[list[int]]:
+    """Plain greedy `generate` of every prompt, in batches of 64: the reference of the token matches."""
+    rows: list[list[int]] = []
     for k in range(0, len(prompts), 64):
-        ref_rows += plain_generate(backend, prompts[k:k + 64], max_new, forced=False)
-    eos = set(backend.eos_ids)
-    eng = backend.engine()
-    got = eng.generate(backend.encode(prompts), [str(i) for i in range(len(prompts))], max_new, 0.0, 1.0, 0, [], 0)
+        rows += plain_generate(backend, prompts[k:k + 64], max_new, forced=False)
+    return rows
+
+
+def prefix_match(ref: list[list[int]], got: list[list[int]], eos: set[int]) -> float:
+    """Common-prefix tokens of `got` and `ref` over the reference's tokens up to its first EOS (included)."""
     common = total = 0
-    for r, g in zip(ref_rows, got):
-        n = next((j + 1 for j, t in enumerate(r) if t in eos), len(r))
-        r = r[:n]
+    for r, g in zip(ref, got):
+        r = r[: next((j + 1 for j, t in enumerate(r) if t in eos), len(r))]
         k = 0
         while k < min(len(r), len(g)) and r[k] == g[k]:
             k += 1
         common += k
         total += len(r)
     return round(common / max(1, total), 4)
+
+
+def measure_token_match(backend: Any, prompts: list[str], max_new: int) -> float:
+    """Common-prefix tokens of engine vs plain greedy output, over the reference's tokens (EOS included)."""
+    ref_rows = plain_reference(backend, prompts, max_new)
+    got = backend.engine().generate(backend.encode(prompts), [str(i) for i in range(len(prompts))], max_new, 0.0,
+                                    1.0, 0, [], 0)
+    return prefix_match(ref_rows, got, set(backend.eos_ids))
 
 
 def release(backend: Any) -> None:

@@ -14,9 +14,9 @@ benchmark's real phase-1 and phase-3 prompts (bench/gpu_engine.py's `real_prompt
   `k_rel_err` / `v_rel_err` (||to_e4m3(x) - x|| / ||x||, mean over prompts);
 - the engine's greedy tokens against one plain greedy `generate` of the same prompts (`--prompts` prompts,
   `--max-new` tokens), as common-prefix tokens over the reference's, EOS included (gpu_engine's
-  `measure_token_match`): `token_match` (no switch), `kv_fp8_token_match` (e4m3 cache), `fp8_token_match`
-  (FP8 projections), `fp8_kv_fp8_token_match` (both); `*engine_seconds`, each engine call's wall time; and
-  `samples`, the first prompts' texts of plain `generate` and of each path.
+  `prefix_match`, as its `measure_token_match`): `token_match` (no switch), `kv_fp8_token_match` (e4m3
+  cache), `fp8_token_match` (FP8 projections), `fp8_kv_fp8_token_match` (both); `*engine_seconds`, each
+  engine call's wall time; and `samples`, the first prompts' texts of plain `generate` and of each path.
 
 `--teacher-forced` writes another record instead (default `lossy_teacher-DATE.json`): which part of each switch
 costs what, without generation's compounding. Each prompt runs through the model's own forward once plainly and
@@ -163,25 +163,6 @@ def teacher_forced(model: Any, encoded: list[list[int]]) -> dict[str, Any]:
     return out
 
 
-def prefix_match(ref: list[list[int]], got: list[list[int]], eos: set[int]) -> float:
-    """Common-prefix tokens of `got` and `ref` over the reference's tokens up to its first EOS (included)."""
-    common = total = 0
-    for r, g in zip(ref, got):
-        r = r[: next((j + 1 for j, t in enumerate(r) if t in eos), len(r))]
-        k = 0
-        while k < min(len(r), len(g)) and r[k] == g[k]:
-            k += 1
-        common, total = common + k, total + len(r)
-    return round(common / max(1, total), 4)
-
-
-def write(out: Path, rec: dict[str, Any]) -> None:
-    """`out` holds `{"records": [rec]}`, written whole or not at all."""
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"records": [rec]}, indent=1) + "\n")
-    tmp.replace(out)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -203,7 +184,7 @@ def main() -> int:
                "prompts": len(prompts), "positions": sum(map(len, encoded)),
                "variants": teacher_forced(backend.model, encoded), "seconds": round(time.perf_counter() - t0, 1),
                "lock_sha256": lock_sha256(), "date": date, "note": a.note}
-        write(out, rec)
+        GE.write(out, [rec])
         print(json.dumps(rec, indent=1))
         return 0
     eng = backend.engine()
@@ -215,22 +196,21 @@ def main() -> int:
     prompts = GE.real_prompts(a.prompts)
     encoded = backend.encode(prompts)
     layers = cache_stats(backend.model, encoded)
-    ref: list[list[int]] = []
-    for k in range(0, len(prompts), 64):
-        ref += GE.plain_generate(backend, prompts[k:k + 64], a.max_new, forced=False)
+    ref = GE.plain_reference(backend, prompts, a.max_new)
     paths = {"token_match": (False, False), "kv_fp8_token_match": (False, True),
              "fp8_token_match": (True, False), "fp8_kv_fp8_token_match": (True, True)}
-    match: dict[str, Any] = {}
+
     def texts(rows: list[list[int]]) -> list[str]:
         return [backend.tokenizer.decode(r, skip_special_tokens=True) for r in rows[:SAMPLES]]
 
+    match: dict[str, Any] = {}
     samples: dict[str, Any] = {"plain_texts": texts(ref)}
     for name, (fp8, kv) in paths.items():
         eng.dec.use_fp8, eng.dec.use_kv_fp8 = fp8, kv
         t = time.perf_counter()
         got = eng.generate(encoded, [str(i) for i in range(len(prompts))], a.max_new, 0.0, 1.0, 0, [], 0)
         match[name.replace("token_match", "engine_seconds")] = round(time.perf_counter() - t, 1)
-        match[name] = prefix_match(ref, got, set(backend.eos_ids))
+        match[name] = GE.prefix_match(ref, got, set(backend.eos_ids))
         samples[name.replace("token_match", "texts")] = texts(got)
         print(f"lossy_real: {name} {match[name]}", file=sys.stderr)
     eng.dec.use_fp8 = eng.dec.use_kv_fp8 = False
@@ -240,7 +220,7 @@ def main() -> int:
            "clipped_layers": [i for i, lay in enumerate(layers) if lay["k_clipped"] or lay["v_clipped"]],
            "layers": layers, "samples": samples, "seconds": round(time.perf_counter() - t0, 1),
            "lock_sha256": lock_sha256(), "date": date, "note": a.note}
-    write(out, rec)
+    GE.write(out, [rec])
     print(json.dumps({k: v for k, v in rec.items() if k not in ("layers", "samples")}, indent=1))
     return 0
 
