@@ -1,7 +1,7 @@
 """The engine's lossy switches on the real embedded model: the e4m3 KV cache's range, and every switch's tokens.
 
     python bench/lossy_real.py [--dtype float32] [--prompts 64] [--max-new 64] [--out FILE]
-    python bench/lossy_real.py --teacher-forced [--prompts 64] [--out FILE]
+    python bench/lossy_real.py --teacher-forced [--per-layer] [--prompts 64] [--out FILE]
 
 The engine's e4m3 cache (`STAGE1_ENGINE_KV_FP8=1`, decoder.py) writes K and V with unit scale (fp8.to_e4m3:
 saturating at +-448, no calibration), and its FP8 projections (`STAGE1_ENGINE_FP8=1`, fp8.py) quantize weights
@@ -26,7 +26,15 @@ the plain one over every prompt position (`kl`) and how often the two argmaxes a
   the rounded values (harsher than the engine, whose prefill attends over its own unrounded K/V);
 - `fp8_all`: every projection as fp8.py's `Fp8Linear` (the engine's numerics: per-row weight scales, per-token
   activation scales, `torch._scaled_mm`); `fp8_qkv`, `fp8_o`, `fp8_gate_up`, `fp8_down`: one group alone;
-  `fp8_all_but_down`: all but `down_proj`.
+  `fp8_all_but_down`: all but `down_proj`;
+- simulated variants (`sim_*`: each projection's weight and/or input rounded to e4m3 and back in float32, then a
+  float32 matmul; `sim_w_rows_a_rows` is fp8_all's numerics without `_scaled_mm`, a check that the simulation
+  holds): `sim_w_rows` (weights per output row alone), `sim_a_rows` (inputs per token alone), `sim_w_rows_a_g128`
+  (inputs with one scale per 128 channels, the finer activation scale), `sim_w_g128_a_g128` (both per 128
+  channels, DeepSeek-V3's 1x128 grouping for both operands): which half of the FP8 GEMM costs what, and what finer
+  scales would buy before anyone builds them.
+`--per-layer` adds `layers`: fp8_all's numerics (simulated) in one layer at a time, the rest plain: where the
+loss sits (ignoring the compounding between layers).
 """
 
 from __future__ import annotations
@@ -135,6 +143,50 @@ def kv_e4m3() -> Any:
         cache_utils.Cache.update = update
 
 
+def fake_e4m3(x: Any, group: int | None = None) -> Any:
+    """`x` (float32) rounded to e4m3 and back with one scale (amax / 448) per row of its last dimension, or per
+    `group` channels of it: the FP8 GEMM's rounding without the FP8 GEMM."""
+    if group is not None and x.shape[-1] % group == 0:
+        return fake_e4m3(x.reshape(*x.shape[:-1], x.shape[-1] // group, group)).reshape(x.shape)
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / Q.E4M3_MAX
+    return (x / scale).clamp(-Q.E4M3_MAX, Q.E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+SIMULATED = {"sim_w_rows_a_rows": (None, None), "sim_w_rows": (None, False), "sim_a_rows": (False, None),
+             "sim_w_rows_a_g128": (None, 128), "sim_w_g128_a_g128": (128, 128)}
+"""The simulated variants: (weight grouping, input grouping); None is one scale per row, False no rounding."""
+
+
+@contextlib.contextmanager
+def simulated(model: Any, weights: int | bool | None, inputs: int | bool | None, layers: Any = None) -> Any:
+    """Every projection of `layers` (default all) as a float32 matmul of e4m3-rounded operands (`fake_e4m3` with
+    grouping `weights` / `inputs`; False leaves that operand exact); restored on exit."""
+    saved = []
+
+    def projection(mod: Any) -> Any:
+        w = mod.weight.detach().float()
+        w = w if weights is False else fake_e4m3(w, weights or None)
+
+        def forward(x: Any) -> Any:
+            xf = x.float() if inputs is False else fake_e4m3(x.float(), inputs or None)
+            y = xf @ w.t()
+            return (y if mod.bias is None else y + mod.bias).to(x.dtype)
+        return forward
+
+    try:
+        for layer in model.model.layers if layers is None else layers:
+            for part in (layer.self_attn, layer.mlp):
+                for name in (n for g in GROUPS.values() for n in g):
+                    mod = getattr(part, name, None)
+                    if mod is not None:
+                        saved.append((mod, mod.forward))
+                        mod.forward = projection(mod)
+        yield
+    finally:
+        for mod, forward in saved:
+            mod.forward = forward
+
+
 def log_probs(model: Any, encoded: list[list[int]]) -> list[Any]:
     """Each prompt's next-token log-probabilities at every position (float32), from the model's own forward."""
     with torch.inference_mode():
@@ -142,24 +194,37 @@ def log_probs(model: Any, encoded: list[list[int]]) -> list[Any]:
                                         use_cache=True).logits[0].float(), -1) for ids in encoded]
 
 
-def teacher_forced(model: Any, encoded: list[list[int]]) -> dict[str, Any]:
-    """The `--teacher-forced` variants against the plain forward (see the module doc)."""
+def divergence(ref: list[Any], got: list[Any]) -> dict[str, float]:
+    """Mean KL(ref || got) of the next-token distributions over every position, and how often the argmaxes agree."""
+    kl = top = n = 0.0
+    for r, g in zip(ref, got):
+        kl += float((r.exp() * (r - g)).sum())
+        top += float((r.argmax(-1) == g.argmax(-1)).sum())
+        n += r.shape[0]
+    return {"kl": round(kl / n, 5), "top1": round(top / n, 4)}
+
+
+def teacher_forced(model: Any, encoded: list[list[int]], per_layer: bool = False) -> dict[str, Any]:
+    """The `--teacher-forced` variants against the plain forward (see the module doc): {"variants": ...}, and
+    {"layers": [...]} with `per_layer`."""
     ref = log_probs(model, encoded)
     variants = {"kv_e4m3": kv_e4m3, "fp8_all": lambda: fp8_groups(model, GROUPS),
                 **{f"fp8_{g}": (lambda g=g: fp8_groups(model, [g])) for g in GROUPS},
-                "fp8_all_but_down": lambda: fp8_groups(model, ["qkv", "o", "gate_up"])}
-    out: dict[str, Any] = {}
+                "fp8_all_but_down": lambda: fp8_groups(model, ["qkv", "o", "gate_up"]),
+                **{name: (lambda w=w, a=a: simulated(model, w, a)) for name, (w, a) in SIMULATED.items()}}
+    out: dict[str, Any] = {"variants": {}}
     for name, variant in variants.items():
         t = time.perf_counter()
         with variant():
             got = log_probs(model, encoded)
-        kl = top = n = 0.0
-        for r, g in zip(ref, got):
-            kl += float((r.exp() * (r - g)).sum())
-            top += float((r.argmax(-1) == g.argmax(-1)).sum())
-            n += r.shape[0]
-        out[name] = {"kl": round(kl / n, 5), "top1": round(top / n, 4), "seconds": round(time.perf_counter() - t, 1)}
-        print(f"lossy_real: {name} {out[name]}", file=sys.stderr)
+        out["variants"][name] = {**divergence(ref, got), "seconds": round(time.perf_counter() - t, 1)}
+        print(f"lossy_real: {name} {out['variants'][name]}", file=sys.stderr)
+    if per_layer:
+        out["layers"] = []
+        for i, layer in enumerate(model.model.layers):
+            with simulated(model, None, None, layers=[layer]):
+                out["layers"].append({"layer": i, **divergence(ref, log_probs(model, encoded))})
+            print(f"lossy_real: layer {out['layers'][-1]}", file=sys.stderr)
     return out
 
 
@@ -170,6 +235,7 @@ def main() -> int:
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--out", default=None)
     ap.add_argument("--teacher-forced", action="store_true", help="the per-part record instead (module doc)")
+    ap.add_argument("--per-layer", action="store_true", help="--teacher-forced: add `layers` (module doc)")
     ap.add_argument("--note", default=None)
     a = ap.parse_args()
     date = dt.date.today().isoformat()
@@ -182,7 +248,7 @@ def main() -> int:
         encoded = backend.encode(prompts)
         rec = {"model": "270m", "dtype": a.dtype, "cpu": cpu_name(), "torch": torch.__version__,
                "prompts": len(prompts), "positions": sum(map(len, encoded)),
-               "variants": teacher_forced(backend.model, encoded), "seconds": round(time.perf_counter() - t0, 1),
+               **teacher_forced(backend.model, encoded, a.per_layer), "seconds": round(time.perf_counter() - t0, 1),
                "lock_sha256": lock_sha256(), "date": date, "note": a.note}
         GE.write(out, [rec])
         print(json.dumps(rec, indent=1))
