@@ -30,9 +30,9 @@ the plain one over every prompt position (`kl`) and how often the two argmaxes a
 - simulated variants (`sim_*`: each projection's weight and/or input rounded to e4m3 and back in float32, then a
   float32 matmul; `sim_w_rows_a_rows` is fp8_all's numerics without `_scaled_mm`, a check that the simulation
   holds): `sim_w_rows` (weights per output row alone), `sim_a_rows` (inputs per token alone), `sim_w_rows_a_g128`
-  (inputs with one scale per 128 channels, the finer activation scale), `sim_w_g128_a_g128` (both per 128
-  channels, DeepSeek-V3's 1x128 grouping for both operands): which half of the FP8 GEMM costs what, and what finer
-  scales would buy before anyone builds them.
+  (inputs with one scale per 128 channels, DeepSeek-V3's activation grouping), `sim_w_g128_a_g128` (both operands
+  per 128 channels of a row, finer for the weights than DeepSeek-V3's 128x128 blocks): which half of the FP8 GEMM
+  costs what, and what finer scales would buy before anyone builds them.
 `--per-layer` adds `layers`: fp8_all's numerics (simulated) in one layer at a time, the rest plain: where the
 loss sits (ignoring the compounding between layers).
 """
