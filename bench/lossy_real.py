@@ -105,25 +105,35 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
 
 
 @contextlib.contextmanager
-def fp8_groups(model: Any, groups: Any) -> Any:
-    """The model's projections of `groups` run as fp8.py's `Fp8Linear` (the weights quantized once, as the engine
-    does); restored on exit."""
+def replaced(layers: Any, groups: Any, forward_for: Any) -> Any:
+    """Every projection of `groups` in `layers` runs `forward_for(module)` instead of its own forward; restored
+    on exit."""
     saved = []
     try:
-        for layer in model.model.layers:
+        for layer in layers:
             for part in (layer.self_attn, layer.mlp):
                 for name in (n for g in groups for n in GROUPS[g]):
                     mod = getattr(part, name, None)
                     if mod is not None:
-                        fp8 = Q.quantize([mod])
-                        if fp8 is None:
-                            raise ValueError(f"lossy_real: {name} cannot be quantized (fp8.quantizable)")
+                        forward = forward_for(mod)
                         saved.append((mod, mod.forward))
-                        mod.forward = fp8
+                        mod.forward = forward
         yield
     finally:
         for mod, forward in saved:
             mod.forward = forward
+
+
+def fp8_groups(model: Any, groups: Any) -> Any:
+    """The model's projections of `groups` run as fp8.py's `Fp8Linear` (the weights quantized once, as the engine
+    does); restored on exit."""
+    def fp8(mod: Any) -> Any:
+        linear = Q.quantize([mod])
+        if linear is None:
+            raise ValueError(f"lossy_real: {mod} cannot be quantized (fp8.quantizable)")
+        return linear
+
+    return replaced(model.model.layers, groups, fp8)
 
 
 @contextlib.contextmanager
@@ -144,12 +154,12 @@ def kv_e4m3() -> Any:
 
 
 def fake_e4m3(x: Any, group: int | None = None) -> Any:
-    """`x` (float32) rounded to e4m3 and back with one scale (amax / 448) per row of its last dimension, or per
-    `group` channels of it: the FP8 GEMM's rounding without the FP8 GEMM."""
+    """`x` (float32) rounded to e4m3 and back with fp8.py's scales (`quantize_rows`: amax / 448 per row of its last
+    dimension), or with one scale per `group` channels of it: the FP8 GEMM's rounding without the FP8 GEMM."""
     if group is not None and x.shape[-1] % group == 0:
         return fake_e4m3(x.reshape(*x.shape[:-1], x.shape[-1] // group, group)).reshape(x.shape)
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / Q.E4M3_MAX
-    return (x / scale).clamp(-Q.E4M3_MAX, Q.E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+    q, scale = Q.quantize_rows(x)
+    return q.float() * scale
 
 
 SIMULATED = {"sim_w_rows_a_rows": (None, None), "sim_w_rows": (None, False), "sim_a_rows": (False, None),
@@ -157,34 +167,20 @@ SIMULATED = {"sim_w_rows_a_rows": (None, None), "sim_w_rows": (None, False), "si
 """The simulated variants: (weight grouping, input grouping); None is one scale per row, False no rounding."""
 
 
-@contextlib.contextmanager
 def simulated(model: Any, weights: int | bool | None, inputs: int | bool | None, layers: Any = None) -> Any:
     """Every projection of `layers` (default all) as a float32 matmul of e4m3-rounded operands (`fake_e4m3` with
     grouping `weights` / `inputs`; False leaves that operand exact); restored on exit."""
-    saved = []
-
     def projection(mod: Any) -> Any:
         w = mod.weight.detach().float()
-        w = w if weights is False else fake_e4m3(w, weights or None)
+        w = w if weights is False else fake_e4m3(w, weights)
 
         def forward(x: Any) -> Any:
-            xf = x.float() if inputs is False else fake_e4m3(x.float(), inputs or None)
+            xf = x.float() if inputs is False else fake_e4m3(x.float(), inputs)
             y = xf @ w.t()
             return (y if mod.bias is None else y + mod.bias).to(x.dtype)
         return forward
 
-    try:
-        for layer in model.model.layers if layers is None else layers:
-            for part in (layer.self_attn, layer.mlp):
-                for name in (n for g in GROUPS.values() for n in g):
-                    mod = getattr(part, name, None)
-                    if mod is not None:
-                        saved.append((mod, mod.forward))
-                        mod.forward = projection(mod)
-        yield
-    finally:
-        for mod, forward in saved:
-            mod.forward = forward
+    return replaced(model.model.layers if layers is None else layers, GROUPS, projection)
 
 
 def log_probs(model: Any, encoded: list[list[int]]) -> list[Any]:
