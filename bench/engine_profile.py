@@ -7,8 +7,8 @@ batch, and its top kernels (not a test).
 On one loaded model, for each path (compiled layers off / on; `Engine(compile=...)`, decoder.py; with
 `--fp8 on` or `both` also the compiled path with FP8 projections, fp8.py, as `compiled_fp8`), with
 the fused q/k/v and gate/up GEMMs unless said otherwise:
-- `prefill_ms`: one prefill of `batch` 128-token prompts into the engine's cache (synchronised, best of 3
-  after a warm-up);
+- `prefill_ms`: one prefill of `batch` 128-token prompts into consecutive slots of the engine's cache, as
+  `Engine.generate` admits a batch (synchronised, best of 3 after a warm-up);
 - `step_ms`: one decode step at a 192-token context, eager and CUDA-graph replayed (the mean of 10 after
   3 warm-ups), fused and unfused (uncompiled path only);
 - `generate`: a whole `Engine.generate` of the benchmark's shape (`batch` prompts, 128 new tokens, stops
@@ -35,7 +35,9 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 import torch  # noqa: E402
 
+from bench import gpu_engine as GE  # noqa: E402
 from stage1_core.infra.config import ModelConfig  # noqa: E402
+from stage1_core.model.rows import slot_slice  # noqa: E402
 from stage1_core.model.step import StepState  # noqa: E402
 from stage1_core.model.sampling import Sampling  # noqa: E402
 from stage1_core.model import load_backend  # noqa: E402
@@ -84,7 +86,7 @@ def main() -> int:
     acts = [torch.profiler.ProfilerActivity.CUDA] if cuda else [torch.profiler.ProfilerActivity.CPU]
     s, ctx, plen, max_new = a.batch, 320, 128, 128
     rec: dict[str, Any] = {"model": a.model, "batch": s, "device": torch.cuda.get_device_name() if cuda else "cpu",
-                           "torch": torch.__version__, "context": 192, "kv_fp8": eng.dec.use_kv_fp8, "paths": {}}
+                           **GE.versions(), "context": 192, "kv_fp8": eng.dec.use_kv_fp8, "paths": {}}
     eng._ensure_cache(s, ctx)
     eng.dec.rope_tables(ctx)
     nxt, fire = eng._tables(STOPS)
@@ -97,7 +99,9 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [[2] + torch.randint(10, 100_000, (plen - 1,), generator=g).tolist() for _ in range(s)]
     toks = torch.tensor(prompts, device=dev)
-    lengths, slots = torch.full((s,), plen, device=dev), torch.arange(s, device=dev)
+    # the slots as the engine passes a batch admitted at once (rows.slot_slice): a strided copy writes the K/V,
+    # not the index_put that a tensor of slot ids takes, so the kernel table shows the engine's own writes
+    lengths, slots = torch.full((s,), plen, device=dev), slot_slice(range(s))
     modes = [(False, False)] if (a.no_compile or not eng.dec.compiled) else [(False, False), (True, False)]
     if a.compiled_only:
         modes = [m for m in modes if m[0]] or modes

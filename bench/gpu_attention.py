@@ -83,8 +83,8 @@ def main() -> int:
         return 2
     date = dt.date.today().isoformat()
     out = Path(a.out or REPO / "bench" / "results" / f"gpu_attention-{date}.json")
-    rec = {"model": a.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "lock_sha256": lock_sha256(), "date": date, "note": a.note,
+    rec = {"model": a.model, "device": torch.cuda.get_device_name(), **GE.versions(),
+           "lock_sha256": lock_sha256(), "date": date, "note": a.note,
            "contexts": [sweep(a.model, a.rows, int(c)) for c in a.contexts.split(",")]}
     GE.write(out, [rec])
     for c in rec["contexts"]:

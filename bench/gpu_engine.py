@@ -434,6 +434,16 @@ def tokens_agree(a: list[list[int]], b: list[list[int]]) -> float:
     return round(common / max(1, total), 4)
 
 
+def versions() -> dict[str, str | None]:
+    """The torch and triton a record ran on (the lock pins neither on a device machine: its image brings them)."""
+    try:
+        import triton
+        tv: str | None = triton.__version__
+    except ImportError:
+        tv = None
+    return {"torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda}
+
+
 def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: list[str], max_new: int,
                forced_plain: bool, token_match: float | None, fuse: str = "on", hf_cb: bool = True,
                compile: str = "on", sampler: str = "new", partial: Any = None, plain: bool = True,
@@ -458,6 +468,7 @@ def record_for(backend: Any, model_name: str, batch: int, dtype: str, prompts: l
     sampled = GenerationParams(max_new_tokens=max_new, temperature=0.7, top_p=0.9, stop_sequences=STOPS)
     rec["timing"] = f"warm-up at full size, then best of {REPEATS}"
     rec["lock_sha256"] = lock_sha256()
+    rec.update(versions())
     n_params, w_bytes = param_bytes(backend.model)
     eng = backend.engine()
     if eng is not None:
