@@ -61,7 +61,8 @@ by default; an existing file's records for other (model, batch, dtype) keys are 
   the `fp8` block (`fp8_kv_fp8`, `fp8_kv_fp8_over_fp8`, `fp8_kv_fp8_over_bf16`). On 270m `kv_fp8_token_match`
   (e4m3 cache, engine greedy against plain `generate`). `--kv-fp8 on` runs the whole record with it.
   When the paths got different slot counts (`engine_slots`), `unequal_slots` names each one's: their tok/s
-  ratios then compare a batch decoded in waves with one decoded at once.
+  ratios then compare a batch decoded in waves with one decoded at once. `engine_occupancy`: the share of
+  the timed greedy call's slot-steps that drew a token (`EngineStats.occupancy`).
 - hf_cb: transformers' continuous batching, `model.generate_batch` at its default settings (greedy, same
   prompts, same max_new), one timed call with its own CUDA-graph warm-up inside, run last (after the
   engine's cache is released, since it sizes its paged cache from free memory; `peak_mem_gb` is taken
@@ -699,6 +700,7 @@ def engine_paths(backend: Any, prompts: list[str], greedy: GenerationParams, sam
     out["engine_ms_step"] = round(1000 * secs / max(1, stats.steps), 2) if stats else None
     out["engine_steps"] = stats.steps if stats else None
     out["engine_slots"] = stats.slots if stats else None
+    out["engine_occupancy"] = stats.occupancy if stats else None  # slot-steps that drew a token (EngineStats)
     out["engine_graphs"] = stats.graphs if stats else None
     out["engine_compiled"] = stats.compiled if stats else None
     out["engine_attention_kernel"] = stats.attention_kernel if stats else None

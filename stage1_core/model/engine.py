@@ -106,7 +106,22 @@ class EngineStats:
     capture_ms: float = 0.0  # (warm-up steps and compilation included)
     captures: int = 0
     kept_step: bool = False  # the decode step (and its graphs) came from the previous call
+    row_steps: int = 0  # tokens the decode steps drew (a row's first token comes from its prefill)
+    queued_steps: int = 0  # decode steps run while prompts waited for a slot
+    queued_row_steps: int = 0  # tokens those steps drew
     oom_backoffs: list[int] = field(default_factory=list)
+
+    @property
+    def occupancy(self) -> float | None:
+        """Of the slot-steps decoded, the share that drew a token: the rest were slots free, or holding a row
+        that had ended and waited for the next harvest."""
+        return round(self.row_steps / (self.slots * self.steps), 4) if self.steps and self.slots else None
+
+    @property
+    def queued_occupancy(self) -> float | None:
+        """`occupancy` over the steps while prompts waited for a slot (what refills and harvests cost; the
+        tail, once the queue is empty, is left out)."""
+        return round(self.queued_row_steps / (self.slots * self.queued_steps), 4) if self.queued_steps else None
 
 
 class Engine:
@@ -353,6 +368,7 @@ class Engine:
         self.stats.graphs = self.use_graphs
         self.stats.compiled = self.dec.use_compiled
         harvested = reported = 0
+        firsts = drawn = 0  # rows admitted (each drew its first token in its prefill); tokens decode steps drew
         while queue or any(o is not None for o in owner):
             free = [s for s in range(slots) if owner[s] is None]
             if free and queue and (len(free) * 8 >= slots or len(free) == slots or len(queue) <= len(free)):
@@ -362,6 +378,8 @@ class Engine:
                 self._span_end("prefill", span)
                 for s, i in zip(free, take):
                     reach[s] = len(prompts[i])
+                firsts += len(take)
+            queued = bool(queue)
             # attend only as far as any occupied row can reach before the next harvest (64-token buckets);
             # the live-KV kernel reads each row's own range whatever the bucket: one bucket, one graph
             need = max(reach[s] for s in range(slots) if owner[s] is not None) + self.sync_every
@@ -373,6 +391,12 @@ class Engine:
             self.stats.steps += self.sync_every
             live, ngen = torch.stack((st.live.long(), st.ngen)).tolist()  # the one host sync per sync_every steps
             done = [s for s in range(slots) if owner[s] is not None and not live[s]]
+            made = harvested + sum(ngen)
+            self.stats.row_steps += made - firsts - drawn
+            if queued:
+                self.stats.queued_steps += self.sync_every
+                self.stats.queued_row_steps += made - firsts - drawn
+            drawn = made - firsts
             if tokens_progress is not None and harvested + sum(ngen) > reported:
                 tokens_progress(harvested + sum(ngen) - reported)
                 reported = harvested + sum(ngen)

@@ -359,6 +359,21 @@ def test_tiny_greedy_equals_transformers_generate(kind: str, matmul_decode: bool
         assert _reference(model, prompts[:2], 12) == ref[:2]
 
 
+def test_occupancy_counts_the_slot_steps_that_drew_a_token() -> None:
+    # 4 prompts, 2 slots, a harvest every 4 steps, 6 new tokens with nothing to stop a row early: each row's
+    # first token comes from its prefill and its other 5 from the decode steps 1-5 of its wave; steps 6-8 it
+    # has ended and waits for the harvest. The first wave runs while 2 prompts wait, the second once none do.
+    eng = E.Engine(_tiny("llama"), _TinyTokenizer(96), eos_ids=[], slots=2, sync_every=4)
+    got = eng.generate(_prompts(4, 96), [f"p{i}" for i in range(4)], 6, 0.0, 1.0, 0, [], seed=0)
+    assert [len(g) for g in got] == [6] * 4
+    st = eng.stats
+    assert (st.steps, st.row_steps, st.queued_steps, st.queued_row_steps) == (16, 20, 8, 10)
+    assert st.occupancy == st.queued_occupancy == 0.625
+    eng.sync_every = 1  # harvested every step: a slot is refilled the step after its row ends
+    eng.generate(_prompts(4, 96), [f"p{i}" for i in range(4)], 6, 0.0, 1.0, 0, [], seed=0)
+    assert (eng.stats.steps, eng.stats.row_steps, eng.stats.queued_occupancy) == (10, 20, 1.0)
+
+
 # --------------------------------------------------------------------------- fused projections
 
 def _param_storage_bytes(model: Any) -> int:
