@@ -17,6 +17,9 @@ Mistral, Qwen2/3: `supports(model)` says which) and completes token-id prompts:
   with the layers (`Sampler`);
 - on CUDA the decode step is captured once per (slots, context, mode) in a CUDA graph and replayed;
   on the CPU it runs eagerly (step.py). Rows are harvested every `sync_every` steps (1 on the CPU);
+- an eager step's tail is compacted: once no prompt waits and at most half the decoded slots hold a row,
+  those rows (state and K/V) move into the first slots and the step decodes them alone
+  (`Engine.compact_tail`; graph-replayed steps keep every slot);
 - on CUDA the layers' stretches around attention and the top-k/top-p draw are compiled with
   `torch.compile` before the graph is captured (decoder.py, sampling.py; `STAGE1_ENGINE_COMPILE=0` or
   `Engine(compile=False)` turns both off);
@@ -106,6 +109,8 @@ class EngineStats:
     capture_ms: float = 0.0  # (warm-up steps and compilation included)
     captures: int = 0
     kept_step: bool = False  # the decode step (and its graphs) came from the previous call
+    compactions: int = 0  # times the tail's rows moved into fewer slots (eager steps only: Engine._compact)
+    slot_steps: int = 0  # slots decoded, summed over steps (fewer than slots x steps once the tail is compacted)
     row_steps: int = 0  # tokens the decode steps drew (a row's first token comes from its prefill)
     queued_steps: int = 0  # decode steps run while prompts waited for a slot
     queued_row_steps: int = 0  # tokens those steps drew
@@ -115,7 +120,7 @@ class EngineStats:
     def occupancy(self) -> float | None:
         """Of the slot-steps decoded, the share that drew a token: the rest were slots free, or holding a row
         that had ended and waited for the next harvest."""
-        return round(self.row_steps / (self.slots * self.steps), 4) if self.steps and self.slots else None
+        return round(self.row_steps / self.slot_steps, 4) if self.slot_steps else None
 
     @property
     def queued_occupancy(self) -> float | None:
@@ -181,6 +186,9 @@ class Engine:
         """The last call's decode state, sampling tensors and step (graphs), with what they depend on."""
         self.keep_step = True
         """Keep the decode step and its graphs for the next call like this one (the benchmark switches it)."""
+        self.compact_tail = True
+        """Once no prompt waits, move the rows left into the first slots and decode those alone (eager steps
+        only; `_compact`). Off: the tail decodes every slot, as a graph-replayed step does."""
         self.stats = EngineStats()
         self._spans: list[tuple[str, Any, Any]] = []
         self.on_alloc: Callable[[int, int], None] | None = None  # test hook: (slots, context) before allocation
@@ -368,6 +376,7 @@ class Engine:
         self.stats.graphs = self.use_graphs
         self.stats.compiled = self.dec.use_compiled
         harvested = reported = 0
+        width = slots  # the slots the step decodes: all of them, until the tail is compacted
         firsts = drawn = 0  # rows admitted (each drew its first token in its prefill); tokens decode steps drew
         while queue or any(o is not None for o in owner):
             free = [s for s in range(slots) if owner[s] is None]
@@ -389,6 +398,7 @@ class Engine:
             for s in range(slots):
                 reach[s] += self.sync_every
             self.stats.steps += self.sync_every
+            self.stats.slot_steps += width * self.sync_every
             live, ngen = torch.stack((st.live.long(), st.ngen)).tolist()  # the one host sync per sync_every steps
             done = [s for s in range(slots) if owner[s] is not None and not live[s]]
             made = harvested + sum(ngen)
@@ -412,6 +422,34 @@ class Engine:
                 if progress is not None:
                     progress(len(done))
                 st.ngen[done] = 0  # freed slots count nothing towards the tokens bar
+                held = sum(o is not None for o in owner)
+                if self.compact_tail and not queue and not self.use_graphs and 0 < held <= width // 2:
+                    width = held
+                    step = self._compact(st, smp, nxt_tab, fire_tab, owner, reach, width, context)
+
+    def _compact(self, st: StepState, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor",
+                 owner: list[int | None], reach: list[int], width: int, context: int) -> Callable[[int], None]:
+        """Move the rows still held (no prompt waits) into the first `width` slots, their state and their K/V,
+        in place, and return an eager step over those slots alone: the tail of a call then decodes `width`
+        rows a step, not every slot. Rows keep their seeds, positions and tokens, so their texts do not change
+        (a row's draws depend on (seed, id, step) only). `owner` and `reach` are reordered in place; K/V move
+        up to the call's `context` (no row's keys lie beyond it)."""
+        import torch
+
+        assert self._cache is not None
+        held = [s for s in range(len(owner)) if owner[s] is not None]
+        src = torch.tensor(held, dtype=torch.long, device=self.device)
+        for t in (*st.mutable(), st.seed):
+            t[:width] = t[src]
+            t[width:] = 0  # the emptied slots: not live, nothing generated
+        for ck, cv in self._cache:
+            for c in (Decoder._writable(ck), Decoder._writable(cv)):
+                c[:width, :, :context] = c[src, :, :context]
+        owner[:] = [owner[s] for s in held] + [None] * (len(owner) - width)
+        reach[:] = [reach[s] for s in held] + [0] * (len(reach) - width)
+        self.stats.compactions += 1
+        return decode_step(self.dec, self.sampler, self._eos_mask, st.head(width), smp, nxt_tab, fire_tab,
+                           [(k[:width], v[:width]) for k, v in self._cache])
 
     def _admit(self, take: list[int], slots: list[int], prompts: Sequence[Sequence[int]], ids: Sequence[str],
                seed: int, st: StepState, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor",

@@ -46,6 +46,11 @@ class StepState:
                    stop=z(), out=torch.zeros(slots, max_new, dtype=torch.long, device=device),
                    max_new=torch.tensor(max_new, dtype=torch.long, device=device))
 
+    def head(self, k: int) -> "StepState":
+        """The first `k` slots, as views of these tensors (a step built on them decodes only those rows)."""
+        return StepState(tok=self.tok[:k], pos=self.pos[:k], ngen=self.ngen[:k], live=self.live[:k],
+                         seed=self.seed[:k], stop=self.stop[:k], out=self.out[:k], max_new=self.max_new)
+
     def mutable(self) -> tuple["torch.Tensor", ...]:
         """The tensors a step writes (what a graph capture's warm-up must put back)."""
         return (self.tok, self.pos, self.ngen, self.live, self.stop, self.out)

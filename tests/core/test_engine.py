@@ -374,6 +374,32 @@ def test_occupancy_counts_the_slot_steps_that_drew_a_token() -> None:
     assert (eng.stats.steps, eng.stats.row_steps, eng.stats.queued_occupancy) == (10, 20, 1.0)
 
 
+@pytest.mark.parametrize("kv_fp8", [False, True])
+def test_the_compacted_tail_draws_the_texts_every_slot_would(monkeypatch: pytest.MonkeyPatch, kv_fp8: bool) -> None:
+    # sampled rows that end at EOS or a stop at different steps: once no prompt waits, the rows left move into
+    # the first slots (state and K/V) and the step decodes only those; each row's text must not change
+    monkeypatch.setenv("STAGE1_ENGINE_KV_FP8", "1" if kv_fp8 else "0")
+    model = _tiny("gemma3", std=0.1)
+    prompts, ids = _prompts(13, 96, seed=7), [f"c{i}" for i in range(13)]
+    eng = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=8)
+    assert eng.dec.use_kv_fp8 == kv_fp8
+    got = {}
+    for compact in (True, False):
+        eng.compact_tail = compact
+        got[compact] = eng.generate(prompts, ids, 16, 0.9, 0.95, 0, STOPS, seed=3)
+        got[compact, "stats"] = (eng.stats.compactions, eng.stats.slot_steps, eng.stats.steps * 8)
+        got[compact, "drawn"] = (eng.stats.row_steps, eng.stats.tokens)
+    assert got[True] == got[False]
+    assert got[True, "drawn"] == got[False, "drawn"]  # the tokens counted: the emptied slots count none
+    assert len({len(o) for o in got[True]}) > 3  # rows really ended at different steps
+    compactions, slot_steps, full = got[True, "stats"]
+    assert compactions >= 2 and slot_steps < full
+    assert got[False, "stats"][:2] == (0, got[False, "stats"][2])
+    one = E.Engine(model, _TinyTokenizer(96), eos_ids=[2], slots=1)  # one row at a time: nothing to compact
+    assert one.generate(prompts, ids, 16, 0.9, 0.95, 0, STOPS, seed=3) == got[True]
+    assert one.stats.compactions == 0
+
+
 # --------------------------------------------------------------------------- fused projections
 
 def _param_storage_bytes(model: Any) -> int:
