@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from stage1_core.infra.errors import DeviceOOM
@@ -51,7 +50,7 @@ from stage1_core.model.fusion import fusion_enabled
 from stage1_core.model.rows import pad_right, slot_slice
 from stage1_core.model.sampling import Sampler, Sampling, row_seed, sampling_mode
 from stage1_core.model.sizing import AUTO_BATCH, cuda_free_bytes
-from stage1_core.model.step import GraphedStep, StepState, decode_step
+from stage1_core.model.step import EngineStats, GraphedStep, StepState, compact, decode_step
 from stage1_core.model.stops import cached_stop_tables, cached_token_strings, vocab_key
 
 if TYPE_CHECKING:
@@ -91,43 +90,6 @@ def supports(model: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------- the engine
-
-@dataclass
-class EngineStats:
-    """Counters of the last generate call (for benchmarks and logs)."""
-
-    slots: int = 0
-    steps: int = 0
-    prefills: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    graphs: bool = False
-    compiled: bool = False
-    sampler_compiled: bool = False  # the top-k/top-p draw ran compiled (sampling.Sampler)
-    attention_kernel: bool = False  # decode attention ran the live-KV kernel (attention.py)
-    prefill_ms: float = 0.0  # device-timeline spans (CUDA events) of the prefills and of the graph captures
-    capture_ms: float = 0.0  # (warm-up steps and compilation included)
-    captures: int = 0
-    kept_step: bool = False  # the decode step (and its graphs) came from the previous call
-    compactions: int = 0  # times the tail's rows moved into fewer slots (eager steps only: Engine._compact)
-    slot_steps: int = 0  # slots decoded, summed over steps (fewer than slots x steps once the tail is compacted)
-    row_steps: int = 0  # tokens the decode steps drew (a row's first token comes from its prefill)
-    queued_steps: int = 0  # decode steps run while prompts waited for a slot
-    queued_row_steps: int = 0  # tokens those steps drew
-    oom_backoffs: list[int] = field(default_factory=list)
-
-    @property
-    def occupancy(self) -> float | None:
-        """Of the slot-steps decoded, the share that drew a token: the rest were slots free, or holding a row
-        that had ended and waited for the next harvest."""
-        return round(self.row_steps / self.slot_steps, 4) if self.slot_steps else None
-
-    @property
-    def queued_occupancy(self) -> float | None:
-        """`occupancy` over the steps while prompts waited for a slot (what refills and harvests cost; the
-        tail, once the queue is empty, is left out)."""
-        return round(self.queued_row_steps / (self.slots * self.queued_steps), 4) if self.queued_steps else None
-
 
 class Engine:
     """Continuous-batching generation over a static KV cache (see the module docstring)."""
@@ -429,22 +391,12 @@ class Engine:
 
     def _compact(self, st: StepState, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor",
                  owner: list[int | None], reach: list[int], width: int, context: int) -> Callable[[int], None]:
-        """Move the rows still held (no prompt waits) into the first `width` slots, their state and their K/V,
-        in place, and return an eager step over those slots alone: the tail of a call then decodes `width`
-        rows a step, not every slot. Rows keep their seeds, positions and tokens, so their texts do not change
-        (a row's draws depend on (seed, id, step) only). `owner` and `reach` are reordered in place; K/V move
-        up to the call's `context` (no row's keys lie beyond it)."""
-        import torch
-
+        """Move the rows still held (no prompt waits) into the first `width` slots (step.compact) and return an
+        eager step over those slots alone: the tail of a call then decodes `width` rows a step, not every slot.
+        `owner` and `reach` are reordered in place."""
         assert self._cache is not None
         held = [s for s in range(len(owner)) if owner[s] is not None]
-        src = torch.tensor(held, dtype=torch.long, device=self.device)
-        for t in (*st.mutable(), st.seed):
-            t[:width] = t[src]
-            t[width:] = 0  # the emptied slots: not live, nothing generated
-        for ck, cv in self._cache:
-            for c in (Decoder._writable(ck), Decoder._writable(cv)):
-                c[:width, :, :context] = c[src, :, :context]
+        compact(st, self._cache, held, context)
         owner[:] = [owner[s] for s in held] + [None] * (len(owner) - width)
         reach[:] = [reach[s] for s in held] + [0] * (len(reach) - width)
         self.stats.compactions += 1

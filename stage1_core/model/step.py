@@ -4,14 +4,15 @@
 (decoder.py), the draw (sampling.py), the stop automaton's move (stops.py) and the row bookkeeping, all on
 the device with fixed shapes and no host sync, masked for rows that are not live. `GraphedStep` captures
 that function once per context bucket in CUDA graphs that share one memory pool, and replays them; a
-capture that fails leaves the step eager (`failed` says why). The engine (engine.py) owns the state, the
-cache and the loop around them.
+capture that fails leaves the step eager (`failed` says why). `compact` moves the rows still held into the
+first slots (the engine's tail, eager steps only); `EngineStats` counts a call. The engine (engine.py) owns
+the state, the cache and the loop around them.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -59,6 +60,61 @@ class StepState:
         """Every slot empty again, in place (a kept graph reads these same tensors)."""
         for t in (*self.mutable(), self.seed):
             t.zero_()
+
+
+@dataclass
+class EngineStats:
+    """Counters of the last generate call (for benchmarks and logs)."""
+
+    slots: int = 0
+    steps: int = 0
+    prefills: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    graphs: bool = False
+    compiled: bool = False
+    sampler_compiled: bool = False  # the top-k/top-p draw ran compiled (sampling.Sampler)
+    attention_kernel: bool = False  # decode attention ran the live-KV kernel (attention.py)
+    prefill_ms: float = 0.0  # device-timeline spans (CUDA events) of the prefills and of the graph captures
+    capture_ms: float = 0.0  # (warm-up steps and compilation included)
+    captures: int = 0
+    kept_step: bool = False  # the decode step (and its graphs) came from the previous call
+    compactions: int = 0  # times the tail's rows moved into fewer slots (eager steps only: `compact`)
+    slot_steps: int = 0  # slots decoded, summed over steps (fewer than slots x steps once the tail is compacted)
+    row_steps: int = 0  # tokens the decode steps drew (a row's first token comes from its prefill)
+    queued_steps: int = 0  # decode steps run while prompts waited for a slot
+    queued_row_steps: int = 0  # tokens those steps drew
+    oom_backoffs: list[int] = field(default_factory=list)
+
+    @property
+    def occupancy(self) -> float | None:
+        """Of the slot-steps decoded, the share that drew a token: the rest were slots free, or holding a row
+        that had ended and waited for the next harvest."""
+        return round(self.row_steps / self.slot_steps, 4) if self.slot_steps else None
+
+    @property
+    def queued_occupancy(self) -> float | None:
+        """`occupancy` over the steps while prompts waited for a slot (what refills and harvests cost; the
+        tail, once the queue is empty, is left out)."""
+        return round(self.queued_row_steps / (self.slots * self.queued_steps), 4) if self.queued_steps else None
+
+
+def compact(st: StepState, cache: list[tuple["torch.Tensor", "torch.Tensor"]], held: list[int], context: int) -> None:
+    """Move the rows of slots `held` (ascending) into slots 0..len(held)-1, in place: their state and their K/V
+    up to `context` (no row's keys lie beyond it); the slots emptied are left not live, with nothing generated.
+    Rows keep their seeds, positions and tokens, so their texts do not change (a row's draws depend on (seed,
+    id, step) only). An e4m3 cache moves as uint8."""
+    import torch
+
+    width = len(held)
+    src = torch.tensor(held, dtype=torch.long, device=st.tok.device)
+    for t in (*st.mutable(), st.seed):
+        t[:width] = t[src]
+        t[width:] = 0
+    for ck, cv in cache:
+        for c in (ck, cv):
+            c = c.view(torch.uint8) if c.dtype == torch.float8_e4m3fn else c
+            c[:width, :, :context] = c[src, :, :context]
 
 
 def decode_step(dec: "Decoder", sampler: "Sampler", eos_mask: "torch.Tensor", st: StepState, smp: "Sampling",
