@@ -16,7 +16,7 @@ fewest slots), after one warm-up call per phase, best of `--repeats` timed calls
 `compact_speedup_sync<K>` (seconds without over seconds with). The texts are the same at any slot count,
 interval and compaction (the engine's seeding; `same_texts`), so the runs of one phase differ only in their
 schedule.
-Writes JSON (default `bench/results/engine_occupancy-DATE.json`).
+Writes JSON, `{"records": [record]}` (default `bench/results/engine_occupancy-DATE.json`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import json
 import os
 import sys
 import time
@@ -68,7 +67,7 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=128, help="per phase")
     ap.add_argument("--sync-every", default="1,8")
-    ap.add_argument("--compact", default="off,on", help="the tail compacted (Engine.compact_tail): off, on or both")
+    ap.add_argument("--compact", default="off,on", help="the tail compacted or not (Engine.compact_tail): off, on, or off,on for both")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per run, best kept")
     ap.add_argument("--out", default=None)
     ap.add_argument("--note", default=None)
@@ -104,9 +103,7 @@ def main() -> int:
                   f"{r['seconds']} s (best of {a.repeats})", flush=True)
         print({k: v for k, v in block.items() if k.startswith("compact_") or k == "same_texts"}, flush=True)
     out = Path(a.out or REPO / "bench" / "results" / f"engine_occupancy-{date}.json")
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1) + "\n")
-    tmp.replace(out)
+    GE.write(out, [rec])
     print(f"wrote {out}")
     return 0
 

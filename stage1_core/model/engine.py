@@ -363,15 +363,16 @@ class Engine:
             self.stats.slot_steps += width * self.sync_every
             live, ngen = torch.stack((st.live.long(), st.ngen)).tolist()  # the one host sync per sync_every steps
             done = [s for s in range(slots) if owner[s] is not None and not live[s]]
-            made = harvested + sum(ngen)
-            self.stats.row_steps += made - firsts - drawn
+            made = harvested + sum(ngen)  # tokens generated so far, first tokens included
+            new = made - firsts - drawn  # what these decode steps drew
+            self.stats.row_steps += new
             if queued:
                 self.stats.queued_steps += self.sync_every
-                self.stats.queued_row_steps += made - firsts - drawn
-            drawn = made - firsts
-            if tokens_progress is not None and harvested + sum(ngen) > reported:
-                tokens_progress(harvested + sum(ngen) - reported)
-                reported = harvested + sum(ngen)
+                self.stats.queued_row_steps += new
+            drawn += new
+            if tokens_progress is not None and made > reported:
+                tokens_progress(made - reported)
+                reported = made
             if done:
                 outs = st.out[done].tolist()
                 for r, s in enumerate(done):
@@ -384,19 +385,19 @@ class Engine:
                 if progress is not None:
                     progress(len(done))
                 st.ngen[done] = 0  # freed slots count nothing towards the tokens bar
-                held = sum(o is not None for o in owner)
-                if self.compact_tail and not queue and not self.use_graphs and 0 < held <= width // 2:
-                    width = held
-                    step = self._compact(st, smp, nxt_tab, fire_tab, owner, reach, width, context)
+                held = [s for s in range(slots) if owner[s] is not None]
+                if self.compact_tail and not queue and not self.use_graphs and 0 < len(held) <= width // 2:
+                    width = len(held)
+                    step = self._compact(st, smp, nxt_tab, fire_tab, owner, reach, held, context)
 
     def _compact(self, st: StepState, smp: Sampling, nxt_tab: "torch.Tensor", fire_tab: "torch.Tensor",
-                 owner: list[int | None], reach: list[int], width: int, context: int) -> Callable[[int], None]:
-        """Move the rows still held (no prompt waits) into the first `width` slots (step.compact) and return an
-        eager step over those slots alone: the tail of a call then decodes `width` rows a step, not every slot.
-        `owner` and `reach` are reordered in place."""
+                 owner: list[int | None], reach: list[int], held: list[int], context: int) -> Callable[[int], None]:
+        """Move the rows of slots `held` (no prompt waits) into the first slots (step.compact) and return an
+        eager step over those slots alone: the tail of a call then decodes `len(held)` rows a step, not every
+        slot. `owner` and `reach` are reordered in place."""
         assert self._cache is not None
-        held = [s for s in range(len(owner)) if owner[s] is not None]
-        compact(st, self._cache, held, context)
+        width = len(held)
+        compact(st, [(Decoder._writable(k), Decoder._writable(v)) for k, v in self._cache], held, context)
         owner[:] = [owner[s] for s in held] + [None] * (len(owner) - width)
         reach[:] = [reach[s] for s in held] + [0] * (len(reach) - width)
         self.stats.compactions += 1

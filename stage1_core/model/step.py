@@ -103,7 +103,7 @@ def compact(st: StepState, cache: list[tuple["torch.Tensor", "torch.Tensor"]], h
     """Move the rows of slots `held` (ascending) into slots 0..len(held)-1, in place: their state and their K/V
     up to `context` (no row's keys lie beyond it); the slots emptied are left not live, with nothing generated.
     Rows keep their seeds, positions and tokens, so their texts do not change (a row's draws depend on (seed,
-    id, step) only). An e4m3 cache moves as uint8."""
+    id, step) only). `cache` as its writes take it (an e4m3 cache as uint8: `Decoder._writable`)."""
     import torch
 
     width = len(held)
@@ -113,7 +113,6 @@ def compact(st: StepState, cache: list[tuple["torch.Tensor", "torch.Tensor"]], h
         t[width:] = 0
     for ck, cv in cache:
         for c in (ck, cv):
-            c = c.view(torch.uint8) if c.dtype == torch.float8_e4m3fn else c
             c[:width, :, :context] = c[src, :, :context]
 
 
